@@ -1,0 +1,1 @@
+"""Kernels of wina-fx and their torch reference (installed as wina_fx.kernels)."""

@@ -1,0 +1,54 @@
+"""Torch reference for every wina-fx kernel.
+
+These functions define what the sparse linear computes; the Triton kernels in this
+package must match them, and the CPU path of the custom ops calls them directly.
+
+Notation: x is (..., K) activations, weight is (N, K) as in ``torch.nn.Linear``,
+score is (K,) per-input-channel weights of the importance |x_i| * score_i
+(WINA: column L2 norms of the weight; TEAL: ones).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def importance(x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """|x_i| * score_i in float32, the quantity every keep rule ranks."""
+    return x.abs().float() * score.float()
+
+
+def topk_mask(x: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask keeping, per token (last dim), the k channels of largest importance."""
+    num_channels = x.shape[-1]
+    if k >= num_channels:
+        return torch.ones_like(x, dtype=torch.bool)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    kept = importance(x, score).topk(k, dim=-1).indices
+    return mask.scatter_(-1, kept, True)
+
+
+def threshold_mask(x: torch.Tensor, score: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask keeping the channels whose importance is strictly above threshold."""
+    return importance(x, score) > threshold
+
+
+def kth_largest_importance(x: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-token value t such that keeping importance >= t keeps the top k (ties aside)."""
+    return importance(x, score).topk(k, dim=-1).values[..., -1:]
+
+
+def masked_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor
+) -> torch.Tensor:
+    """y = W (x * mask) + b: the dense linear on the kept input channels only."""
+    return torch.nn.functional.linear(x * mask.to(x.dtype), weight, bias)
+
+
+def topk_linear(x, weight, bias, score, k: int):
+    return masked_linear(x, weight, bias, topk_mask(x, score, k))
+
+
+def threshold_linear(x, weight, bias, score, threshold: float):
+    return masked_linear(x, weight, bias, threshold_mask(x, score, threshold))

@@ -1,0 +1,5 @@
+"""FX graph passes of wina-fx, each a function on a GraphModule (installed as wina_fx.passes)."""
+from .find_linears import LinearSite, find_linears
+from .gate import Gate, gate_linears
+
+__all__ = ["LinearSite", "find_linears", "Gate", "gate_linears"]

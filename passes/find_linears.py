@@ -1,0 +1,202 @@
+"""Find the linear layers of an FX graph and tie each to its module and weight.
+
+This is an analysis: it reads the graph and changes nothing. It recognises
+``F.linear(x, W, b)`` and ``x @ W.t()`` / ``x @ W`` where W is a parameter, reached
+either as a placeholder (dynamo lifts parameters to graph inputs; ``example_inputs``
+holds their real tensors) or as a ``get_attr`` (``torch.fx.symbolic_trace``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+_LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+_MATMUL_TARGETS = (torch.matmul, operator.matmul)
+_EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
+
+
+@dataclasses.dataclass
+class LinearSite:
+    """One linear y = x W^T + b found in a graph.
+
+    ``weight`` is the real (N, K) tensor (a transposed view for ``x @ W`` with W of
+    shape (K, N)); ``problem`` says why the linear cannot be rewritten, or is None.
+    """
+
+    node: fx.Node
+    name: str
+    input: fx.Node
+    weight_node: fx.Node | None
+    bias_node: fx.Node | None
+    weight: torch.Tensor | None
+    weight_is_transposed: bool = False
+    is_output_head: bool = False
+    problem: str | None = None
+
+    @property
+    def in_features(self) -> int | None:
+        return None if self.weight is None else self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int | None:
+        return None if self.weight is None else self.weight.shape[0]
+
+
+def module_name_of(node: fx.Node) -> str | None:
+    """The dotted name of the innermost module that emitted ``node``, as the user's
+    ``model.named_modules()`` spells it (dynamo records it in ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, _cls = list(stack.values())[-1]
+    return _normalise_module_path(path)
+
+
+def _normalise_module_path(path: str) -> str:
+    # dynamo writes e.g. "L['self'].model.layers[0].mlp" or
+    # "L['self']._modules['model']"; named_modules() writes "model.layers.0.mlp".
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
+    path = re.sub(r"\[(?:'([^']*)'|(\d+))\]", lambda m: "." + (m.group(1) or m.group(2)), path)
+    path = re.sub(r"getattr\(([^,]*), '([^']*)'\)", r"\1.\2", path)
+    return re.sub(r"\.+", ".", path).strip(".")
+
+
+def _parameter_name(node: fx.Node) -> str:
+    # "l_self_modules_model_modules_layers_modules_0_..._parameters_weight_" -> readable
+    name = node.target if node.op == "get_attr" else node.name
+    name = re.sub(r"^l_(self|fn)_", "", str(name))
+    return name.replace("_modules_", ".").replace("_parameters_", ".").strip("_")
+
+
+def resolve_tensor(gm: fx.GraphModule, node: fx.Node, example_inputs) -> torch.Tensor | None:
+    """The real tensor behind a placeholder or get_attr node, or None (fake or unknown)."""
+    if node.op == "get_attr":
+        value = operator.attrgetter(node.target)(gm)
+    elif node.op == "placeholder" and example_inputs is not None:
+        index = [n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
+        value = example_inputs[index] if index < len(example_inputs) else None
+    else:
+        return None
+    if not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor):
+        return None
+    return value
+
+
+def _is_transpose_of_2d(node: fx.Node) -> fx.Node | None:
+    """If ``node`` is W.t() / W.T / W.transpose(0, 1) / W.permute(1, 0), return W's node."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method" and node.target == "t":
+        return node.args[0]
+    if node.op == "call_function" and node.target is torch.t:
+        return node.args[0]
+    if node.op in ("call_method", "call_function") and node.target in ("transpose", torch.transpose):
+        if sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]:
+            return node.args[0]
+    if node.op in ("call_method", "call_function") and node.target in ("permute", torch.permute):
+        dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+        if list(dims) == [1, 0]:
+            return node.args[0]
+    return None
+
+
+def _match_linear(node: fx.Node):
+    """(input, weight node, bias node, weight is stored (K, N)) or None."""
+    if node.op != "call_function":
+        return None
+    if node.target in _LINEAR_TARGETS:
+        args = list(node.args) + [None] * 3
+        x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
+        return x, w, b, False
+    if node.target in _MATMUL_TARGETS and len(node.args) == 2:
+        x, rhs = node.args
+        parameter = _is_transpose_of_2d(rhs)
+        if parameter is not None and parameter.op in ("placeholder", "get_attr"):
+            return x, parameter, None, False
+        if isinstance(rhs, fx.Node) and rhs.op in ("placeholder", "get_attr"):
+            return x, rhs, None, True
+    return None
+
+
+def _vocabulary_sizes(gm: fx.GraphModule, example_inputs) -> set[int]:
+    sizes = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _EMBEDDING_TARGETS:
+            table = node.args[1] if node.target is torch.nn.functional.embedding else node.args[0]
+            if isinstance(table, fx.Node):
+                tensor = resolve_tensor(gm, table, example_inputs)
+                if tensor is not None:
+                    sizes.add(tensor.shape[0])
+    return sizes
+
+
+def _linears_feeding_output(gm: fx.GraphModule, linear_nodes: set[fx.Node]) -> set[fx.Node]:
+    """Linears from which a path reaches the graph output without another linear."""
+    found, stack, visited = set(), [n for n in gm.graph.nodes if n.op == "output"], set()
+    while stack:
+        node = stack.pop()
+        if node in visited:
+            continue
+        visited.add(node)
+        if node in linear_nodes:
+            found.add(node)
+            continue
+        stack.extend(node.all_input_nodes)
+    return found
+
+
+def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
+    """Every linear of ``gm`` in graph order, each tied to its module name and weight.
+
+    A linear is an output head (the logits projection) when its out_features equal the
+    row count of an embedding table the graph reads and its result reaches the graph's
+    output through no other linear. A linear whose weight is
+    computed in the graph, or whose tensor is not at hand, gets a ``problem``.
+    """
+    vocabulary_sizes = _vocabulary_sizes(gm, example_inputs)
+    linear_nodes = {node for node in gm.graph.nodes if _match_linear(node) is not None}
+    last_linears = _linears_feeding_output(gm, linear_nodes)
+    sites = []
+    for node in gm.graph.nodes:
+        matched = _match_linear(node)
+        if matched is None:
+            continue
+        x, weight_node, bias_node, transposed = matched
+        problem, weight = None, None
+        if not isinstance(weight_node, fx.Node) or weight_node.op not in ("placeholder", "get_attr"):
+            problem = "weight is computed in the graph, not a parameter"
+        else:
+            weight = resolve_tensor(gm, weight_node, example_inputs)
+            if weight is None:
+                problem = "weight tensor is not available (no real example input for it)"
+            elif weight.dim() != 2:
+                problem = f"weight has {weight.dim()} dims, expected 2"
+                weight = None
+            elif transposed:
+                weight = weight.t()
+        name = module_name_of(node) or (
+            _parameter_name(weight_node) if isinstance(weight_node, fx.Node) else node.name
+        )
+        if name.endswith(".weight"):
+            name = name[: -len(".weight")]
+        site = LinearSite(node, name, x, weight_node, bias_node, weight, transposed, problem=problem)
+        site.is_output_head = (
+            node in last_linears and weight is not None and weight.shape[0] in vocabulary_sizes
+        )
+        sites.append(site)
+    _make_names_unique(sites)
+    return sites
+
+
+def _make_names_unique(sites: list[LinearSite]) -> None:
+    # A module that calls its weight twice gives two sites of one name: number them.
+    seen: dict[str, int] = {}
+    for site in sites:
+        seen[site.name] = seen.get(site.name, 0) + 1
+        if seen[site.name] > 1:
+            site.name = f"{site.name}#{seen[site.name]}"

@@ -1,0 +1,103 @@
+"""Replace chosen linears with the wina sparse-linear custom ops.
+
+Invariant: every node not named in ``gates`` is left as it was, and each replaced
+linear computes W (x * m) + b with the same x, W and b as before, m being the keep
+mask of its gate. With a gate that keeps every channel the graph computes what it
+computed before.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+import wina_fx.ops  # noqa: F401  (registers torch.ops.wina)
+
+from .find_linears import LinearSite
+
+
+@dataclasses.dataclass
+class Gate:
+    """How one linear keeps channels: top-k (``k``) or a threshold on |x_i| * score_i."""
+
+    score: torch.Tensor  # (K,) float32
+    k: int | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        if (self.k is None) == (self.threshold is None):
+            raise ValueError("a Gate needs exactly one of k and threshold")
+
+
+def _add_constant(gm: fx.GraphModule, prefix: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+    name = prefix
+    index = 0
+    while hasattr(gm, name):
+        index += 1
+        name = f"{prefix}_{index}"
+    gm.register_buffer(name, tensor)
+    if hasattr(gm, "_param_name_to_source"):
+        # A dynamo graph names a source for each of its buffers (AOTAutograd asserts
+        # it); ours belong to the compiled graph, not to the user's model.
+        from torch._dynamo.source import ConstantSource
+
+        gm._param_name_to_source[name] = ConstantSource(name)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def gate_linears(
+    gm: fx.GraphModule,
+    gates: dict[int, Gate],
+    sites: list[LinearSite],
+    counts: torch.Tensor | None = None,
+) -> fx.GraphModule:
+    """Rewrite ``sites[i]`` for each i in ``gates``; return ``gm``, changed in place.
+
+    Score vectors become buffers of ``gm``. When ``counts`` (num_sites, 2) is given, a
+    ``wina::count_kept`` op after each rewritten linear adds its kept and seen channel
+    counts to ``counts[i]``; ``counts`` is registered as a buffer so that compilers see
+    the mutation.
+    """
+    counts_node = None
+    if counts is not None:
+        counts_node = _add_constant(gm, "wina_counts", counts, before=_after_placeholders(gm))
+    for index, gate in gates.items():
+        site = sites[index]
+        if site.problem is not None:
+            raise ValueError(f"cannot gate {site.name}: {site.problem}")
+        node = site.node
+        score_node = _add_constant(gm, "wina_score", gate.score.to(site.weight.device), before=node)
+        weight_node = site.weight_node
+        if site.weight_is_transposed:
+            with gm.graph.inserting_before(node):
+                weight_node = gm.graph.call_method("t", (weight_node,))
+        with gm.graph.inserting_before(node):
+            if gate.k is not None:
+                op, rule = torch.ops.wina.topk_linear.default, gate.k
+            else:
+                op, rule = torch.ops.wina.threshold_linear.default, float(gate.threshold)
+            sparse = gm.graph.call_function(op, (site.input, weight_node, site.bias_node, score_node, rule))
+        sparse.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
+        node.replace_all_uses_with(sparse)
+        gm.graph.erase_node(node)
+        site.node = sparse
+        if counts_node is not None:
+            k = gate.k if gate.k is not None else -1
+            threshold = float(gate.threshold) if gate.threshold is not None else 0.0
+            with gm.graph.inserting_after(sparse):
+                gm.graph.call_function(
+                    torch.ops.wina.count_kept.default,
+                    (counts_node, index, site.input, score_node, k, threshold),
+                )
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _after_placeholders(gm: fx.GraphModule) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            return node
+    raise ValueError("graph has no computation")

@@ -1,0 +1,210 @@
+"""Calibration: the distribution of channel importance at each linear, on real inputs.
+
+``calibrate(model, inputs)`` compiles the model through the same passes as the backend,
+but the gate pass is replaced by an observing one: each linear runs dense and records a
+uniform sample of |x_i| * score_i over every token and channel it sees. The result,
+kept as quantiles, gives a threshold for any target sparsity (TEAL's inverse CDF).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.fx as fx
+
+from wina_fx.kernels import reference
+from wina_fx.passes.find_linears import LinearSite, find_linears
+
+from .methods import SCORED_METHODS, channel_scores
+
+FORMAT = "wina-fx calibration v1"
+NUM_QUANTILES = 2001  # sparsity resolution 0.0005; thresholds interpolate between
+
+
+class Calibration:
+    """Per-linear importance quantiles for one model and one method."""
+
+    def __init__(self, method: str, names: list[str], quantiles: torch.Tensor, fingerprint: dict, num_tokens: int):
+        self.method = method
+        self.names = list(names)
+        self.quantiles = quantiles.float().cpu()  # (num_linears, NUM_QUANTILES)
+        self.fingerprint = fingerprint  # name -> (shape, checksum of the weight)
+        self.num_tokens = num_tokens
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def threshold(self, name: str, sparsity: float) -> float:
+        """The importance below which a fraction ``sparsity`` of channels falls."""
+        if name not in self._index:
+            raise KeyError(f"no calibration statistics for linear {name!r}")
+        if sparsity <= 0.0:
+            return -math.inf  # keep everything, zeros included
+        row = self.quantiles[self._index[name]]
+        position = sparsity * (row.numel() - 1)
+        low = int(position)
+        high = min(low + 1, row.numel() - 1)
+        fraction = position - low
+        return float(row[low] * (1 - fraction) + row[high] * fraction)
+
+    def check_model(self, sites: list[LinearSite]) -> None:
+        """Raise ValueError if this calibration was not measured on the model of ``sites``."""
+        from .config import WinaOptionError
+
+        mine = {s.name: s for s in sites if s.weight is not None}
+        shared = [name for name in self.names if name in mine]
+        if not shared:
+            raise WinaOptionError(
+                "wina-fx: option 'calibration' belongs to another model: none of its "
+                f"{len(self.names)} linears (e.g. {self.names[0]!r}) is in this graph"
+            )
+        for name in shared:
+            shape, checksum = self.fingerprint[name]
+            weight = mine[name].weight
+            if list(weight.shape) != list(shape) or not math.isclose(
+                _checksum(weight), checksum, rel_tol=1e-4, abs_tol=1e-6
+            ):
+                raise WinaOptionError(
+                    f"wina-fx: option 'calibration' belongs to another model: linear {name!r} has "
+                    f"a different weight (shape {list(weight.shape)} vs {list(shape)}, or other values)"
+                )
+
+    def save(self, path: str | os.PathLike) -> None:
+        torch.save(
+            {
+                "format": FORMAT,
+                "method": self.method,
+                "names": self.names,
+                "quantiles": self.quantiles,
+                "fingerprint": {k: [list(v[0]), float(v[1])] for k, v in self.fingerprint.items()},
+                "num_tokens": self.num_tokens,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Calibration":
+        """Load a saved calibration; a missing, corrupt or foreign file raises a clear error."""
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise ValueError(f"{os.fspath(path)!r} is not a readable wina-fx calibration file ({err})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is not a wina-fx calibration file (expected format {FORMAT!r})")
+        quantiles = data["quantiles"]
+        if quantiles.shape != (len(data["names"]), NUM_QUANTILES):
+            raise ValueError(f"{os.fspath(path)!r} is a damaged wina-fx calibration file (quantile table shape)")
+        fingerprint = {k: (tuple(v[0]), v[1]) for k, v in data["fingerprint"].items()}
+        return cls(data["method"], data["names"], quantiles, fingerprint, data["num_tokens"])
+
+    def __repr__(self) -> str:
+        return f"<wina_fx.Calibration method={self.method} linears={len(self.names)} tokens={self.num_tokens}>"
+
+
+def _checksum(weight: torch.Tensor) -> float:
+    return float(weight.detach().double().abs().sum())
+
+
+class _ImportanceSampler:
+    """A uniform random sample, of bounded size, of every importance value seen."""
+
+    def __init__(self, capacity: int, generator: torch.Generator):
+        self.capacity = capacity
+        self.generator = generator
+        self.sample = torch.empty(0)
+        self.seen = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        values = values.detach().flatten().float().cpu()
+        new = _subsample(values, self.capacity, self.generator)
+        total = self.seen + values.numel()
+        # Merge two uniform samples into one: draw from each in proportion to what it stands for.
+        from_old = round(self.capacity * self.seen / total) if total > self.capacity else self.sample.numel()
+        old = _subsample(self.sample, from_old, self.generator)
+        new = _subsample(new, self.capacity - old.numel(), self.generator)
+        self.sample = torch.cat([old, new])
+        self.seen = total
+
+
+def _subsample(values: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    if values.numel() <= size:
+        return values
+    return values[torch.randperm(values.numel(), generator=generator)[:size]]
+
+
+def _observing_backend(method: str, samplers: dict, fingerprint: dict):
+    """A backend that runs every linear dense and records the importance of its input."""
+
+    def backend(gm: fx.GraphModule, example_inputs, **_):
+        for site in find_linears(gm, example_inputs):
+            if site.problem is not None or site.is_output_head:
+                continue
+            score = channel_scores(method, site.weight)
+            fingerprint[site.name] = (tuple(site.weight.shape), _checksum(site.weight))
+            sampler = samplers.setdefault(site.name, _ImportanceSampler(samplers["__capacity__"], samplers["__generator__"]))
+            with gm.graph.inserting_before(site.node):
+                gm.graph.call_function(_record, (sampler, site.input, score))
+        gm.recompile()
+        return gm.forward  # op by op: calibration needs the side effect, not speed
+
+    return backend
+
+
+def _record(sampler: _ImportanceSampler, x: torch.Tensor, score: torch.Tensor) -> None:
+    sampler.add(reference.importance(x, score))
+
+
+def calibrate(
+    model: torch.nn.Module,
+    inputs: Iterable,
+    method: str = "wina",
+    samples_per_linear: int = 1 << 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> Calibration:
+    """Measure importance distributions of ``model``'s linears on real ``inputs``.
+
+    ``inputs`` yields what the model is called with: a tensor (``model(x)``), a tuple
+    (``model(*x)``) or a mapping (``model(**x)``). The model and its weights are not
+    changed. Returns a :class:`Calibration` for ``method`` ("wina" or "teal").
+    """
+    if method not in SCORED_METHODS:
+        raise ValueError(f"calibrate: method must be one of {', '.join(map(repr, SCORED_METHODS))}, got {method!r}")
+    if not isinstance(samples_per_linear, int) or samples_per_linear < NUM_QUANTILES:
+        raise ValueError(f"calibrate: samples_per_linear must be an int >= {NUM_QUANTILES}, got {samples_per_linear!r}")
+    samplers: dict = {"__capacity__": samples_per_linear, "__generator__": torch.Generator().manual_seed(seed)}
+    fingerprint: dict = {}
+    observed = torch.compile(model, backend=_observing_backend(method, samplers, fingerprint))
+    from tqdm.auto import tqdm
+
+    batches = inputs if isinstance(inputs, (list, tuple)) else list(inputs)
+    num_tokens = 0
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="wina-fx calibrate", disable=not progress):
+            if isinstance(batch, Mapping):
+                observed(**batch)
+                first = next(iter(batch.values()))
+            elif isinstance(batch, tuple):
+                observed(*batch)
+                first = batch[0]
+            else:
+                observed(batch)
+                first = batch
+            num_tokens += first.numel() if first.dtype in (torch.int64, torch.int32) else first.shape[:-1].numel()
+    names = [n for n in samplers if not n.startswith("__")]
+    if not names:
+        raise ValueError("calibrate: the model ran but no linear could be observed (see wina_fx.last_report() of a compile)")
+    levels = torch.linspace(0, 1, NUM_QUANTILES, dtype=torch.float64)
+    quantiles = torch.stack([_quantiles(samplers[n].sample, levels) for n in names])
+    return Calibration(method, names, quantiles, {n: fingerprint[n] for n in names}, num_tokens)
+
+
+def _quantiles(sample: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    ordered = sample.double().sort().values
+    positions = levels * (ordered.numel() - 1)
+    low = positions.floor().long()
+    high = positions.ceil().long()
+    fraction = positions - low
+    return (ordered[low] * (1 - fraction) + ordered[high] * fraction).float()

@@ -1,0 +1,150 @@
+"""The one validated configuration object behind ``options={...}``.
+
+Every option is checked here, before the backend looks at a graph: a wrong name, a
+wrong type or an out-of-range value raises ``WinaOptionError`` (a ``ValueError``)
+that names the option and the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from collections.abc import Mapping
+from typing import Any
+
+METHODS = ("wina", "teal", "dense")
+# Methods the project plans but this version does not run yet: named in errors so a
+# user is not left guessing whether a typo or a missing feature is at fault.
+PLANNED_METHODS = ("cats", "rsparse")
+SELECTIONS = ("topk", "threshold")
+
+
+def _option_error_base() -> tuple[type, ...]:
+    # Dynamo wraps backend exceptions in BackendCompilerFailed, except those derived
+    # from ShortenTraceback, which it re-raises as they are. Deriving from it lets a bad
+    # option reach the user as a plain ValueError with a short traceback.
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+
+        return (ValueError, ShortenTraceback)
+    except ImportError:  # pragma: no cover - older torch
+        return (ValueError,)
+
+
+class WinaOptionError(*_option_error_base()):
+    """A bad ``options`` entry for ``backend="wina"``."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.first_useful_frame = None  # what ShortenTraceback reads; None keeps every frame
+
+
+def _fail(message: str) -> None:
+    raise WinaOptionError(f"wina-fx: {message}")
+
+
+def _check_sparsity_value(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(f"{where} must be a float in [0, 1), got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not 0.0 <= value < 1.0:  # also rejects NaN
+        _fail(f"{where} must be in [0, 1), got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class WinaConfig:
+    """Options of ``torch.compile(model, backend="wina", options={...})``.
+
+    method:      "wina" (|x_i| * ||W[:, i]||_2), "teal" (|x_i|) or "dense" (no rewrite).
+    sparsity:    fraction of input channels to skip, a float in [0, 1), or a mapping
+                 from module-name patterns (fnmatch, first match wins) to such floats;
+                 linears no pattern matches stay dense.
+    selection:   "topk" (exact per-token sparsity) or "threshold" (calibrated, no sort).
+    calibration: a ``Calibration`` or a path to one saved earlier; needed by "threshold".
+    measure:     count the sparsity each linear actually reaches at run time.
+    inductor:    compile the rewritten graph with Inductor (True) or run it as an FX
+                 graph, op by op (False): slower, for debugging and quick tests.
+    """
+
+    method: str = "wina"
+    sparsity: float | Mapping[str, float] = 0.5
+    selection: str = "topk"
+    calibration: Any = None
+    measure: bool = False
+    inductor: bool = True
+
+    def sparsity_for(self, module_name: str) -> float | None:
+        """Target sparsity of one linear, or None when no pattern covers it."""
+        if isinstance(self.sparsity, float):
+            return self.sparsity
+        for pattern, value in self.sparsity.items():
+            if fnmatch.fnmatchcase(module_name, pattern):
+                return value
+        return None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | "WinaConfig" | None) -> "WinaConfig":
+        """Validate user options; raise ``WinaOptionError`` naming what is wrong."""
+        if options is None:
+            return cls()
+        if isinstance(options, WinaConfig):
+            return options
+        if not isinstance(options, Mapping):
+            _fail(f"options must be a dict, got {type(options).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in valid:
+                _fail(f"unknown option {key!r}; valid options are {', '.join(valid)}")
+        return cls(**options)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            hint = (
+                f" ({self.method!r} is planned but not implemented yet)"
+                if self.method in PLANNED_METHODS
+                else ""
+            )
+            _fail(f"option 'method' must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}{hint}")
+        if isinstance(self.sparsity, Mapping):
+            checked = {}
+            for pattern, value in self.sparsity.items():
+                if not isinstance(pattern, str) or not pattern:
+                    _fail(f"option 'sparsity' keys must be non-empty module-name patterns (str), got {pattern!r}")
+                checked[pattern] = _check_sparsity_value(f"option 'sparsity'[{pattern!r}]", value)
+            object.__setattr__(self, "sparsity", checked)
+        else:
+            object.__setattr__(self, "sparsity", _check_sparsity_value("option 'sparsity'", self.sparsity))
+        if not isinstance(self.selection, str) or self.selection not in SELECTIONS:
+            _fail(f"option 'selection' must be one of {', '.join(map(repr, SELECTIONS))}, got {self.selection!r}")
+        for flag in ("measure", "inductor"):
+            if not isinstance(getattr(self, flag), bool):
+                _fail(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
+        self._check_calibration()
+
+    def _check_calibration(self) -> None:
+        from .calibration import Calibration
+
+        cal = self.calibration
+        if isinstance(cal, (str, os.PathLike)):
+            try:
+                cal = Calibration.load(cal)
+            except (OSError, ValueError) as err:
+                _fail(f"option 'calibration': {err}")
+            object.__setattr__(self, "calibration", cal)
+        elif cal is not None and not isinstance(cal, Calibration):
+            _fail(
+                "option 'calibration' must be a wina_fx.Calibration or a path to a saved one, "
+                f"got {type(cal).__name__}"
+            )
+        if self.selection == "threshold" and self.method != "dense":
+            if cal is None:
+                _fail(
+                    "option selection='threshold' needs option 'calibration' "
+                    "(from wina_fx.calibrate(model, inputs)); or use selection='topk'"
+                )
+            if cal.method != self.method:
+                _fail(
+                    f"option 'calibration' was measured for method {cal.method!r}, "
+                    f"but option 'method' is {self.method!r}; calibrate again with method={self.method!r}"
+                )
