@@ -106,7 +106,13 @@ def _is_transpose_of_2d(node: fx.Node) -> fx.Node | None:
 
 
 def _match_linear(node: fx.Node):
-    """(input, weight node, bias node, weight is stored (K, N)) or None."""
+    """(input, weight node, bias node, weight is stored (K, N)) or None.
+
+    For an ``nn.Linear`` kept as a ``call_module`` (``fx.symbolic_trace``), the weight
+    and bias nodes are None: the gate pass reads them with ``get_attr``.
+    """
+    if node.op == "call_module" and isinstance(_submodule(node), torch.nn.Linear):
+        return node.args[0], None, None, False
     if node.op != "call_function":
         return None
     if node.target in _LINEAR_TARGETS:
@@ -121,6 +127,13 @@ def _match_linear(node: fx.Node):
         if isinstance(rhs, fx.Node) and rhs.op in ("placeholder", "get_attr"):
             return x, rhs, None, True
     return None
+
+
+def _submodule(node: fx.Node) -> torch.nn.Module | None:
+    try:
+        return node.graph.owning_module.get_submodule(node.target)
+    except AttributeError:
+        return None
 
 
 def _vocabulary_sizes(gm: fx.GraphModule, example_inputs) -> set[int]:
@@ -168,7 +181,9 @@ def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
             continue
         x, weight_node, bias_node, transposed = matched
         problem, weight = None, None
-        if not isinstance(weight_node, fx.Node) or weight_node.op not in ("placeholder", "get_attr"):
+        if node.op == "call_module":
+            weight = _submodule(node).weight
+        elif not isinstance(weight_node, fx.Node) or weight_node.op not in ("placeholder", "get_attr"):
             problem = "weight is computed in the graph, not a parameter"
         else:
             weight = resolve_tensor(gm, weight_node, example_inputs)
@@ -179,9 +194,14 @@ def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
                 weight = None
             elif transposed:
                 weight = weight.t()
-        name = module_name_of(node) or (
-            _parameter_name(weight_node) if isinstance(weight_node, fx.Node) else node.name
-        )
+        if node.op == "call_module":
+            name = node.target
+        elif module_name_of(node):
+            name = module_name_of(node)
+        elif problem is None:
+            name = _parameter_name(weight_node)
+        else:
+            name = node.name
         if name.endswith(".weight"):
             name = name[: -len(".weight")]
         site = LinearSite(node, name, x, weight_node, bias_node, weight, transposed, problem=problem)

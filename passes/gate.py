@@ -69,7 +69,12 @@ def gate_linears(
             raise ValueError(f"cannot gate {site.name}: {site.problem}")
         node = site.node
         score_node = _add_constant(gm, "wina_score", gate.score.to(site.weight.device), before=node)
-        weight_node = site.weight_node
+        weight_node, bias_node = site.weight_node, site.bias_node
+        if node.op == "call_module":  # an nn.Linear left as a module call
+            with gm.graph.inserting_before(node):
+                weight_node = gm.graph.get_attr(f"{node.target}.weight")
+                if gm.get_submodule(node.target).bias is not None:
+                    bias_node = gm.graph.get_attr(f"{node.target}.bias")
         if site.weight_is_transposed:
             with gm.graph.inserting_before(node):
                 weight_node = gm.graph.call_method("t", (weight_node,))
@@ -78,7 +83,7 @@ def gate_linears(
                 op, rule = torch.ops.wina.topk_linear.default, gate.k
             else:
                 op, rule = torch.ops.wina.threshold_linear.default, float(gate.threshold)
-            sparse = gm.graph.call_function(op, (site.input, weight_node, site.bias_node, score_node, rule))
+            sparse = gm.graph.call_function(op, (site.input, weight_node, bias_node, score_node, rule))
         sparse.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         node.replace_all_uses_with(sparse)
         gm.graph.erase_node(node)

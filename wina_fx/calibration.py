@@ -86,7 +86,10 @@ class Calibration:
     def load(cls, path: str | os.PathLike) -> "Calibration":
         """Load a saved calibration; a missing, corrupt or foreign file raises a clear error."""
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            # Inside a torch.compile backend, torch.load sees dynamo's tracing context
+            # and would give meta tensors; leave that context while reading the file.
+            with torch._guards.tracing(None):
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as err:
@@ -107,17 +110,21 @@ def _checksum(weight: torch.Tensor) -> float:
     return float(weight.detach().double().abs().sum())
 
 
-class _ImportanceSampler:
-    """A uniform random sample, of bounded size, of every importance value seen."""
+class _ImportanceSampler(torch.nn.Module):
+    """Called on a linear's input: keeps a uniform random sample, of bounded size, of
+    every importance value |x_i| * score_i seen so far. A module so that FX graphs
+    can call it (``call_module``)."""
 
-    def __init__(self, capacity: int, generator: torch.Generator):
+    def __init__(self, score: torch.Tensor, capacity: int, generator: torch.Generator):
+        super().__init__()
+        self.score = score
         self.capacity = capacity
         self.generator = generator
         self.sample = torch.empty(0)
         self.seen = 0
 
-    def add(self, values: torch.Tensor) -> None:
-        values = values.detach().flatten().float().cpu()
+    def forward(self, x: torch.Tensor) -> None:
+        values = reference.importance(x.detach(), self.score).flatten().cpu()
         new = _subsample(values, self.capacity, self.generator)
         total = self.seen + values.numel()
         # Merge two uniform samples into one: draw from each in proportion to what it stands for.
@@ -134,26 +141,26 @@ def _subsample(values: torch.Tensor, size: int, generator: torch.Generator) -> t
     return values[torch.randperm(values.numel(), generator=generator)[:size]]
 
 
-def _observing_backend(method: str, samplers: dict, fingerprint: dict):
-    """A backend that runs every linear dense and records the importance of its input."""
+def _observing_backend(method: str, samplers: dict, fingerprint: dict, capacity: int, generator):
+    """A backend that runs every linear dense and samples the importance of its input.
+
+    Samplers are shared by name across graphs (recompilations for new shapes)."""
 
     def backend(gm: fx.GraphModule, example_inputs, **_):
-        for site in find_linears(gm, example_inputs):
+        for index, site in enumerate(find_linears(gm, example_inputs)):
             if site.problem is not None or site.is_output_head:
                 continue
-            score = channel_scores(method, site.weight)
-            fingerprint[site.name] = (tuple(site.weight.shape), _checksum(site.weight))
-            sampler = samplers.setdefault(site.name, _ImportanceSampler(samplers["__capacity__"], samplers["__generator__"]))
+            if site.name not in samplers:
+                score = channel_scores(method, site.weight).cpu()
+                samplers[site.name] = _ImportanceSampler(score, capacity, generator)
+                fingerprint[site.name] = (tuple(site.weight.shape), _checksum(site.weight))
+            gm.add_submodule(f"wina_observer_{index}", samplers[site.name])
             with gm.graph.inserting_before(site.node):
-                gm.graph.call_function(_record, (sampler, site.input, score))
+                gm.graph.call_module(f"wina_observer_{index}", (site.input,))
         gm.recompile()
         return gm.forward  # op by op: calibration needs the side effect, not speed
 
     return backend
-
-
-def _record(sampler: _ImportanceSampler, x: torch.Tensor, score: torch.Tensor) -> None:
-    sampler.add(reference.importance(x, score))
 
 
 def calibrate(
@@ -174,9 +181,11 @@ def calibrate(
         raise ValueError(f"calibrate: method must be one of {', '.join(map(repr, SCORED_METHODS))}, got {method!r}")
     if not isinstance(samples_per_linear, int) or samples_per_linear < NUM_QUANTILES:
         raise ValueError(f"calibrate: samples_per_linear must be an int >= {NUM_QUANTILES}, got {samples_per_linear!r}")
-    samplers: dict = {"__capacity__": samples_per_linear, "__generator__": torch.Generator().manual_seed(seed)}
+    samplers: dict[str, _ImportanceSampler] = {}
     fingerprint: dict = {}
-    observed = torch.compile(model, backend=_observing_backend(method, samplers, fingerprint))
+    generator = torch.Generator().manual_seed(seed)
+    backend = _observing_backend(method, samplers, fingerprint, samples_per_linear, generator)
+    observed = torch.compile(model, backend=backend)
     from tqdm.auto import tqdm
 
     batches = inputs if isinstance(inputs, (list, tuple)) else list(inputs)
@@ -193,7 +202,7 @@ def calibrate(
                 observed(batch)
                 first = batch
             num_tokens += first.numel() if first.dtype in (torch.int64, torch.int32) else first.shape[:-1].numel()
-    names = [n for n in samplers if not n.startswith("__")]
+    names = list(samplers)
     if not names:
         raise ValueError("calibrate: the model ran but no linear could be observed (see wina_fx.last_report() of a compile)")
     levels = torch.linspace(0, 1, NUM_QUANTILES, dtype=torch.float64)

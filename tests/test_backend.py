@@ -1,0 +1,125 @@
+"""backend="wina" end to end on tiny random-weight models of four families."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import FAMILIES, tiny_model
+
+import wina_fx
+
+LINEAR_KINDS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+}
+
+
+def _rel_err(out, ref):
+    assert torch.isfinite(out).all()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 1000), method=st.sampled_from(["wina", "teal"]))
+def test_sparsity_zero_reproduces_eager(family, seed, method):
+    torch._dynamo.reset()
+    model, ids = tiny_model(family, seed)
+    with torch.no_grad():
+        expected = model(ids).logits
+        out = torch.compile(model, backend="wina", options={"method": method, "sparsity": 0.0})(ids).logits
+    assert _rel_err(out, expected) < 1e-5
+    report = wina_fx.last_report()
+    sparse = {row.name.rsplit(".", 1)[-1] for row in report.sparse_rows}
+    assert sparse == set(LINEAR_KINDS[family])
+    assert report.row("lm_head").status == "dense: output head (logits projection)"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_half_sparsity_measures_its_target_and_leaves_weights_bit_identical(family):
+    model, ids = tiny_model(family, seed=3)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    compiled = torch.compile(model, backend="wina", options={"sparsity": 0.5, "measure": True})
+    with torch.no_grad():
+        out = compiled(ids).logits
+        compiled(ids[:, :5])
+    assert torch.isfinite(out).all()
+    report = wina_fx.last_report()
+    for row in report.sparse_rows:
+        # top-k keeps round(K/2) channels of every token: exact up to rounding of odd K
+        assert abs(row.measured_sparsity - 0.5) <= 0.5 / row.in_features + 1e-9, row
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_sparsity_patterns_choose_linears_and_leave_the_rest_dense():
+    model, ids = tiny_model("llama")
+    options = {"sparsity": {"*.mlp.down_proj": 0.25, "model.layers.1.*": 0.5}}
+    with torch.no_grad():
+        torch.compile(model, backend="wina", options=options, fullgraph=True)(ids)
+    report = wina_fx.last_report()
+    assert report.row("model.layers.0.mlp.down_proj").target_sparsity == 0.25
+    assert report.row("model.layers.1.mlp.down_proj").target_sparsity == 0.25
+    assert report.row("model.layers.1.self_attn.q_proj").target_sparsity == 0.5
+    row = report.row("model.layers.0.self_attn.q_proj")
+    assert row.status == "dense: no pattern of option 'sparsity' matches its name"
+    assert "model.layers.0.self_attn.q_proj" in str(report)
+
+
+def test_threshold_mode_with_calibration_under_inductor(tmp_path):
+    model, ids = tiny_model("mistral", seed=5)
+    batches = [torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    calibration = wina_fx.calibrate(model, batches, method="wina", progress=False)
+    path = tmp_path / "tiny.cal"
+    calibration.save(path)
+    options = {"selection": "threshold", "calibration": str(path), "sparsity": 0.4, "measure": True}
+    with torch.no_grad():
+        for batch in batches:
+            torch.compile(model, backend="wina", options=options)(batch)
+    report = wina_fx.last_report()
+    assert len(report.sparse_rows) == 14
+    # thresholds were calibrated on these very batches: every linear hits its target
+    for row in report.sparse_rows:
+        assert abs(row.measured_sparsity - 0.4) < 0.02, row
+
+
+def test_calibration_files_that_are_corrupt_or_foreign_fail_clearly(tmp_path):
+    llama, _ = tiny_model("llama")
+    qwen, ids = tiny_model("qwen2")
+    calibration = wina_fx.calibrate(llama, [torch.randint(0, 96, (1, 12))], progress=False)
+    good = tmp_path / "llama.cal"
+    calibration.save(good)
+    assert wina_fx.Calibration.load(good).names == calibration.names
+
+    corrupt = tmp_path / "corrupt.cal"
+    corrupt.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a readable wina-fx calibration file"):
+        wina_fx.Calibration.load(corrupt)
+    other = tmp_path / "other.cal"
+    torch.save({"some": "dict"}, other)
+    with pytest.raises(ValueError, match="not a wina-fx calibration file"):
+        wina_fx.Calibration.load(other)
+
+    options = {"selection": "threshold", "calibration": calibration}
+    with pytest.raises(ValueError, match="belongs to another model"):
+        torch.compile(qwen, backend="wina", options=options)(ids)
+    with pytest.raises(ValueError, match="measured for method 'wina'"):
+        wina_fx.WinaConfig.from_options({**options, "method": "teal"})
+
+
+def test_backend_is_found_by_entry_point_in_a_fresh_interpreter():
+    code = (
+        "import torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))\n"
+        "y = torch.compile(m, backend='wina', options={'sparsity': 0.5, 'inductor': False})(torch.randn(3, 8))\n"
+        "import wina_fx\n"
+        "print(len(wina_fx.last_report().sparse_rows), tuple(y.shape))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "(3,", "4)"]

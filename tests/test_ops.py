@@ -1,0 +1,82 @@
+"""The wina custom ops against their torch reference, eagerly and under Inductor."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import wina_fx.ops  # noqa: F401
+from wina_fx.kernels import reference
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _rel_err(out, ref):
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=0, max_size=2),
+    k_in=st.integers(1, 40),
+    n_out=st.integers(1, 24),
+    keep_fraction=st.floats(0, 1),
+    bias=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_topk_linear_keeps_exactly_k_and_matches_masked_dense(lead, k_in, n_out, keep_fraction, bias, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k_in, generator=g).to(dtype)
+    w = torch.randn(n_out, k_in, generator=g).to(dtype)
+    b = torch.randn(n_out, generator=g).to(dtype) if bias else None
+    score = torch.rand(k_in, generator=g) + 0.1
+    k = round(keep_fraction * k_in)
+    mask = reference.topk_mask(x, score, k)
+    assert (mask.sum(-1) == k).all()
+    # the kept channels are the ones of largest importance
+    imp = reference.importance(x, score)
+    if 0 < k < k_in:
+        assert (imp.masked_fill(~mask, float("inf")).amin(-1) >= imp.masked_fill(mask, -float("inf")).amax(-1)).all()
+    out = torch.ops.wina.topk_linear(x, w, b, score, k)
+    expected = torch.nn.functional.linear((x.double() * mask), w.double(), None if b is None else b.double())
+    assert out.dtype == dtype and out.shape == (*lead, n_out)
+    if expected.norm() > 0:
+        assert _rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_linear_matches_reference(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, 33, generator=g).to(dtype)
+    w = torch.randn(17, 33, generator=g).to(dtype)
+    score = torch.rand(33, generator=g) + 0.5
+    threshold = 0.7
+    out = torch.ops.wina.threshold_linear(x, w, None, score, threshold)
+    mask = (x.abs().float() * score) > threshold
+    expected = (x.double() * mask) @ w.double().t()
+    assert _rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("op", ["topk_linear", "threshold_linear"])
+def test_opcheck(op):
+    x, w, b, score = torch.randn(2, 5, 12), torch.randn(6, 12), torch.randn(6), torch.rand(12)
+    rule = 7 if op == "topk_linear" else 0.3
+    torch.library.opcheck(getattr(torch.ops.wina, op).default, (x, w, b, score, rule))
+
+
+def test_ops_under_inductor_match_eager():
+    g = torch.Generator().manual_seed(2)
+    x, w, score = torch.randn(4, 9, 32, generator=g), torch.randn(20, 32, generator=g), torch.rand(32, generator=g)
+    counts = torch.zeros(1, 2, dtype=torch.float64)
+
+    def f(x, w, counts):
+        y = torch.ops.wina.topk_linear(x, w, None, score, 8)
+        torch.ops.wina.count_kept(counts, 0, x, score, 8, 0.0)
+        return torch.ops.wina.threshold_linear(torch.relu(y), w.t().contiguous()[:20, :20], None, score[:20], 0.5)
+
+    eager_counts = torch.zeros(1, 2, dtype=torch.float64)
+    expected = f(x, w, eager_counts)
+    out = torch.compile(f, backend="inductor", fullgraph=True)(x, w, counts)
+    assert _rel_err(out, expected) < 1e-5
+    assert counts.tolist() == eager_counts.tolist() == [[4 * 9 * 8, 4 * 9 * 32]]
