@@ -15,6 +15,7 @@ import torch.fx as fx
 import wina_fx.ops  # noqa: F401  (registers torch.ops.wina)
 
 from .find_linears import LinearSite
+from .graph_utils import add_constant, first_non_placeholder
 
 
 @dataclasses.dataclass
@@ -28,23 +29,6 @@ class Gate:
     def __post_init__(self):
         if (self.k is None) == (self.threshold is None):
             raise ValueError("a Gate needs exactly one of k and threshold")
-
-
-def _add_constant(gm: fx.GraphModule, prefix: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-    name = prefix
-    index = 0
-    while hasattr(gm, name):
-        index += 1
-        name = f"{prefix}_{index}"
-    gm.register_buffer(name, tensor)
-    if hasattr(gm, "_param_name_to_source"):
-        # A dynamo graph names a source for each of its buffers (AOTAutograd asserts
-        # it); ours belong to the compiled graph, not to the user's model.
-        from torch._dynamo.source import ConstantSource
-
-        gm._param_name_to_source[name] = ConstantSource(name)
-    with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(name)
 
 
 def gate_linears(
@@ -62,13 +46,13 @@ def gate_linears(
     """
     counts_node = None
     if counts is not None:
-        counts_node = _add_constant(gm, "wina_counts", counts, before=_after_placeholders(gm))
+        counts_node = add_constant(gm, "wina_counts", counts, before=first_non_placeholder(gm))
     for index, gate in gates.items():
         site = sites[index]
         if site.problem is not None:
             raise ValueError(f"cannot gate {site.name}: {site.problem}")
         node = site.node
-        score_node = _add_constant(gm, "wina_score", gate.score.to(site.weight.device), before=node)
+        score_node = add_constant(gm, "wina_score", gate.score.to(site.weight.device), before=node)
         weight_node, bias_node = site.weight_node, site.bias_node
         if node.op == "call_module":  # an nn.Linear left as a module call
             with gm.graph.inserting_before(node):
@@ -99,10 +83,3 @@ def gate_linears(
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _after_placeholders(gm: fx.GraphModule) -> fx.Node:
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            return node
-    raise ValueError("graph has no computation")

@@ -1,0 +1,69 @@
+"""The real pretrained SmolLM2-135M-Instruct on real English text (shipped in wina_fx/data)."""
+import math
+
+import pytest
+import torch
+
+import wina_fx
+from wina_fx.data import text
+from wina_fx.eval import perplexity, token_windows
+
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def evaluation_windows(smollm2):
+    _, tokenizer = smollm2
+    return token_windows(tokenizer, text("evaluation"), 256, 2)
+
+
+@pytest.fixture(scope="module")
+def dense_perplexity(smollm2, evaluation_windows):
+    return perplexity(smollm2[0], evaluation_windows)
+
+
+def _parameters(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_sparsity_zero_reproduces_eager(smollm2, evaluation_windows):
+    model, _ = smollm2
+    ids = evaluation_windows[0][:, :64]
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        out = torch.compile(model, backend="wina", options={"sparsity": 0.0})(ids, use_cache=False).logits
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+    assert len(wina_fx.last_report().sparse_rows) == 30 * len(KINDS)
+
+
+def test_half_sparsity_topk_rewrites_every_projection_and_meets_its_target(smollm2, evaluation_windows, dense_perplexity):
+    model, _ = smollm2
+    before = _parameters(model)
+    compiled = torch.compile(model, backend="wina", options={"sparsity": 0.5, "measure": True})
+    ppl = perplexity(compiled, evaluation_windows)
+    report = wina_fx.last_report()
+    expected = {f"model.layers.{i}.{part}.{kind}" for i in range(30) for kind in KINDS
+                for part in ("self_attn", "mlp") if (part == "mlp") == (kind in ("gate_proj", "up_proj", "down_proj"))}
+    assert {row.name for row in report.sparse_rows} == expected
+    assert report.row("lm_head").status.startswith("dense")
+    for row in report.sparse_rows:
+        assert abs(row.measured_sparsity - 0.5) <= 0.01, row
+    print(f"\nSmolLM2 perplexity: dense {dense_perplexity:.2f}, wina 50% top-k {ppl:.2f}")
+    assert math.isfinite(ppl) and ppl > dense_perplexity
+    after = _parameters(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_threshold_calibrated_on_one_text_meets_target_on_another(smollm2, evaluation_windows):
+    model, tokenizer = smollm2
+    calibration_windows = token_windows(tokenizer, text("calibration"), 256, 4)
+    calibration = wina_fx.calibrate(model, calibration_windows, method="wina", progress=False)
+    options = {"selection": "threshold", "calibration": calibration, "sparsity": 0.5, "measure": True, "inductor": False}
+    ppl = perplexity(torch.compile(model, backend="wina", options=options), evaluation_windows)
+    report = wina_fx.last_report()
+    assert len(report.sparse_rows) == 30 * len(KINDS)
+    measured = [row.measured_sparsity for row in report.sparse_rows]
+    mean = sum(measured) / len(measured)
+    print(f"\nthreshold 50%: mean measured {mean:.3f}, range {min(measured):.3f}..{max(measured):.3f}, ppl {ppl:.2f}")
+    assert abs(mean - 0.5) < 0.03
+    assert math.isfinite(ppl)
