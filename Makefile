@@ -22,4 +22,4 @@ run: install
 	$(PY) examples/quickstart.py
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
