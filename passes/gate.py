@@ -59,15 +59,13 @@ def gate_linears(
                 weight_node = gm.graph.get_attr(f"{node.target}.weight")
                 if gm.get_submodule(node.target).bias is not None:
                     bias_node = gm.graph.get_attr(f"{node.target}.bias")
-        if site.weight_is_transposed:
-            with gm.graph.inserting_before(node):
-                weight_node = gm.graph.call_method("t", (weight_node,))
+        weight_t_node = _transposed_weight(gm, site, weight_node, before=node)
         with gm.graph.inserting_before(node):
             if gate.k is not None:
                 op, rule = torch.ops.wina.topk_linear.default, gate.k
             else:
                 op, rule = torch.ops.wina.threshold_linear.default, float(gate.threshold)
-            sparse = gm.graph.call_function(op, (site.input, weight_node, bias_node, score_node, rule))
+            sparse = gm.graph.call_function(op, (site.input, weight_t_node, bias_node, score_node, rule))
         sparse.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         node.replace_all_uses_with(sparse)
         gm.graph.erase_node(node)
@@ -83,3 +81,19 @@ def gate_linears(
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _transposed_weight(gm: fx.GraphModule, site: LinearSite, weight_node: fx.Node, before: fx.Node) -> fx.Node:
+    """A node holding W^T (K, N), the layout in which a kept channel is one contiguous row.
+
+    On the CPU a view is enough (the torch reference reads it as it is). On CUDA the
+    Triton kernels need the rows contiguous: a transposed copy becomes a constant of the
+    graph, so the compiled graph holds one extra copy of each sparse weight; the
+    user's parameter is not touched.
+    """
+    if site.weight.is_cuda:
+        return add_constant(gm, "wina_weight_t", site.weight.detach().t().contiguous(), before=before)
+    with gm.graph.inserting_before(before):
+        if site.weight_is_transposed:  # x @ W with W stored (K, N): already W^T
+            return weight_node
+        return gm.graph.call_method("t", (weight_node,))

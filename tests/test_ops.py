@@ -38,7 +38,7 @@ def test_topk_linear_keeps_exactly_k_and_matches_masked_dense(lead, k_in, n_out,
     imp = reference.importance(x, score)
     if 0 < k < k_in:
         assert (imp.masked_fill(~mask, float("inf")).amin(-1) >= imp.masked_fill(mask, -float("inf")).amax(-1)).all()
-    out = torch.ops.wina.topk_linear(x, w, b, score, k)
+    out = torch.ops.wina.topk_linear(x, w.t(), b, score, k)
     expected = torch.nn.functional.linear((x.double() * mask), w.double(), None if b is None else b.double())
     assert out.dtype == dtype and out.shape == (*lead, n_out)
     if expected.norm() > 0:
@@ -52,7 +52,7 @@ def test_threshold_linear_matches_reference(dtype):
     w = torch.randn(17, 33, generator=g).to(dtype)
     score = torch.rand(33, generator=g) + 0.5
     threshold = 0.7
-    out = torch.ops.wina.threshold_linear(x, w, None, score, threshold)
+    out = torch.ops.wina.threshold_linear(x, w.t(), None, score, threshold)
     mask = (x.abs().float() * score) > threshold
     expected = (x.double() * mask) @ w.double().t()
     assert _rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 2e-2)
@@ -60,9 +60,9 @@ def test_threshold_linear_matches_reference(dtype):
 
 @pytest.mark.parametrize("op", ["topk_linear", "threshold_linear"])
 def test_opcheck(op):
-    x, w, b, score = torch.randn(2, 5, 12), torch.randn(6, 12), torch.randn(6), torch.rand(12)
+    x, w_t, b, score = torch.randn(2, 5, 12), torch.randn(12, 6), torch.randn(6), torch.rand(12)
     rule = 7 if op == "topk_linear" else 0.3
-    torch.library.opcheck(getattr(torch.ops.wina, op).default, (x, w, b, score, rule))
+    torch.library.opcheck(getattr(torch.ops.wina, op).default, (x, w_t, b, score, rule))
 
 
 def test_ops_under_inductor_match_eager():
@@ -71,9 +71,9 @@ def test_ops_under_inductor_match_eager():
     counts = torch.zeros(1, 2, dtype=torch.float64)
 
     def f(x, w, counts):
-        y = torch.ops.wina.topk_linear(x, w, None, score, 8)
+        y = torch.ops.wina.topk_linear(x, w.t(), None, score, 8)
         torch.ops.wina.count_kept(counts, 0, x, score, 8, 0.0)
-        return torch.ops.wina.threshold_linear(torch.relu(y), w.t().contiguous()[:20, :20], None, score[:20], 0.5)
+        return torch.ops.wina.threshold_linear(torch.relu(y), w[:20, :20], None, score[:20], 0.5)
 
     eager_counts = torch.zeros(1, 2, dtype=torch.float64)
     expected = f(x, w, eager_counts)

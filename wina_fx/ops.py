@@ -1,29 +1,51 @@
 """The wina sparse-linear custom ops (``torch.ops.wina.*``).
 
-Each op has a torch implementation for every device (``kernels/reference.py``) and a
-fake implementation so that dynamo, AOTAutograd and Inductor can trace it. A CUDA
-implementation backed by Triton plugs in with ``register_kernel("cuda", ...)``.
+The weight arrives transposed, ``weight_t`` of shape (K, N), so that each input channel
+the kernel keeps is one contiguous row (the gate pass passes a view of the user's weight
+on the CPU and a contiguous copy on CUDA). On CUDA the ops run the Triton launchers of
+``wina_fx.kernels.sparse_linear``; elsewhere the torch reference of
+``wina_fx.kernels.reference``. They are defined with ``torch.library.triton_op`` when
+Triton is importable, so Inductor traces into them and sees the Triton kernels inside
+the compiled graph (and, on the CPU, fuses the reference's masking with its neighbours).
 """
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from torch import Tensor
 
 from wina_fx.kernels import reference
 
-
-@torch.library.custom_op("wina::topk_linear", mutates_args=())
-def topk_linear(x: Tensor, weight: Tensor, bias: Tensor | None, score: Tensor, k: int) -> Tensor:
-    """y = W (x * m) + b, m keeping per token the k channels of largest |x_i| * score_i."""
-    return reference.topk_linear(x, weight, bias, score, k)
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
-@torch.library.custom_op("wina::threshold_linear", mutates_args=())
-def threshold_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, score: Tensor, threshold: float
-) -> Tensor:
-    """y = W (x * m) + b, m keeping the channels with |x_i| * score_i > threshold."""
-    return reference.threshold_linear(x, weight, bias, score, threshold)
+def _define(name: str):
+    if HAVE_TRITON:
+        return lambda fn: torch.library.triton_op(name, fn, mutates_args=())
+    return lambda fn: torch.library.custom_op(name, fn, mutates_args=())
+
+
+def _launchers():
+    from wina_fx.kernels import sparse_linear
+
+    return sparse_linear
+
+
+@_define("wina::topk_linear")
+def topk_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor, k: int) -> Tensor:
+    """y = (x * m) @ weight_t + b, m keeping per token the k channels of largest |x_i| * score_i."""
+    if x.is_cuda:
+        return _launchers().topk_linear(x, weight_t, bias, score, k)
+    return reference.topk_linear(x, weight_t.t(), bias, score, k)
+
+
+@_define("wina::threshold_linear")
+def threshold_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor, threshold: float) -> Tensor:
+    """y = (x * m) @ weight_t + b, m keeping the channels with |x_i| * score_i > threshold."""
+    if x.is_cuda:
+        return _launchers().threshold_linear(x, weight_t, bias, score, threshold)
+    return reference.threshold_linear(x, weight_t.t(), bias, score, threshold)
 
 
 @torch.library.custom_op("wina::count_kept", mutates_args=("counts",))
@@ -41,13 +63,13 @@ def count_kept(counts: Tensor, slot: int, x: Tensor, score: Tensor, k: int, thre
 
 
 @topk_linear.register_fake
-def _(x, weight, bias, score, k):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _(x, weight_t, bias, score, k):
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
 @threshold_linear.register_fake
-def _(x, weight, bias, score, threshold):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _(x, weight_t, bias, score, threshold):
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
 @count_kept.register_fake
