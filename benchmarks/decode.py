@@ -110,7 +110,8 @@ def main():
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         torch._dynamo.reset()
         options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration}
-        step = torch.compile(model, backend="wina", options=options, mode=mode, fullgraph=True, dynamic=False)
+        wina_mode = {"mode": mode} if mode else {}
+        step = torch.compile(model, backend="wina", options={**options, **wina_mode}, fullgraph=True, dynamic=False)
         rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
         # measured sparsity from a separate, eager run with counters (counters cost time)
         torch._dynamo.reset()

@@ -123,3 +123,22 @@ def test_backend_is_found_by_entry_point_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["2", "(3,", "4)"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_cuda_triton_path_matches_the_cpu_reference(selection):
+    model, ids = tiny_model("qwen2", seed=7, hidden=128)
+    options = {"sparsity": 0.5, "selection": selection, "measure": True}
+    if selection == "threshold":
+        options["calibration"] = wina_fx.calibrate(model, [ids], progress=False)
+    with torch.no_grad():
+        expected = torch.compile(model, backend="wina", options={**options, "inductor": False})(ids).logits
+        torch._dynamo.reset()
+        gpu_model = model.cuda()
+        try:
+            out = torch.compile(gpu_model, backend="wina", options=options)(ids.cuda()).logits.cpu()
+        finally:
+            model.cpu()
+    assert _rel_err(out, expected) < 1e-3
+    assert all(abs(r.measured_sparsity - 0.5) < 0.1 for r in wina_fx.last_report().sparse_rows)

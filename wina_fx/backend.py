@@ -62,7 +62,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: 
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = list_mode_options(mode) if mode else {}
+    mode = mode if mode not in (None, "default") else config.mode
+    patches = list_mode_options(mode) if mode != "default" else {}
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 

@@ -151,7 +151,7 @@ def _observing_backend(method: str, samplers: dict, fingerprint: dict, capacity:
             if site.problem is not None or site.is_output_head:
                 continue
             if site.name not in samplers:
-                score = channel_scores(method, site.weight).cpu()
+                score = channel_scores(method, site.weight)
                 samplers[site.name] = _ImportanceSampler(score, capacity, generator)
                 fingerprint[site.name] = (tuple(site.weight.shape), _checksum(site.weight))
             gm.add_submodule(f"wina_observer_{index}", samplers[site.name])

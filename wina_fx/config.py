@@ -17,6 +17,8 @@ METHODS = ("wina", "teal", "dense")
 # user is not left guessing whether a typo or a missing feature is at fault.
 PLANNED_METHODS = ("cats", "rsparse")
 SELECTIONS = ("topk", "threshold")
+# Inductor modes; torch.compile refuses mode= together with options=, so ours is an option.
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _option_error_base() -> tuple[type, ...]:
@@ -65,6 +67,8 @@ class WinaConfig:
     measure:     count the sparsity each linear actually reaches at run time.
     inductor:    compile the rewritten graph with Inductor (True) or run it as an FX
                  graph, op by op (False): slower, for debugging and quick tests.
+    mode:        Inductor mode, e.g. "reduce-overhead" for CUDA graphs (torch.compile
+                 does not accept mode= beside options=).
     """
 
     method: str = "wina"
@@ -73,6 +77,7 @@ class WinaConfig:
     calibration: Any = None
     measure: bool = False
     inductor: bool = True
+    mode: str = "default"
 
     def sparsity_for(self, module_name: str) -> float | None:
         """Target sparsity of one linear, or None when no pattern covers it."""
@@ -117,6 +122,8 @@ class WinaConfig:
             object.__setattr__(self, "sparsity", _check_sparsity_value("option 'sparsity'", self.sparsity))
         if not isinstance(self.selection, str) or self.selection not in SELECTIONS:
             _fail(f"option 'selection' must be one of {', '.join(map(repr, SELECTIONS))}, got {self.selection!r}")
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            _fail(f"option 'mode' must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}")
         for flag in ("measure", "inductor"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
