@@ -1,0 +1,400 @@
+"""Latency of the wina sparse linear vs dense cuBLAS vs the bandwidth floor (GPU only).
+
+    python benchmarks/kernels.py            # full table -> benchmarks/results/kernels_<gpu>.{json,png}
+    python benchmarks/kernels.py --sweep    # also time candidate tile configs (tuning runs)
+    python benchmarks/kernels.py --quick    # one shape, for a smoke test
+
+Method: every implementation is captured in CUDA graphs, one per weight buffer (at least
+3 buffers and 160 MB, rotated so the L2 never serves a weight byte), and timed with
+triton.testing.do_bench (median).  do_bench's own L2 flush (zeroing 256 MB before each
+call) is replaced by the rotation plus a ~50 us GPU sleep: the zeroing leaves ~50 MB of
+dirty lines in L2 whose write-back lands inside the timed call (~16 us on every kernel
+here); the sleep keeps the CPU's graph launch out of the timed interval.  The
+"_flushed" records keep do_bench's default for comparison.  Inputs are random normal, never
+zeros.  The threshold for a target sparsity is the quantile of |x| * score over the
+whole random input (so per-token sparsity varies around it); top-k keeps round((1-s) K)
+per token.  The floor is the bytes that must move (weight rows kept by at least one
+token + x + output) over the device-to-device copy bandwidth measured in the same run.
+Each wina output is checked against the torch reference before it is timed.
+Writes to $OUT when set, else to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# this file is benchmarks/kernels.py: keep its folder off sys.path so `kernels` is the package
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.join(ROOT, "benchmarks")]
+sys.path.insert(0, ROOT)
+from kernels import reference, sparse_linear as sl  # noqa: E402
+
+SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (5120, 17920), (17920, 5120)]  # (K in, N out)
+BATCHES = [1, 64, 256]
+SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
+DTYPES = [torch.float16, torch.bfloat16]
+NBUF_MIN, ROTATE_BYTES = 3, 160e6
+WARMUP_MS, REP_MS = 5, 20
+SLEEP_CYCLES = 100_000  # ~50 us at 1.98 GHz
+DEVICE = "cuda"
+
+
+def out_dir() -> str:
+    d = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def gpu_tag() -> str:
+    name = torch.cuda.get_device_name().lower()
+    for tag in ["h200", "h100", "a100", "l40s", "b200"]:
+        if tag in name:
+            return tag
+    return name.split()[-1].replace("/", "_")
+
+
+def num_sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def device_header(bw: float) -> dict:
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, python=platform.python_version(), copy_bandwidth_Bps=bw, sms=num_sms(),
+                method="CUDA graphs, one per weight buffer, >= 3 buffers and 160 MB rotated; do_bench median; "
+                       "do_bench's 256 MB zeroing flush off except in *_flushed records",
+                dispatch=dict(GEMV_MAX_M=sl.GEMV_MAX_M, SPARSE_MAX_M=sl.SPARSE_MAX_M))
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    a = torch.randn(1 << 28, device=DEVICE)
+    b = torch.empty_like(a)
+    with _NoFlush():
+        ms = do_bench(lambda: b.copy_(a), warmup=20, rep=200, return_mode="median")
+    return 2 * a.nbytes / (ms * 1e-3)
+
+
+class _NoFlush:
+    """do_bench without its 256 MB zeroing flush, which leaves ~50 MB of dirty lines in L2
+    whose write-back lands inside the next timed call.  In its place the GPU sleeps ~50 us
+    (no memory traffic), so that the CPU has enqueued the timed graph before the GPU gets
+    there; with neither, small kernels would time the CPU's launch instead of the GPU."""
+
+    class _Busy:
+        def zero_(self):
+            torch.cuda._sleep(SLEEP_CYCLES)
+
+    def __enter__(self):
+        drv = triton.runtime.driver.active
+        self.saved = drv.get_empty_cache_for_benchmark
+        drv.get_empty_cache_for_benchmark = lambda: self._Busy()
+
+    def __exit__(self, *exc):
+        triton.runtime.driver.active.get_empty_cache_for_benchmark = self.saved
+
+
+def time_us(fns, flush=False) -> float:
+    """Median latency (us) of fns (one per weight buffer), each captured in a CUDA graph."""
+    graphs = []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    for f in fns:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            f()
+        graphs.append(g)
+    it = itertools.cycle(graphs)
+    if flush:
+        us = do_bench(lambda: next(it).replay(), warmup=WARMUP_MS, rep=REP_MS, return_mode="median") * 1e3
+    else:
+        with _NoFlush():
+            us = do_bench(lambda: next(it).replay(), warmup=WARMUP_MS, rep=REP_MS, return_mode="median") * 1e3
+    del graphs
+    return us
+
+
+def eager_us(fns) -> float:
+    it = itertools.cycle(fns)
+    with _NoFlush():
+        return do_bench(lambda: next(it)(), warmup=WARMUP_MS, rep=REP_MS, return_mode="median") * 1e3
+
+
+def rel_err(out, ref) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+class Case:
+    """Weights (several copies, both layouts) of one (K, N, dtype)."""
+
+    def __init__(self, K, N, dtype):
+        self.K, self.N, self.dtype = K, N, dtype
+        g = torch.Generator(device=DEVICE).manual_seed(K * 7 + N)
+        nbuf = min(16, max(NBUF_MIN, -(-int(ROTATE_BYTES) // (K * N * dtype.itemsize))))
+        self.w = [(torch.randn(N, K, device=DEVICE, generator=g) * K**-0.5).to(dtype) for _ in range(nbuf)]
+        self.wt = [w.t().contiguous() for w in self.w]
+        self.score = self.w[0].float().norm(dim=0)  # WINA: column L2 norms
+
+    def inputs(self, M, seed=0):
+        g = torch.Generator(device=DEVICE).manual_seed(seed + M)
+        return torch.randn(M, self.K, device=DEVICE, generator=g).to(self.dtype)
+
+    def threshold(self, x, s):
+        if s <= 0:
+            return -1.0
+        return reference.importance(x, self.score).flatten().float().quantile(s).item()
+
+    def floor_bytes(self, x, mask):
+        rows = int(mask.any(0).sum()) if mask is not None else self.K
+        item = x.element_size()
+        return rows * self.N * item + x.numel() * item + x.shape[0] * self.N * item, rows / self.K
+
+
+def check(case, x, mask, out):
+    ref = F.linear((x * mask.to(x.dtype)).float(), case.w[0].float())
+    err = rel_err(out, ref)
+    if not err < 2e-2:
+        raise AssertionError(f"wrong result K={case.K} N={case.N} M={x.shape[0]} {case.dtype}: rel err {err}")
+    return err
+
+
+def wina_fns(case, x, path=None, config=None, thr=None, k=None):
+    """One closure per weight buffer running the launcher (auto dispatch unless path is given)."""
+    return [lambda wt=wt: sl._sparse_linear(x, wt, None, case.score, threshold=thr or 0.0, k=k, path=path,
+                                            config=config) for wt in case.wt]
+
+
+def record(records, log, rec, impl, us, dense_us, floor_us, kept, err):
+    records.append(dict(rec, impl=impl, us=us, speedup_vs_dense=dense_us / us, floor_us=floor_us,
+                        rows_kept=kept, err=err))
+    log(f"{rec['dtype']:8s} K={rec['K']:5d} N={rec['N']:5d} M={rec['batch']:3d} s={rec['sparsity']:.2f} {impl:22s} "
+        f"{us:7.1f} us  x{dense_us / us:5.2f} vs dense {dense_us:6.1f}  floor {floor_us:6.1f} "
+        f"({100 * floor_us / us:3.0f}%)  err {err:.1e}")
+
+
+def run_main(args, bw, records, log, save):
+    shapes = [(5120, 17920)] if args.quick else SHAPES
+    for (K, N), dtype in itertools.product(shapes, DTYPES):
+        case = Case(K, N, dtype)
+        dname = str(dtype).replace("torch.", "")
+        for M in BATCHES:
+            x = case.inputs(M)
+            dense = [lambda w=w: F.linear(x, w) for w in case.w]
+            dense_us = time_us(dense)
+            dense_floor = case.floor_bytes(x, None)[0] / bw * 1e6
+            extra = {}
+            if M == 1:
+                extra["dense_flushed"] = time_us(dense, flush=True)
+            else:  # cuBLAS on the (K, N) layout the dense fallback uses
+                extra["dense_kn"] = time_us([lambda wt=wt: torch.mm(x, wt) for wt in case.wt])
+            for s in SPARSITIES:
+                thr = case.threshold(x, s)
+                rec = dict(K=K, N=N, batch=M, dtype=dname, sparsity=s)
+                record(records, log, rec, "dense", dense_us, dense_us, dense_floor, 1.0, 0.0)
+                for name, us in extra.items():
+                    ref_us = extra["dense_flushed"] if name == "dense_flushed" else dense_us
+                    record(records, log, rec, name, us, ref_us, dense_floor, 1.0, 0.0)
+                impls = {"wina_threshold": (None, dict(thr=thr))}
+                if M == 1:
+                    impls["wina_topk"] = (None, dict(k=round((1 - s) * K)))
+                else:
+                    impls["masked_gemm"] = ("gemm", dict(thr=thr))
+                for impl, (path, kw) in impls.items():
+                    fns = wina_fns(case, x, path=path, **kw)
+                    mask = (reference.threshold_mask(x, case.score, thr) if "k" not in kw
+                            else reference.topk_mask(x, case.score, kw["k"]))
+                    try:
+                        err = check(case, x, mask, fns[0]())
+                    except Exception as e:  # recorded and reported, never timed
+                        log(f"FAILED {impl} K={K} N={N} M={M} s={s} {dname}: {type(e).__name__}: {str(e)[:300]}")
+                        records.append(dict(rec, impl=impl, failed=str(e)[:300]))
+                        continue
+                    fb, kept = case.floor_bytes(x, mask)
+                    record(records, log, rec, impl, time_us(fns), dense_us, fb / bw * 1e6, kept, err)
+                    if M == 1 and impl == "wina_threshold":
+                        record(records, log, rec, impl + "_flushed", time_us(fns, flush=True),
+                               extra["dense_flushed"], fb / bw * 1e6, kept, err)
+                    if (K, N, M, s, impl) == (5120, 17920, 1, 0.5, "wina_threshold"):  # launch cost, no graph
+                        ed, ew = eager_us(dense), eager_us(fns)
+                        record(records, log, rec, "dense_eager", ed, dense_us, dense_floor, 1.0, 0.0)
+                        record(records, log, rec, "wina_threshold_eager", ew, dense_us, fb / bw * 1e6, kept, err)
+        save()  # after every shape, so a run cut short still leaves its numbers
+        del case
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- tuning sweep
+GEMV_CANDIDATES = [  # (BLOCK_N, BLOCK_R, num_warps, STAGES, programs per SM; 0 = no split-K)
+    (128, 64, 4, 3, 2), (128, 32, 4, 3, 4), (64, 128, 4, 2, 2), (64, 128, 4, 3, 0), (256, 32, 4, 3, 2),
+    (128, 64, 4, 3, 1), (64, 64, 4, 3, 4), (128, 64, 4, 4, 3),
+]
+
+
+def gemv_cfg(c, K, N, M, sms):
+    bn, r, w, st, per_sm = c
+    split = 1 if per_sm == 0 else max(1, min(triton.cdiv(per_sm * sms, triton.cdiv(N, bn) * M), K // 256, 64))
+    return dict(BLOCK_N=bn, BLOCK_R=r, SPLIT_K=split, STAGES=st, num_warps=w)
+
+
+def try_time(case, x, mask, path, cfg, thr, log):
+    fns = wina_fns(case, x, path=path, config=cfg, thr=thr)
+    try:
+        check(case, x, mask, fns[0]())
+        return time_us(fns)
+    except Exception as e:  # a config that does not compile or run is reported, not fatal
+        log(f"  {path} {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
+        return None
+
+
+def calibrate(log, sweep):
+    """Timing floor of this method: graphs of an empty kernel, a memset, and both."""
+    from kernels import sparse_linear_kernels as kern
+
+    buf = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    empty = lambda: sl._launch(kern._prep_kernel, (1, 1), buf, buf, buf, buf, 1, 0, 0, 0, 0.0, 0,
+                               TOPK=False, BLOCK_K=1024, num_warps=4)
+    memset = lambda: torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    for name, f in [("empty_kernel", empty), ("memset", memset), ("memset+kernel", lambda: (memset(), empty()))]:
+        us = time_us([f])
+        sweep.append(dict(kind="calibrate", name=name, us=us))
+        log(f"calibrate {name:14s} {us:6.2f} us")
+
+
+def run_sweep(args, bw, sweep, log, save):
+    sms = num_sms()
+    calibrate(log, sweep)
+    for K, N in SHAPES:  # decode tiles, fp16
+        case = Case(K, N, torch.float16)
+        x = case.inputs(1)
+        dense_us = time_us([lambda w=w: F.linear(x, w) for w in case.w])
+        for s in [0.0, 0.5, 0.9]:
+            thr = case.threshold(x, s)
+            mask = reference.threshold_mask(x, case.score, thr)
+            floor = case.floor_bytes(x, mask)[0] / bw * 1e6
+            row = []
+            for c in GEMV_CANDIDATES:
+                cfg = gemv_cfg(c, K, N, 1, sms)
+                us = try_time(case, x, mask, "gemv", cfg, thr, log)
+                sweep.append(dict(K=K, N=N, batch=1, sparsity=s, kind="gemv", cand=list(c), cfg=cfg, us=us,
+                                  dense_us=dense_us, floor_us=floor))
+                row.append(f"{us:6.1f}" if us else "  fail")
+            log(f"sweep M=1 K={K:5d} N={N:5d} s={s:.1f} dense {dense_us:6.1f} floor {floor:5.1f} | " + " ".join(row))
+        thr_half = case.threshold(x, 0.5)
+        for kind, k in [("prep_threshold", None), ("prep_topk", K // 2)]:
+            us = time_us([lambda k=k: sl._prep(x, case.score, thr_half, k)])
+            sweep.append(dict(K=K, N=N, batch=1, kind=kind, us=us))
+            log(f"sweep {kind} K={K}: {us:.1f} us")
+        save()
+        del case
+        torch.cuda.empty_cache()
+    # the dispatch rule: per-token sparse GEMV vs masked GEMM vs dense fallback, by M
+    for K, N in [(5120, 17920), (4096, 4096), (14336, 4096)]:
+        case = Case(K, N, torch.float16)
+        for M in [2, 4, 8, 16, 32, 64, 128, 256]:
+            x = case.inputs(M)
+            dense_us = time_us([lambda w=w: F.linear(x, w) for w in case.w])
+            for s in [0.0, 0.5, 0.9]:
+                thr = case.threshold(x, s)
+                mask = reference.threshold_mask(x, case.score, thr)
+                row = []
+                for name, path in [("gemv", "gemv"), ("gemm", "gemm"), ("fallback", "dense")][M > 8:]:
+                    us = try_time(case, x, mask, path, None, thr, log)
+                    row.append(f"{name} {us:6.1f}" if us else f"{name} fail")
+                    sweep.append(dict(K=K, N=N, batch=M, sparsity=s, kind=f"rule_{name}", us=us, dense_us=dense_us,
+                                      rows_kept=float(mask.any(0).float().mean())))
+                log(f"sweep rule M={M:3d} K={K:5d} N={N:5d} s={s:.1f} dense {dense_us:6.1f} | " + " | ".join(row))
+        save()
+        del case
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-main", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = out_dir()
+    tag = gpu_tag()
+    logf = open(os.path.join(out, f"kernels_{tag}.log"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    t0 = time.time()
+    bw = copy_bandwidth()
+    header = device_header(bw)
+    log(f"{header['gpu']} torch {header['torch']} triton {header['triton']}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    if args.sweep:
+        sweep = []
+
+        def save_sweep():
+            with open(os.path.join(out, f"sweep_{tag}.json"), "w") as f:
+                json.dump(dict(header=header, sweep=sweep), f)
+
+        run_sweep(args, bw, sweep, log, save_sweep)
+        save_sweep()
+        log(f"sweep done at {time.time() - t0:.0f} s")
+    if args.no_main:
+        return
+    records = []
+    path = os.path.join(out, f"kernels_{tag}.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(dict(header=header, records=records), f, indent=1)
+
+    run_main(args, bw, records, log, save)
+    save()
+    try:
+        from benchmarks.plot import plot
+
+        plot(dict(header=header, records=records), path.replace(".json", ".png"), 5120, 17920, "float16")
+    except Exception as e:  # plotting is optional
+        log(f"plot failed: {e}")
+    # short table: batch-1 speedups on 5120x17920 fp16, and worst batched ratio per shape
+    log("\nfp16 K=5120 N=17920 batch 1: speedup over cuBLAS -- threshold | same, do_bench flush on | top-k | "
+        "1/(1-s) | TEAL (ANCHORS) -- and threshold latency vs floor")
+    teal = {0.0: 1.10, 0.25: 1.39, 0.4: 1.65, 0.5: 1.87, 0.65: 2.15, 0.8: 2.35, 0.9: 2.56}
+    for s in SPARSITIES:
+        r = {x["impl"]: x for x in records if (x["K"], x["N"], x["batch"], x["dtype"], x["sparsity"]) ==
+             (5120, 17920, 1, "float16", s)}
+        if all(i in r and "us" in r[i] for i in ["wina_threshold", "wina_threshold_flushed", "wina_topk"]):
+            t, f, k = r["wina_threshold"], r["wina_threshold_flushed"], r["wina_topk"]
+            log(f"  s={s:.2f}  {t['speedup_vs_dense']:5.2f} | {f['speedup_vs_dense']:5.2f} | {k['speedup_vs_dense']:5.2f} | "
+                f"{1 / (1 - s):5.2f} | {teal[s]:4.2f}   {t['us']:6.1f} us, floor {t['floor_us']:6.1f} us "
+                f"({100 * t['floor_us'] / t['us']:3.0f}%)")
+    log("\nworst wina_threshold / dense ratio over sparsities, per shape and batch (fp16, bf16)")
+    for (K, N) in ([(5120, 17920)] if args.quick else SHAPES):
+        line = []
+        for M in BATCHES:
+            for d in ["float16", "bfloat16"]:
+                rs = [x for x in records if (x["K"], x["N"], x["batch"], x["dtype"], x["impl"]) ==
+                      (K, N, M, d, "wina_threshold") and "us" in x]
+                if rs:
+                    line.append(f"M={M} {d[:4]} {max(1 / x['speedup_vs_dense'] for x in rs):4.2f}")
+        log(f"  {K}x{N}: " + "  ".join(line))
+    log(f"done in {time.time() - t0:.0f} s -> {path}")
+
+
+if __name__ == "__main__":
+    main()

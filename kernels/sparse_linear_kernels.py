@@ -1,0 +1,218 @@
+"""Triton kernels of the wina sparse linear  y = W (x * m) + b.
+
+Layouts shared by every kernel:
+
+* ``x``      (M, K), row stride ``stride_xm``, unit column stride; fp16, bf16 or fp32.
+* ``wt``     (K, N) contiguous: the weight transposed, so input channel i is the
+             contiguous row ``wt[i, :]`` and skipping channel i skips one whole row.
+* ``score``  (K,) float32; importance_i = |x_i| * score_i computed in float32,
+             exactly as ``kernels/reference.py`` does (WINA: column norms; TEAL: ones).
+* ``out``    (M, N), row stride ``stride_om``, x's dtype; accumulation is float32.
+* split-K:   ``part`` (SPLIT_K, M, N) float32 partial sums and ``cnt`` int32 tickets,
+             zeroed before the launch.  Each program stores its partial, then takes a
+             ticket; the program that draws the last ticket of its output tile sums the
+             SPLIT_K partials in a fixed order (deterministic), adds the bias, casts and
+             stores.  One launch, no atomics on data, no host sync.
+
+Keep rules (``MODE``): 0 keeps importance > threshold (``threshold_linear``); 1 keeps
+x != 0, used on an input that ``_prep_kernel`` already masked (``topk_linear``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+KEEP_THRESHOLD = 0
+KEEP_NONZERO = 1
+
+
+@triton.jit
+def _keep(xf, score_ptr, offs, valid, threshold, MODE: tl.constexpr):
+    """Keep mask of float32 values xf (..., C) at channels offs (C,)."""
+    if MODE == 0:
+        s = tl.load(score_ptr + offs, mask=valid, other=0.0)
+        return (tl.abs(xf) * s > threshold) & valid
+    else:
+        return (xf != 0.0) & valid
+
+
+@triton.jit
+def _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: tl.constexpr):
+    nmask = offs_n < N
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr, ticket,
+            pid_k, SPLIT_K, HAS_BIAS: tl.constexpr):
+    """Write the (BM, BN) fp32 tile acc, reducing over split-K programs when SPLIT_K > 1."""
+    if SPLIT_K == 1:
+        _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+    else:
+        omask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(parts + pid_k * M * N, acc, mask=omask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        if tl.atomic_add(cnt_ptr + ticket, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.load(parts, mask=omask, other=0.0, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                total += tl.load(parts + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
+            _store_tile(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _prep_kernel(
+    x_ptr, score_ptr, xm_ptr, cnt_ptr, M, K, n_cnt, stride_xm, threshold, k_keep,
+    TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """xm = x * keep, with the keep rule applied outside the GEMM.  Grid (M, cdiv(K, BLOCK_K)).
+
+    Threshold rule (TOPK=False): keep importance > threshold; one chunk per program.
+    Top-k rule (TOPK=True, grid (M, 1), BLOCK_K >= K: the row sits in registers): exact
+    top-k_keep per token.  The k-th largest importance is found by bisection on its
+    order-preserving integer key, most significant bit first (no sort; at most 32
+    block reductions, fewer when a prefix already splits the row exactly).  Channels
+    strictly above it are kept, then ties at it lowest channel index first until exactly
+    k_keep are kept (torch.topk leaves the choice among ties unspecified).  NaN ranks
+    above +inf, as in torch.topk.  The programs also zero cnt[0:n_cnt], the split-K
+    tickets of the kernel launched next.
+    """
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n_prog = tl.num_programs(0) * tl.num_programs(1)
+    per = tl.cdiv(n_cnt, n_prog)
+    c0 = (row * tl.num_programs(1) + chunk) * per
+    for c in range(c0, tl.minimum(c0 + per, n_cnt), 1024):
+        offs_c = c + tl.arange(0, 1024)
+        tl.store(cnt_ptr + offs_c, tl.zeros([1024], tl.int32), mask=offs_c < tl.minimum(c0 + per, n_cnt))
+
+    offs = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    valid = offs < K
+    xv = tl.load(x_ptr + row * stride_xm + offs, mask=valid, other=0.0)
+    s = tl.load(score_ptr + offs, mask=valid, other=0.0)
+    imp = tl.abs(xv.to(tl.float32)) * s
+    if TOPK:
+        bits = imp.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int order == float order
+        # t: candidate key + 2**31 as an unsigned bit pattern, built from the top bit down;
+        # it ends as the largest t with count(key >= t) >= k_keep, i.e. the k-th key.
+        t = tl.full([], 0, tl.int32)
+        bit = tl.full([], 31, tl.int32)
+        exact = tl.full([], 0, tl.int32)
+        while (bit >= 0) & (exact == 0):
+            cand = t | (tl.full([], 1, tl.int32) << bit)
+            count = tl.sum((valid & (key >= (cand ^ -2147483648))).to(tl.int32), axis=0)
+            t = tl.where(count >= k_keep, cand, t)
+            exact = (count == k_keep).to(tl.int32)
+            bit -= 1
+        kth = t ^ -2147483648
+        above = valid & (key > kth)
+        tie = (valid & (key == kth)).to(tl.int32)
+        quota = k_keep - tl.sum(above.to(tl.int32), axis=0)
+        keep = above | ((tie != 0) & (tl.cumsum(tie, axis=0) - tie < quota))
+    else:
+        keep = valid & (imp > threshold)
+    tl.store(xm_ptr + row * K + offs, tl.where(keep, xv, tl.zeros_like(xv)), mask=valid)
+
+
+@triton.jit
+def _fma_rows(acc, rows, jmask, x_row, wt_ptr, offs_n, nmask, N):
+    """acc (BLOCK_R, BLOCK_N) += wt[rows, offs_n] * x[rows] in float32."""
+    w = tl.load(wt_ptr + rows[:, None] * N + offs_n[None, :], mask=jmask[:, None] & nmask[None, :], other=0.0)
+    xg = tl.load(x_row + rows, mask=jmask, other=0.0)
+    return acc + w.to(tl.float32) * xg.to(tl.float32)[:, None]
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr, scr_ptr,
+    M, N, K, stride_xm, stride_om, threshold, SPLIT_K, K_PER_SPLIT,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
+
+    Program (n, s, m) owns output columns [n BLOCK_N, (n+1) BLOCK_N) of token m and input
+    channels [s K_PER_SPLIT, (s+1) K_PER_SPLIT).  It decides the keep mask of its
+    channels and writes the kept channel ids, compacted, into its private scratch row
+    (scr, int32: 4 bytes per kept channel against 2 BLOCK_N bytes of weight).  Then it
+    reads only those rows of wt, BLOCK_R rows x BLOCK_N columns at a time (each row
+    segment contiguous), software-pipelined STAGES deep, and multiplies-adds in float32.
+    When the whole range is kept (dense input) it reads the rows directly, without the
+    scratch.  Dropped channels cost no arithmetic and no weight traffic.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    x_row = x_ptr + m * stride_xm
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    scr = scr_ptr + ((m * SPLIT_K + pid_k) * tl.num_programs(0) + pid_n) * K_PER_SPLIT
+    n_keep = tl.full([], 0, tl.int32)
+    for c in range(k_lo, k_hi, BLOCK_KS):
+        offs = c + tl.arange(0, BLOCK_KS)
+        valid = offs < k_hi
+        keep = _keep(tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32), score_ptr, offs, valid,
+                     threshold, MODE).to(tl.int32)
+        tl.store(scr + n_keep + tl.cumsum(keep, axis=0) - 1, offs, mask=keep != 0)
+        n_keep += tl.sum(keep, axis=0)
+    tl.debug_barrier()  # the scratch row is complete before any thread reads it
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+    if n_keep == k_hi - k_lo:  # every channel of the range kept (dense input): no indirection
+        for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
+            offs_j = j + tl.arange(0, BLOCK_R)
+            acc = _fma_rows(acc, k_lo + offs_j, offs_j < n_keep, x_row, wt_ptr, offs_n, nmask, N)
+    else:
+        for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
+            offs_j = j + tl.arange(0, BLOCK_R)
+            jmask = offs_j < n_keep
+            rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
+            acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, offs_n, nmask, N)
+    _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _gemm_masked_kernel(
+    x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_om, threshold, SPLIT_K,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Batched GEMM with the keep mask applied to x in-kernel.  Grid (cdiv(N, BN), cdiv(M, BM), SPLIT_K).
+
+    Per K tile: x tile (BM, BK) -> keep mask -> x * keep -> tensor-core product with
+    float32 accumulation (IEEE fp32 for fp32 inputs).  Every weight tile is read (a weight
+    load waiting on the x tile's union mask stalled the pipeline: 1.8x slower).  On an
+    H100 it took 0.94-8.6x the time of cuBLAS for M = 2..256, so the dispatch does not
+    pick it (benchmarks/NOTES.md).
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(k_tiles, SPLIT_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for t in range(pid_k * per, tl.minimum(pid_k * per + per, k_tiles)):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        inb = mmask[:, None] & kmask[None, :]
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=inb, other=0.0)
+        a = tl.where(_keep(a.to(tl.float32), score_ptr, offs_k[None, :], inb, threshold, MODE), a, tl.zeros_like(a))
+        w = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr,
+            pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS)

@@ -1,0 +1,267 @@
+"""Triton sparse-linear launchers against kernels/reference.py.
+
+Without CUDA the kernels run in Triton's interpreter on the CPU (TRITON_INTERPRET=1 is
+set here before the kernel module is imported, and the module is reloaded if another
+test imported it first), on small ragged shapes.  With CUDA the same checks run
+compiled, plus large-shape, CUDA-graph and torch.compile checks.  Every buffer the
+launchers allocate is poisoned (NaN / garbage ints), so an unwritten element fails.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+try:  # installed package, else the source tree
+    from wina_fx.kernels import reference, sparse_linear as sl, sparse_linear_kernels as kern
+except ImportError:
+    from kernels import reference, sparse_linear as sl, sparse_linear_kernels as kern
+
+from triton.runtime.interpreter import InterpretedFunction
+
+if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(kern._prep_kernel, InterpretedFunction):
+    importlib.reload(kern)  # imported before the variable was set: decorate again
+sl._patch_triton_interpreter() if os.environ.get("TRITON_INTERPRET") == "1" else None
+INTERPRET = isinstance(kern._prep_kernel, InterpretedFunction)
+DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
+
+if not INTERPRET and not HAS_CUDA:
+    pytest.skip("neither CUDA nor Triton's interpreter is available", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Launcher buffers start as NaN (floats) or 0x7F7F7F7F (ints), never as zeros."""
+
+    def poisoned(shape, dtype, device):
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, 0x7F7F7F7F, dtype=dtype, device=device)
+
+    monkeypatch.setattr(sl, "_empty", poisoned)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output (unwritten element or NaN)"
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def make(M, K, N, dtype, device=DEVICE, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    score = w.float().norm(dim=0)  # WINA: column norms
+    to = lambda t: None if t is None else t.to(device)
+    return to(x), to(w), to(b), to(score)
+
+
+def threshold_for(x, score, sparsity):
+    """A threshold dropping about `sparsity` of all channels; -1 keeps all, inf drops all."""
+    if sparsity <= 0:
+        return -1.0
+    if sparsity >= 1:
+        return float("inf")
+    return reference.importance(x, score).flatten().quantile(sparsity).item()
+
+
+def ref_threshold(x, w, b, score, thr):
+    mask = reference.threshold_mask(x, score, thr)
+    return reference.masked_linear(x.double(), w.double(), None if b is None else b.double(), mask)
+
+
+def ref_topk_stable(x, w, b, score, k):
+    """Exact top-k with ties broken toward the lowest channel index (the kernels' rule)."""
+    imp = reference.importance(x, score)
+    k = max(0, min(k, x.shape[-1]))
+    order = torch.sort(imp, dim=-1, descending=True, stable=True).indices[..., :k]
+    mask = torch.zeros_like(imp, dtype=torch.bool).scatter_(-1, order, True)
+    return reference.masked_linear(x.double(), w.double(), None if b is None else b.double(), mask), mask
+
+
+def run(x, w, b, score, *, thr=None, k=None, path=None, config=None):
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    res = sl._sparse_linear(x, w.t().contiguous(), b, score, threshold=0.0 if thr is None else thr, k=k,
+                            path=path, config=config, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    return res
+
+
+# (M, K, N): every K in {1, 17, 100, 257}, N in {1, 33, 130}, M in {1, 3, 16, 70} appears.
+SHAPES = [(1, 100, 33), (1, 257, 130), (1, 17, 1), (3, 257, 33), (3, 1, 130), (16, 100, 130),
+          (16, 17, 33), (70, 257, 130), (70, 1, 1)]
+PATHS = {1: ["gemv", "gemm", "dense"], 3: ["gemv", "gemm"], 16: ["gemm"]}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_threshold_linear(M, K, N, dtype):
+    x, w, b, score = make(M, K, N, dtype, seed=M * 1000 + K + N)
+    for sparsity in [0.0, 0.5, 0.97, 1.0]:
+        thr = threshold_for(x, score, sparsity)
+        ref = ref_threshold(x, w, b, score, thr)
+        out = sl.threshold_linear(x, w.t().contiguous(), b, score, thr)
+        assert out.shape == (M, N) and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], (sparsity, rel_err(out, ref))
+        for path in PATHS.get(M, []):
+            assert rel_err(run(x, w, b, score, thr=thr, path=path), ref) < TOL[dtype], (path, sparsity)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_topk_linear(M, K, N, dtype):
+    x, w, b, score = make(M, K, N, dtype, bias=False, seed=M + K * 7 + N)
+    # the interpreter runs the 32-step bisection per token slowly: fewer k at larger M
+    ks = {0, 1, K // 3, K - 1, K, K + 5} if M <= 3 else {K // 3, K} if M <= 16 else {K // 3}
+    for k in sorted(ks):
+        ref = reference.topk_linear(x.double(), w.double(), None, score, k)
+        out = sl.topk_linear(x, w.t().contiguous(), None, score, k)
+        assert rel_err(out, ref) < TOL[dtype], (k, rel_err(out, ref))
+        for path in PATHS.get(M, []):
+            assert rel_err(run(x, w, None, score, k=k, path=path), ref) < TOL[dtype], (path, k)
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm", "dense"])
+def test_topk_keeps_exactly_k_with_ties(path):
+    """Importance with many ties: exactly k kept per token, ties to the lowest index."""
+    M, K, N = 3, 100, 33
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randint(1, 3, (M, K), generator=g) * (torch.randint(0, 2, (M, K), generator=g) * 2 - 1)).float()
+    x, w = x.to(DEVICE), torch.randn(N, K, generator=g).to(DEVICE)
+    score = torch.ones(K, device=DEVICE)
+    for k in [0, 1, 7, 50, 99, 100]:
+        ref, mask = ref_topk_stable(x, w, None, score, k)
+        assert rel_err(run(x, w, None, score, k=k, path=path), ref) < TOL[torch.float32], k
+        xm, _ = sl._prep(x, score, 0.0, k)
+        assert torch.equal(xm, x * mask), k  # x has no zeros: xm != 0 is the mask
+
+
+def test_prep_threshold_masks_x():
+    M, K = 4, 2100  # several chunks per row
+    x, _, _, score = make(M, K, 1, torch.float16)
+    for thr in [-1.0, 0.3, 1.5, float("inf")]:
+        xm, cnt = sl._prep(x, score, thr, None, n_cnt=300)
+        assert torch.equal(xm, x * reference.threshold_mask(x, score, thr))
+        assert (cnt == 0).all()  # the split-K tickets of the next kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_split_k_fixup_with_empty_splits(dtype):
+    """Many splits, some with no kept rows at all: the last ticket still writes every column.
+    Also a multi-chunk prologue in the GEMV."""
+    M, K, N = 2, 257, 130
+    x, w, b, score = make(M, K, N, dtype)
+    cfgs = [("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=7, STAGES=1, num_warps=4)),
+            ("gemv", dict(BLOCK_N=64, BLOCK_R=32, SPLIT_K=2, STAGES=2, BLOCK_KS=16, num_warps=4)),
+            ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=2))]  # 4th split empty
+    for sparsity in [0.0, 0.995]:
+        thr = threshold_for(x, score, sparsity)
+        ref = ref_threshold(x, w, b, score, thr)
+        for path, cfg in cfgs:
+            assert rel_err(run(x, w, b, score, thr=thr, path=path, config=cfg), ref) < TOL[dtype], (path, sparsity)
+
+
+def test_nan_input():
+    """A NaN channel: the threshold rule drops it (NaN > t is false) and, unlike the
+    reference's x * mask (NaN * 0 = NaN), a dropped channel is never read, so y stays
+    finite.  Top-k ranks NaN first (as torch.topk does), keeps it, and y is NaN."""
+    M, K, N = 1, 100, 33
+    x, w, b, score = make(M, K, N, torch.float32)
+    x[0, 5] = float("nan")
+    out = sl.threshold_linear(x, w.t().contiguous(), b, score, 0.5)
+    clean = x.nan_to_num(0.0)
+    assert rel_err(out, ref_threshold(clean, w, b, score, 0.5)) < 1e-5
+    out = sl.topk_linear(x, w.t().contiguous(), b, score, 10)
+    assert torch.isnan(out).all()
+    assert torch.isnan(reference.topk_linear(x, w, b, score, 10)).all()
+
+
+def test_leading_dims_and_validation():
+    x, w, b, score = make(6, 17, 33, torch.float32)
+    out = sl.threshold_linear(x.view(2, 3, 17), w.t().contiguous(), b, score, 0.2)
+    assert out.shape == (2, 3, 33)
+    assert rel_err(out.view(6, 33), ref_threshold(x, w, b, score, 0.2)) < 1e-5
+    with pytest.raises(ValueError):
+        sl.threshold_linear(x, w, b, score, 0.2)  # (N, K) instead of (K, N)
+    with pytest.raises(ValueError):
+        sl.threshold_linear(x, w.t().contiguous(), b, score[:5], 0.2)
+
+
+# ---------------------------------------------------------------- CUDA only (compiled kernels)
+cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA and compiled Triton kernels")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (1, 14336, 4096), (1, 5120, 17920), (5, 4096, 14336),
+                                   (64, 4096, 4096), (300, 4096, 1000)])
+def test_cuda_large(M, K, N, dtype):
+    x, w, b, score = make(M, K, N, dtype, device="cuda")
+    wt = w.t().contiguous()
+    for sparsity in [0.0, 0.5, 0.9, 0.99]:
+        thr = threshold_for(x, score, sparsity)
+        ref = ref_threshold(x, w, b, score, thr)
+        assert rel_err(sl.threshold_linear(x, wt, b, score, thr), ref) < TOL[dtype], sparsity
+        k = round((1 - sparsity) * K)
+        ref = reference.topk_linear(x.double(), w.double(), b.double(), score, k)
+        assert rel_err(sl.topk_linear(x, wt, b, score, k), ref) < TOL[dtype], sparsity
+        for path in (["gemv", "gemm"] if M <= 8 else ["gemm", "dense"]):
+            assert rel_err(run(x, w, b, score, thr=thr, path=path), ref_threshold(x, w, b, score, thr)) < TOL[dtype]
+
+
+@cuda
+def test_cuda_deterministic_and_graph_capture():
+    x, w, b, score = make(1, 5120, 17920, torch.float16, device="cuda")
+    wt = w.t().contiguous()
+    thr = threshold_for(x, score, 0.5)
+    eager = sl.threshold_linear(x, wt, b, score, thr)
+    assert torch.equal(eager, sl.threshold_linear(x, wt, b, score, thr))  # fixed reduction order
+    fn = lambda: (sl.threshold_linear(x, wt, b, score, thr), sl.topk_linear(x, wt, b, score, 2560))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm-up compiles outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = fn()
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(outs[0], ref_threshold(x, w, b, score, thr)) < 1e-2
+    ref = reference.topk_linear(x.double(), w.double(), b.double(), score, 2560)
+    assert rel_err(outs[1], ref) < 1e-2
+
+
+@cuda
+def test_cuda_torch_compile_sees_kernels():
+    x, w, b, score = make(1, 4096, 4096, torch.float16, device="cuda")
+    wt = w.t().contiguous()
+    fn = torch.compile(lambda x: sl.threshold_linear(x, wt, b, score, 0.3), fullgraph=True)
+    assert rel_err(fn(x), ref_threshold(x, w, b, score, 0.3)) < 1e-2
+
+
+@cuda
+def test_cuda_triton_op_wrapping():
+    """What the custom op will do: a triton_op around the launcher, compiled by Inductor."""
+    x, w, b, score = make(1, 4096, 4096, torch.float16, device="cuda")
+    wt = w.t().contiguous()
+
+    @torch.library.triton_op("wina_kernels_test::threshold_linear", mutates_args={})
+    def op(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor, score: torch.Tensor, t: float) -> torch.Tensor:
+        return sl.threshold_linear(x, wt, b, score, t)
+
+    fn = torch.compile(lambda x: op(x, wt, b, score, 0.3), fullgraph=True)
+    assert rel_err(fn(x), ref_threshold(x, w, b, score, 0.3)) < 1e-2
