@@ -85,6 +85,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--suffix", default="", help="appended to the result file names (split runs)")
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
@@ -134,7 +135,7 @@ def main():
     }
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"decode_{gpu}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"decode_{gpu}{args.suffix}.json"), "w") as f:
         json.dump({"header": header, "records": records}, f, indent=1)
     try:
         import matplotlib
@@ -151,7 +152,7 @@ def main():
         plt.title(f"{header['model']}, batch 1, {gpu}", fontsize=8)
         plt.legend()
         plt.tight_layout()
-        plt.savefig(os.path.join(out_dir, f"decode_{gpu}.png"), dpi=120)
+        plt.savefig(os.path.join(out_dir, f"decode_{gpu}{args.suffix}.png"), dpi=120)
     except ImportError:
         print("matplotlib missing: no plot")
     print(json.dumps(records, indent=1))
