@@ -1,8 +1,10 @@
 """Triton sparse-linear launchers against kernels/reference.py.
 
-Without CUDA the kernels run in Triton's interpreter on the CPU (TRITON_INTERPRET=1 is
-set here before the kernel module is imported, and the module is reloaded if another
-test imported it first), on small ragged shapes.  With CUDA the same checks run
+Without CUDA the kernels run in Triton's interpreter on the CPU, on small ragged shapes.
+TRITON_INTERPRET=1 is set here before triton is imported.  Triton decorates its own
+library functions (tl.cumsum, ...) when first imported, so if an earlier test module
+already imported it (torch.compile does), the CPU checks run instead in a fresh process
+with the variable set (test_cpu_checks_in_fresh_process).  With CUDA the same checks run
 compiled, plus large-shape, CUDA-graph and torch.compile checks.  Every buffer the
 launchers allocate is poisoned (NaN / garbage ints), so an unwritten element fails.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,30 +23,47 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
+import triton.language.standard as tl_standard  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 try:  # installed package, else the source tree
     from wina_fx.kernels import reference, sparse_linear as sl, sparse_linear_kernels as kern
 except ImportError:
     from kernels import reference, sparse_linear as sl, sparse_linear_kernels as kern
 
-from triton.runtime.interpreter import InterpretedFunction
-
-if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(kern._prep_kernel, InterpretedFunction):
-    importlib.reload(kern)  # imported before the variable was set: decorate again
-sl._patch_triton_interpreter() if os.environ.get("TRITON_INTERPRET") == "1" else None
-INTERPRET = isinstance(kern._prep_kernel, InterpretedFunction)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and isinstance(tl_standard.cumsum, InterpretedFunction)
+if INTERPRET:
+    if not isinstance(kern._prep_kernel, InterpretedFunction):
+        importlib.reload(kern)  # imported before the variable was set: decorate again
+    sl._patch_triton_interpreter()
+RUN_HERE = INTERPRET or HAS_CUDA
+RERUN = not RUN_HERE and os.environ.get("WINA_KERNEL_TESTS_CHILD") != "1"
 DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
 
-if not INTERPRET and not HAS_CUDA:
-    pytest.skip("neither CUDA nor Triton's interpreter is available", allow_module_level=True)
+
+def test_cpu_checks_in_fresh_process():
+    """Triton was imported in interpret-less mode by an earlier test: rerun this file fresh."""
+    if not RERUN:
+        pytest.skip("the checks run in this process")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", WINA_KERNEL_TESTS_CHILD="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"],
+                       cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-2000:]
+    print(r.stdout.strip().splitlines()[-1])  # the child's summary, shown with -rP
+
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
-def poison(monkeypatch):
+def poison(monkeypatch, request):
     """Launcher buffers start as NaN (floats) or 0x7F7F7F7F (ints), never as zeros."""
+    if not RUN_HERE and request.node.name != "test_cpu_checks_in_fresh_process":
+        if os.environ.get("WINA_KERNEL_TESTS_CHILD") == "1":
+            pytest.fail("TRITON_INTERPRET=1 did not take effect in the fresh process")
+        pytest.skip("no CUDA and Triton's interpreter is not active in this process (rerun in a fresh one)")
 
     def poisoned(shape, dtype, device):
         if dtype.is_floating_point:
