@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_texts import deb_files  # noqa: E402  (the .deb reader shared with the text builder)
+from shipped_files import write_or_check  # noqa: E402  (tools/ is the script folder)
 
 SEED = 5
 N_ITEMS = 500  # per task, where the source has that many
@@ -380,14 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         data = write_items(items)
         path = args.out / f"{task}.jsonl"
         summary = f"{task:16s} {len(items)} items, {len(data)} bytes"
-        if args.check:
-            same = path.exists() and path.read_bytes() == data
-            print(("ok      " if same else "DIFFERS ") + summary)
-            status |= 0 if same else 1
-        else:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            print("wrote   " + summary)
+        status |= write_or_check(path, data, summary, args.check)
     return status
 
 

@@ -45,6 +45,7 @@ import tarfile
 import tempfile
 import zlib
 from pathlib import Path
+from shipped_files import write_or_check  # noqa: E402  (tools/ is the script folder)
 
 DEB_NAME = "r-cran-janeaustenr"
 DEB_VERSION = "1.0.0-1"  # Debian 12 "bookworm", main
@@ -308,14 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{split:12s} {title} (Gutenberg #{ebook}), chapters 1-{n_chapters}: "
             f"{len(data)} bytes, {len(text.split())} words, {text.count(chr(10) * 2) + 1} paragraphs"
         )
-        if args.check:
-            same = path.exists() and path.read_bytes() == data
-            print(("ok      " if same else "DIFFERS ") + summary)
-            status |= 0 if same else 1
-        else:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            print("wrote   " + summary)
+        status |= write_or_check(path, data, summary, args.check)
     return status
 
 
