@@ -34,11 +34,14 @@ Variants (``VARIANTS``):
 - "full":   every stretch of the stream gets the Q of the group reading it; 2L - 1 shortcut
             rotations of d x d for L layers (fewer where consecutive stretches are both
             unrotated).
-- "local":  the stream is left alone; each group whose source is not "identity" gets an
-            input rotation x~ = x Q right after its norm, and its linears W Q (Q from W
-            itself, the norm's scale stays in the norm). One d x d rotation per rotated
-            group, no change to the embedding, head, writers or norms, so tied weights stay
-            tied. With the default sources (MLP inputs not rotated) that is L rotations.
+- "local":  the stream is left alone; each group whose source is not "identity" has its
+            norm's scale folded into its linears, gets an input rotation x~ = x Q right
+            after the (now unit-scale) norm, and its linears become W diag(g) Q. The gated
+            linears see exactly what "full" gives them (same Q, same inputs up to rounding),
+            for one d x d rotation per rotated group instead of one per stretch, and no
+            change to the embedding, head, writers or unrotated groups (tied weights stay
+            tied). With the default sources (MLP inputs not rotated) that is L rotations
+            instead of 2L - 1.
 - "shared": one Q for the whole stream (eigenvectors of the summed, trace-normalised Gram
             matrices of the sources): no run-time rotation at all; no gated weight is
             exactly column-orthogonal.
@@ -187,7 +190,7 @@ def _passthrough_input(node: fx.Node) -> fx.Node | None:
         a, b = node.args
         if isinstance(a, fx.Node) and _number(b):
             return a
-        if isinstance(b, fx.Node) and _number(a) and node.target is not operator.truediv:
+        if isinstance(b, fx.Node) and _number(a) and _is(node, _MUL, ("mul",)):
             return b
         return None
     if _is(node, (operator.getitem,)) and _slices_rows_only(node.args[1], _shape(x)):
@@ -660,13 +663,14 @@ def _plan(gm, example_inputs, variant, spec, report) -> _Plan:
     hidden = structure.hidden
     report.hidden_size = hidden
     report.linear_weight_bytes = sum(s.weight.numel() * s.weight.element_size() for s in sites if s.weight is not None)
-    fold = variant != "local"
-
     def tensor(node):
         return resolve_tensor(gm, node, example_inputs)
 
+    def folds(group):  # "local" folds only the norms of the groups it rotates
+        return variant != "local" or id(group) in local_rotated
+
     def scale(group):
-        if not fold or group.norm is None or group.norm.weight_node is None:
+        if not folds(group) or group.norm is None or group.norm.weight_node is None:
             return None
         return tensor(group.norm.weight_node)
 
@@ -701,6 +705,8 @@ def _plan(gm, example_inputs, variant, spec, report) -> _Plan:
             chosen[group.basis] = (group, role, [("stack", stack)])
         else:
             chosen[group.basis] = (group, role, [(k, f) for k, f in zip(wanted, found) if f is not None])
+
+    local_rotated = {id(g) for g, _, pieces in chosen.values() if variant == "local" and pieces[0][0] != "identity"}
 
     def source_matrix(group, entries):
         blocks = [folded(node, group)[r0:r1] for node, _, r0, r1 in entries]
@@ -785,7 +791,8 @@ def _plan(gm, example_inputs, variant, spec, report) -> _Plan:
             if entry is None or entry[0] is not group or entry[2][0][0] == "identity":
                 continue
             key, compute = group_q(group, entry[2])
-            dtype = _reader_dtype(group, tensor)
+            value = group.norm.output if group.norm is not None else _linear_parts(group.readers[0])[0]
+            dtype = _value_dtype(value, tensor(_linear_parts(group.readers[0])[1]).dtype)
             input_rotations.append((group, _cached(["input rotation", str(dtype), "|", *key],
                                                    lambda compute=compute, dtype=dtype: Q(compute).to(dtype))))
         else:
@@ -801,7 +808,7 @@ def _plan(gm, example_inputs, variant, spec, report) -> _Plan:
             put(reader, weight_node, ["reader", weight, scale_key(group), "|", *key],
                 lambda reader=reader, group=group, weight=weight, compute=compute:
                     (folded(reader, group) @ Q(compute)).to(weight.dtype))
-        if fold and group.norm is not None and group.norm.weight_node is not None:
+        if folds(group) and group.norm is not None and group.norm.weight_node is not None:
             report.norms_folded.append(_norm_name(group.norm))
     shortcuts = {}
     for add in structure.adds:
@@ -818,7 +825,7 @@ def _plan(gm, example_inputs, variant, spec, report) -> _Plan:
                 put(add.writer, bias_node, ["writer bias", bias, "|", *key],
                     lambda bias=bias, c=compute_out: (bias.double() @ Q(c)).to(bias.dtype))
         if compute_in is not compute_out:
-            dtype = weight.dtype
+            dtype = _value_dtype(add.stream_in, weight.dtype)
             key = ["shortcut", str(dtype), "|", *q_key[add.basis_in], "|", *q_key[add.basis_out]]
 
             def shortcut(a=compute_in, b=compute_out, dtype=dtype):
@@ -854,11 +861,13 @@ def _plan(gm, example_inputs, variant, spec, report) -> _Plan:
             report.untied_bytes += (versions - 1) * t.numel() * t.element_size()
             report.tied.append(_readable(node))
     return _Plan(structure, weights, shortcuts, input_rotations,
-                 [g.norm for g in structure.groups if fold and g.norm is not None and g.norm.weight_node is not None])
+                 [g.norm for g in structure.groups if folds(g) and g.norm is not None and g.norm.weight_node is not None])
 
 
-def _reader_dtype(group: _Group, tensor) -> torch.dtype:
-    return tensor(_linear_parts(group.readers[0])[1]).dtype
+def _value_dtype(node: fx.Node, default: torch.dtype) -> torch.dtype:
+    """The dtype of the tensor ``node`` computes (from dynamo's example value), else ``default``."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value.dtype if isinstance(value, torch.Tensor) else default
 
 
 def _readable(node: fx.Node) -> str:

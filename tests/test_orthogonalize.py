@@ -124,9 +124,25 @@ def test_each_variant_keeps_logits_and_costs_what_it_says(family, variant):
     # the rotations are not linears: no pass may gate them
     assert all(site.node not in nodes for site in find_linears(gm))
     assert any("run-time rotations" in note for note in report.notes)
-    assert len(report.norms_folded) == (0 if variant == "local" else 2 * layers + 1)
+    assert len(report.norms_folded) == (layers if variant == "local" else 2 * layers + 1)
     if variant == "local":  # only the attention inputs changed: no copies of embedding, head, writers
         assert report.writers == [] and report.untied_bytes == 0
+
+
+def test_local_gives_the_attention_inputs_what_full_gives_them():
+    model, ids = tiny_model("phi3", seed=5, layers=2)
+    with torch.no_grad():
+        expected = model(ids).logits
+    weights = {}
+    for variant in ("full", "local"):
+        out, [(report, gm, example_inputs)] = _run(model, ids, variant=variant)
+        assert _rel_err(out.logits, expected) < 1e-4
+        weights[variant] = {s.name: s.weight for s in find_linears(gm, example_inputs)}
+    for layer in range(2):
+        name = f"model.layers.{layer}.self_attn.qkv_proj"
+        assert torch.equal(weights["full"][name], weights["local"][name])
+    lm_head = weights["local"]["lm_head"]
+    assert lm_head is model.lm_head.weight  # the head is left alone by "local"
 
 
 def test_identity_source_leaves_that_input_unrotated():
