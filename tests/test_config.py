@@ -63,9 +63,19 @@ def test_unknown_option_lists_valid_choices():
         WinaConfig.from_options({"sparsty": 0.5})
 
 
-def test_planned_method_says_it_is_planned():
-    with pytest.raises(ValueError, match="planned but not implemented"):
-        WinaConfig.from_options({"method": "cats"})
+def test_orthogonalize_option_takes_a_flag_or_a_variant():
+    assert WinaConfig.from_options({"orthogonalize": True}).orthogonalize == "full"
+    assert WinaConfig.from_options({"orthogonalize": "local"}).orthogonalize == "local"
+    assert WinaConfig.from_options({"orthogonalize": False}).orthogonalize is None
+    with pytest.raises(ValueError, match="'orthogonalize' must be True, False or one of 'full', 'local', 'shared'"):
+        WinaConfig.from_options({"orthogonalize": "rotate"})
+
+
+def test_greedy_allocation_needs_a_calibration_with_that_target():
+    with pytest.raises(ValueError, match="sparsity_allocation='greedy' needs option 'calibration'"):
+        WinaConfig.from_options({"sparsity_allocation": "greedy"})
+    with pytest.raises(ValueError, match="'sparsity_allocation' must be one of 'uniform', 'greedy'"):
+        WinaConfig.from_options({"sparsity_allocation": "per-layer"})
 
 
 @given(s=st.floats(0, 1, exclude_max=True))

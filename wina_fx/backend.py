@@ -1,6 +1,7 @@
 """The ``backend="wina"`` torch.compile backend.
 
-dynamo graph -> find linears -> choose a keep rule per linear -> gate pass -> Inductor.
+dynamo graph -> [orthogonalize] -> find linears -> choose a keep rule per linear -> gate pass
+-> Inductor.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.fx as fx
 
 from wina_fx.passes.find_linears import LinearSite, find_linears
 from wina_fx.passes.gate import Gate, gate_linears
+from wina_fx.passes.orthogonalize import orthogonalize
 
 from .config import WinaConfig
 from .methods import channel_scores, keep_count
@@ -74,6 +76,10 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
     the graph. The report of this call is ``wina_fx.last_report()``.
     """
     config = WinaConfig.from_options(options)
+    prepass = None
+    if config.orthogonalize is not None:
+        # Rewrites gm only: its transformed weights are new constants, the model's stay.
+        prepass = orthogonalize(gm, example_inputs, config.orthogonalize)
     sites = find_linears(gm, example_inputs)
     if config.selection == "threshold" and config.method != "dense":
         config.calibration.check_model(sites)
@@ -87,5 +93,6 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
                 row.counts = counts[index]
     if gates:
         gate_linears(gm, gates, sites, counts)
-    record(Report(rows, config.method, config.selection))
+    notes = prepass.notes if prepass is not None else []
+    record(Report(rows, config.method, config.selection, list(notes), orthogonalize=prepass))
     return compile_graph(gm, example_inputs, config, mode)

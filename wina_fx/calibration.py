@@ -19,15 +19,27 @@ from wina_fx.passes.find_linears import LinearSite, find_linears
 
 from .methods import SCORED_METHODS, channel_scores
 
-FORMAT = "wina-fx calibration v1"
+FORMAT = "wina-fx calibration v2"
 NUM_QUANTILES = 2001  # sparsity resolution 0.0005; thresholds interpolate between
 
 
 class Calibration:
     """Per-linear importance quantiles for one model and one method."""
 
-    def __init__(self, method: str, names: list[str], quantiles: torch.Tensor, fingerprint: dict, num_tokens: int):
+    def __init__(
+        self,
+        method: str,
+        names: list[str],
+        quantiles: torch.Tensor,
+        fingerprint: dict,
+        num_tokens: int,
+        orthogonalize: str | None = None,
+        allocations: Mapping[float, Mapping[str, float]] | None = None,
+    ):
         self.method = method
+        self.orthogonalize = orthogonalize  # the prepass variant the model was observed under
+        # target sparsity -> {linear name: its sparsity} (greedy allocation; see allocation())
+        self.allocations = {round(float(t), 6): dict(a) for t, a in (allocations or {}).items()}
         self.names = list(names)
         self.quantiles = quantiles.float().cpu()  # (num_linears, NUM_QUANTILES)
         self.fingerprint = fingerprint  # name -> (shape, checksum of the weight)
@@ -46,6 +58,14 @@ class Calibration:
         high = min(low + 1, row.numel() - 1)
         fraction = position - low
         return float(row[low] * (1 - fraction) + row[high] * fraction)
+
+    @property
+    def allocation_targets(self) -> list[float]:
+        return sorted(self.allocations)
+
+    def allocation(self, sparsity: float) -> dict[str, float] | None:
+        """The per-linear sparsities of the greedy allocation for ``sparsity``, or None."""
+        return self.allocations.get(round(float(sparsity), 6))
 
     def check_model(self, sites: list[LinearSite]) -> None:
         """Raise ValueError if this calibration was not measured on the model of ``sites``."""
@@ -78,6 +98,8 @@ class Calibration:
                 "quantiles": self.quantiles,
                 "fingerprint": {k: [list(v[0]), float(v[1])] for k, v in self.fingerprint.items()},
                 "num_tokens": self.num_tokens,
+                "orthogonalize": self.orthogonalize,
+                "allocations": {str(t): a for t, a in self.allocations.items()},
             },
             path,
         )
@@ -100,10 +122,13 @@ class Calibration:
         if quantiles.shape != (len(data["names"]), NUM_QUANTILES):
             raise ValueError(f"{os.fspath(path)!r} is a damaged wina-fx calibration file (quantile table shape)")
         fingerprint = {k: (tuple(v[0]), v[1]) for k, v in data["fingerprint"].items()}
-        return cls(data["method"], data["names"], quantiles, fingerprint, data["num_tokens"])
+        allocations = {float(t): a for t, a in data.get("allocations", {}).items()}
+        return cls(data["method"], data["names"], quantiles, fingerprint, data["num_tokens"],
+                   data.get("orthogonalize"), allocations)
 
     def __repr__(self) -> str:
-        return f"<wina_fx.Calibration method={self.method} linears={len(self.names)} tokens={self.num_tokens}>"
+        orth = f" orthogonalize={self.orthogonalize}" if self.orthogonalize else ""
+        return f"<wina_fx.Calibration method={self.method}{orth} linears={len(self.names)} tokens={self.num_tokens}>"
 
 
 def _checksum(weight: torch.Tensor) -> float:
@@ -141,12 +166,18 @@ def _subsample(values: torch.Tensor, size: int, generator: torch.Generator) -> t
     return values[torch.randperm(values.numel(), generator=generator)[:size]]
 
 
-def _observing_backend(method: str, samplers: dict, fingerprint: dict, capacity: int, generator):
-    """A backend that runs every linear dense and samples the importance of its input.
+def _observing_backend(method: str, samplers: dict, fingerprint: dict, capacity: int, generator,
+                       orthogonalize: str | None = None):
+    """A backend that runs every linear dense and samples the importance of its input
+    (after the orthogonalization prepass, when one is asked for, as the wina backend does).
 
     Samplers are shared by name across graphs (recompilations for new shapes)."""
 
     def backend(gm: fx.GraphModule, example_inputs, **_):
+        if orthogonalize is not None:
+            from wina_fx.passes.orthogonalize import orthogonalize as prepass
+
+            prepass(gm, example_inputs, orthogonalize)
         for index, site in enumerate(find_linears(gm, example_inputs)):
             if site.problem is not None or site.is_output_head:
                 continue
@@ -170,13 +201,21 @@ def calibrate(
     samples_per_linear: int = 1 << 16,
     seed: int = 0,
     progress: bool = True,
+    orthogonalize: bool | str = False,
 ) -> Calibration:
     """Measure importance distributions of ``model``'s linears on real ``inputs``.
 
     ``inputs`` yields what the model is called with: a tensor (``model(x)``), a tuple
     (``model(*x)``) or a mapping (``model(**x)``). The model and its weights are not
     changed. Returns a :class:`Calibration` for ``method`` ("wina" or "teal").
+    ``orthogonalize`` must be what the compile that uses this calibration will ask for
+    (the prepass changes the activations the linears see).
     """
+    from .config import ORTHOGONALIZE
+
+    orthogonalize = "full" if orthogonalize is True else (orthogonalize or None)
+    if orthogonalize is not None and orthogonalize not in ORTHOGONALIZE:
+        raise ValueError(f"calibrate: orthogonalize must be True, False or one of {ORTHOGONALIZE}, got {orthogonalize!r}")
     if method not in SCORED_METHODS:
         raise ValueError(f"calibrate: method must be one of {', '.join(map(repr, SCORED_METHODS))}, got {method!r}")
     if not isinstance(samples_per_linear, int) or samples_per_linear < NUM_QUANTILES:
@@ -184,7 +223,7 @@ def calibrate(
     samplers: dict[str, _ImportanceSampler] = {}
     fingerprint: dict = {}
     generator = torch.Generator().manual_seed(seed)
-    backend = _observing_backend(method, samplers, fingerprint, samples_per_linear, generator)
+    backend = _observing_backend(method, samplers, fingerprint, samples_per_linear, generator, orthogonalize)
     observed = torch.compile(model, backend=backend)
     from tqdm.auto import tqdm
 
@@ -207,7 +246,7 @@ def calibrate(
         raise ValueError("calibrate: the model ran but no linear could be observed (see wina_fx.last_report() of a compile)")
     levels = torch.linspace(0, 1, NUM_QUANTILES, dtype=torch.float64)
     quantiles = torch.stack([_quantiles(samplers[n].sample, levels) for n in names])
-    return Calibration(method, names, quantiles, {n: fingerprint[n] for n in names}, num_tokens)
+    return Calibration(method, names, quantiles, {n: fingerprint[n] for n in names}, num_tokens, orthogonalize)
 
 
 def _quantiles(sample: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

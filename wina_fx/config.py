@@ -12,11 +12,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-METHODS = ("wina", "teal", "dense")
-# Methods the project plans but this version does not run yet: named in errors so a
-# user is not left guessing whether a typo or a missing feature is at fault.
-PLANNED_METHODS = ("cats", "rsparse")
+METHODS = ("wina", "teal", "cats", "rsparse", "dense")
 SELECTIONS = ("topk", "threshold")
+ALLOCATIONS = ("uniform", "greedy")
+# Variants of the weight-orthogonalization prepass (passes/orthogonalize.py); True = "full".
+ORTHOGONALIZE = ("full", "local", "shared")
 # Inductor modes; torch.compile refuses mode= together with options=, so ours is an option.
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -69,6 +69,11 @@ class WinaConfig:
                  graph, op by op (False): slower, for debugging and quick tests.
     mode:        Inductor mode, e.g. "reduce-overhead" for CUDA graphs (torch.compile
                  does not accept mode= beside options=).
+    orthogonalize: False, True (= "full") or a variant name ("full", "local", "shared"):
+                 run the weight-orthogonalization prepass before gating.
+    sparsity_allocation: "uniform" (every linear gets ``sparsity``) or "greedy" (one
+                 sparsity per linear, averaging ``sparsity`` per block, taken from the
+                 calibration, which must hold an allocation for that target).
     """
 
     method: str = "wina"
@@ -78,9 +83,13 @@ class WinaConfig:
     measure: bool = False
     inductor: bool = True
     mode: str = "default"
+    orthogonalize: bool | str = False
+    sparsity_allocation: str = "uniform"
 
     def sparsity_for(self, module_name: str) -> float | None:
         """Target sparsity of one linear, or None when no pattern covers it."""
+        if self.sparsity_allocation == "greedy":
+            return self.calibration.allocation(self.sparsity).get(module_name)
         if isinstance(self.sparsity, float):
             return self.sparsity
         for pattern, value in self.sparsity.items():
@@ -105,12 +114,7 @@ class WinaConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in METHODS:
-            hint = (
-                f" ({self.method!r} is planned but not implemented yet)"
-                if self.method in PLANNED_METHODS
-                else ""
-            )
-            _fail(f"option 'method' must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}{hint}")
+            _fail(f"option 'method' must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
         if isinstance(self.sparsity, Mapping):
             checked = {}
             for pattern, value in self.sparsity.items():
@@ -127,6 +131,20 @@ class WinaConfig:
         for flag in ("measure", "inductor"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
+        orth = self.orthogonalize
+        if orth is True:
+            orth = "full"
+        if orth is not False and orth is not None and not (isinstance(orth, str) and orth in ORTHOGONALIZE):
+            _fail(
+                f"option 'orthogonalize' must be True, False or one of {', '.join(map(repr, ORTHOGONALIZE))}, "
+                f"got {self.orthogonalize!r}"
+            )
+        object.__setattr__(self, "orthogonalize", orth or None)  # None or a variant name
+        if not isinstance(self.sparsity_allocation, str) or self.sparsity_allocation not in ALLOCATIONS:
+            _fail(
+                f"option 'sparsity_allocation' must be one of {', '.join(map(repr, ALLOCATIONS))}, "
+                f"got {self.sparsity_allocation!r}"
+            )
         self._check_calibration()
 
     def _check_calibration(self) -> None:
@@ -144,14 +162,29 @@ class WinaConfig:
                 "option 'calibration' must be a wina_fx.Calibration or a path to a saved one, "
                 f"got {type(cal).__name__}"
             )
-        if self.selection == "threshold" and self.method != "dense":
+        greedy = self.sparsity_allocation == "greedy"
+        if greedy and not isinstance(self.sparsity, float):
+            _fail("option sparsity_allocation='greedy' needs one float 'sparsity' (the model-wide target), not a mapping")
+        if (self.selection == "threshold" or greedy) and self.method != "dense":
+            needs = "selection='threshold'" if self.selection == "threshold" else "sparsity_allocation='greedy'"
             if cal is None:
                 _fail(
-                    "option selection='threshold' needs option 'calibration' "
-                    "(from wina_fx.calibrate(model, inputs)); or use selection='topk'"
+                    f"option {needs} needs option 'calibration' "
+                    "(from wina_fx.calibrate(model, inputs)); or use selection='topk' and sparsity_allocation='uniform'"
                 )
             if cal.method != self.method:
                 _fail(
                     f"option 'calibration' was measured for method {cal.method!r}, "
                     f"but option 'method' is {self.method!r}; calibrate again with method={self.method!r}"
+                )
+            if cal.orthogonalize != self.orthogonalize:
+                _fail(
+                    f"option 'calibration' was measured with orthogonalize={cal.orthogonalize!r}, but option "
+                    f"'orthogonalize' is {self.orthogonalize!r}; calibrate again with orthogonalize={self.orthogonalize!r}"
+                )
+            if greedy and cal.allocation(self.sparsity) is None:
+                targets = ", ".join(f"{t:g}" for t in cal.allocation_targets) or "none"
+                _fail(
+                    f"option 'calibration' holds no greedy allocation for sparsity {self.sparsity:g} "
+                    f"(it has: {targets}); calibrate with allocation_targets=[{self.sparsity:g}, ...]"
                 )

@@ -29,11 +29,14 @@ class ReportRow:
 class Report:
     """The report of one backend call (one dynamo graph)."""
 
-    def __init__(self, rows: list[ReportRow], method: str, selection: str, notes: list[str] | None = None):
+    def __init__(self, rows: list[ReportRow], method: str, selection: str, notes: list[str] | None = None,
+                 orthogonalize=None):
         self.rows = rows
         self.method = method
         self.selection = selection
         self.notes = notes or []
+        # The OrthogonalizeReport of the prepass, when option orthogonalize asked for one.
+        self.orthogonalize = orthogonalize
 
     def row(self, name: str) -> ReportRow:
         for row in self.rows:
