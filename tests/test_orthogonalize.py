@@ -4,6 +4,7 @@ Each test captures the dynamo graph with a backend that runs ``orthogonalize`` a
 executes the rewritten FX graph op by op, and compares with eager.
 """
 import pytest
+import wina_fx
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -339,3 +340,46 @@ def test_bad_variant_and_sources_fail_clearly():
         orthogonalize(gm, None, "fast")
     with pytest.raises(ValueError, match="sources maps"):
         orthogonalize(gm, None, sources={"ffn": "gate_proj"})
+
+
+# --------------------------------------------------------------------------- through the backend
+
+
+def _compile_wina(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="wina", options={"inductor": False, **options})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backend_option_keeps_dense_logits_and_gates_the_rotated_weights(family):
+    model, ids = tiny_model(family, seed=3, layers=2)
+    before = _parameters(model)
+    with torch.no_grad():
+        expected = model(ids).logits
+        out = _compile_wina(model, orthogonalize=True, sparsity=0.0)(ids).logits
+    assert _rel_err(out, expected) < 1e-4
+    report = wina_fx.last_report()
+    assert report.orthogonalize is not None and report.orthogonalize.applied
+    assert any("run-time rotations" in note for note in report.notes)
+    assert "note: orthogonalize" in report.summary()
+    assert len(report.sparse_rows) == 2 * (4 if family == "phi3" else 7)
+    _assert_unchanged(model, before)
+    # sparse at 50%: differs from the dense output, but stays finite and close-ish
+    with torch.no_grad():
+        sparse = _compile_wina(model, orthogonalize="local", sparsity=0.5)(ids).logits
+    assert 1e-4 < _rel_err(sparse, expected) < 1.0
+
+
+def test_calibration_records_the_prepass_and_must_match_the_option():
+    model, ids = tiny_model("llama", seed=6, layers=2)
+    calibration = wina_fx.calibrate(model, [ids], method="wina", orthogonalize=True, progress=False)
+    assert calibration.orthogonalize == "full"
+    compiled = _compile_wina(model, orthogonalize=True, sparsity=0.5, selection="threshold",
+                             calibration=calibration, measure=True)
+    with torch.no_grad():
+        compiled(ids)
+    measured = [row.measured_sparsity for row in wina_fx.last_report().sparse_rows]
+    # the thresholds were measured on these very tokens, after the same prepass
+    assert measured and all(abs(m - 0.5) < 0.05 for m in measured), measured
+    with pytest.raises(ValueError, match="measured with orthogonalize='full', but option 'orthogonalize' is None"):
+        wina_fx.WinaConfig.from_options({"selection": "threshold", "calibration": calibration})
