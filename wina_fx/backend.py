@@ -1,26 +1,61 @@
 """The ``backend="wina"`` torch.compile backend.
 
-dynamo graph -> [orthogonalize] -> find linears -> choose a keep rule per linear -> gate pass
--> Inductor.
+dynamo graph -> [orthogonalize] -> find linears -> plan per method (a keep rule per linear,
+and for cats / rsparse a graph rewrite the gates rely on) -> [rewrite] -> gate pass -> Inductor.
 """
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 
+from wina_fx.passes.cats import CatsMask, mask_gated_mlps
 from wina_fx.passes.find_linears import LinearSite, find_linears
+from wina_fx.passes.find_mlps import find_gated_mlps
 from wina_fx.passes.gate import Gate, gate_linears
+from wina_fx.passes.low_rank import LowRankSplit, split_low_rank
 from wina_fx.passes.orthogonalize import orthogonalize
 
+from . import rsparse
 from .config import WinaConfig
 from .methods import channel_scores, keep_count
 from .report import Report, ReportRow, record
 
 
+@dataclasses.dataclass
+class Plan:
+    """What the backend does to a graph: ``rewrite`` (a graph pass the gates rely on, or
+    None) runs first, then the gate pass with ``gates``; ``rows`` and ``notes`` go to the report."""
+
+    gates: dict[int, Gate]
+    rows: list[ReportRow]
+    rewrite: Callable[[fx.GraphModule], object] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def plan(config: WinaConfig, sites: list[LinearSite]) -> Plan:
+    """Decide, for every linear, how it is rewritten or the reason it stays dense."""
+    return PLANNERS[config.method](config, sites)
+
+
 def plan_gates(config: WinaConfig, sites: list[LinearSite]) -> tuple[dict[int, Gate], list[ReportRow]]:
-    """Decide, for every linear, its gate or the reason it stays dense."""
-    gates: dict[int, Gate] = {}
-    rows = []
+    """(gates, report rows) of the methods that only gate linears (wina, teal, dense)."""
+    result = plan(config, sites)
+    if result.rewrite is not None:
+        raise ValueError(f"method {config.method!r} rewrites the graph before gating: use plan() and Plan.rewrite")
+    return result.gates, result.rows
+
+
+def _row(site: LinearSite, reason: str | None, target: float | None) -> ReportRow:
+    status = "sparse" if reason is None else f"dense: {reason}"
+    return ReportRow(site.name, status, target if reason is None else None, site.in_features, site.out_features)
+
+
+def _plan_scored(config: WinaConfig, sites: list[LinearSite]) -> Plan:
+    """wina, teal (and dense): each linear keeps the channels of largest |x_i| * score_i."""
+    gates, rows = {}, []
     for index, site in enumerate(sites):
         target = config.sparsity_for(site.name)
         reason = dense_reason(config, site, target)
@@ -30,26 +65,100 @@ def plan_gates(config: WinaConfig, sites: list[LinearSite]) -> tuple[dict[int, G
                 gates[index] = Gate(score, k=keep_count(site.in_features, target))
             else:
                 gates[index] = Gate(score, threshold=config.calibration.threshold(site.name, target))
-        rows.append(
-            ReportRow(
-                site.name,
-                "sparse" if reason is None else f"dense: {reason}",
-                target if reason is None else None,
-                site.in_features,
-                site.out_features,
-            )
-        )
-    return gates, rows
+        rows.append(_row(site, reason, target))
+    return Plan(gates, rows)
 
 
-def dense_reason(config: WinaConfig, site: LinearSite, target: float | None) -> str | None:
-    """Why ``site`` stays dense under ``config``, or None if it is to be gated."""
+CATS_ONLY_MLP = "cats sparsifies only the MLP (not the down projection of a gated MLP act(gate(x)) * up(x))"
+
+
+def _plan_cats(config: WinaConfig, sites: list[LinearSite]) -> Plan:
+    """cats: in each gated MLP, mask the down projection's input by |act(gate(x))|; the
+    sparsity of an MLP is the one its down projection's name gets."""
+    mlps = find_gated_mlps(sites)
+    roles = {}
+    for mlp in mlps.values():
+        if mlp.fused:
+            roles[mlp.gate] = "cats computes the fused gate/up projection dense (its gate half decides the mask)"
+        else:
+            roles[mlp.gate] = "cats computes the gate projection dense (its output decides the mask)"
+            roles[mlp.up] = "cats masks its output rows but computes them dense (no row-skipping op yet)"
+    masks, gates, rows = {}, {}, []
+    for index, site in enumerate(sites):
+        target = config.sparsity_for(site.name) if index in mlps else None
+        reason = unsupported_reason(config, site)
+        if reason is None and index not in mlps:
+            reason = roles.get(index, CATS_ONLY_MLP)
+        if reason is None:
+            reason = dense_reason(config, site, target)
+        if reason is None:
+            if config.selection == "topk":
+                masks[index] = CatsMask(k=keep_count(site.in_features, target))
+            else:
+                masks[index] = CatsMask(threshold=config.calibration.threshold(site.name, target))
+            ones = torch.ones(site.in_features, dtype=torch.float32, device=site.weight.device)
+            gates[index] = Gate(ones, threshold=0.0)  # the masked input's zeros are skipped
+        rows.append(_row(site, reason, target))
+    rewrite = (lambda gm: mask_gated_mlps(gm, masks, mlps, sites)) if masks else None
+    return Plan(gates, rows, rewrite)
+
+
+def _plan_rsparse(config: WinaConfig, sites: list[LinearSite]) -> Plan:
+    """rsparse: each linear keeps the channels of largest |x_i| * ||W[:, i]||_2 exactly and
+    corrects the rest with a rank-r part of W's SVD, at the compute of plain sparsity."""
+    splits, gates, rows, notes = {}, {}, [], []
+    cal = config.calibration
+    for index, site in enumerate(sites):
+        target = config.sparsity_for(site.name)
+        reason = dense_reason(config, site, target)
+        if reason is None and config.rsparse_share == "search" and site.name not in cal.samples:
+            reason = "no calibration tokens for it (R-Sparse's search needs them)"
+        if reason is None:
+            k, n = site.in_features, site.out_features
+            factors = rsparse.factors(site.weight)
+            threshold_for = None
+            if config.selection == "threshold":
+                threshold_for = lambda s, name=site.name: cal.threshold(name, s)  # noqa: E731
+            if config.rsparse_share == "search":
+                recipe = rsparse.search(site.weight, cal.samples[site.name], target, factors, threshold_for)
+            else:
+                recipe = rsparse.budget_recipe(k, n, target, config.rsparse_share)
+            vs, ut = factors.low_rank(recipe.rank)
+            if threshold_for is None:
+                rule = {"k": recipe.channels}
+            else:
+                rule = {"threshold": threshold_for(recipe.channel_sparsity(k))}
+            splits[index] = LowRankSplit(factors.scale, vs, ut, **rule)
+            gates[index] = Gate(torch.ones(k, dtype=torch.float32, device=site.weight.device), threshold=0.0)
+            searched = "" if recipe.error is None else f", output error {recipe.error:.3g} on calibration tokens"
+            notes.append(f"rsparse {site.name}: {recipe.channels} of {k} channels + rank {recipe.rank} (share {recipe.share:g}{searched})")
+            target = recipe.compute_sparsity(k, n)
+        rows.append(_row(site, reason, target))
+    if splits:
+        notes.insert(0, "rsparse: target = compute sparsity of kept channels + low-rank part; measured counts kept channels only")
+    rewrite = (lambda gm: split_low_rank(gm, splits, sites)) if splits else None
+    return Plan(gates, rows, rewrite, notes)
+
+
+PLANNERS = {"wina": _plan_scored, "teal": _plan_scored, "dense": _plan_scored, "cats": _plan_cats, "rsparse": _plan_rsparse}
+
+
+def unsupported_reason(config: WinaConfig, site: LinearSite) -> str | None:
+    """Why ``site`` stays dense whatever its sparsity (no weight, method dense, output head)."""
     if site.problem is not None:
         return site.problem
     if config.method == "dense":
         return "method is 'dense'"
     if site.is_output_head:
         return "output head (logits projection)"
+    return None
+
+
+def dense_reason(config: WinaConfig, site: LinearSite, target: float | None) -> str | None:
+    """Why ``site`` stays dense under ``config``, or None if it is to be gated."""
+    reason = unsupported_reason(config, site)
+    if reason is not None:
+        return reason
     if target is None:
         return "no pattern of option 'sparsity' matches its name"
     if config.selection == "threshold" and site.name not in config.calibration.names:
@@ -81,9 +190,11 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
         # Rewrites gm only: its transformed weights are new constants, the model's stay.
         prepass = orthogonalize(gm, example_inputs, config.orthogonalize)
     sites = find_linears(gm, example_inputs)
-    if config.selection == "threshold" and config.method != "dense":
+    searched = config.method == "rsparse" and config.rsparse_share == "search"
+    if (config.selection == "threshold" or searched) and config.method != "dense":
         config.calibration.check_model(sites)
-    gates, rows = plan_gates(config, sites)
+    result = plan(config, sites)
+    gates, rows = result.gates, result.rows
     counts = None
     if config.measure and gates:
         device = next(iter(gates.values())).score.device
@@ -91,8 +202,10 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
         for index, row in enumerate(rows):
             if index in gates:
                 row.counts = counts[index]
+    if result.rewrite is not None:
+        result.rewrite(gm)
     if gates:
         gate_linears(gm, gates, sites, counts)
-    notes = prepass.notes if prepass is not None else []
+    notes = list(prepass.notes if prepass is not None else []) + result.notes
     record(Report(rows, config.method, config.selection, list(notes), orthogonalize=prepass))
     return compile_graph(gm, example_inputs, config, mode)

@@ -21,6 +21,7 @@ from .methods import SCORED_METHODS, channel_scores
 
 FORMAT = "wina-fx calibration v2"
 NUM_QUANTILES = 2001  # sparsity resolution 0.0005; thresholds interpolate between
+ROW_SAMPLES = 128  # token rows kept per linear for method "rsparse" (its per-matrix search)
 
 
 class Calibration:
@@ -45,6 +46,8 @@ class Calibration:
         self.fingerprint = fingerprint  # name -> (shape, checksum of the weight)
         self.num_tokens = num_tokens
         self._index = {name: i for i, name in enumerate(self.names)}
+        # name -> (tokens, K) sample of whole input rows, for method "rsparse" (its search)
+        self.samples: dict[str, torch.Tensor] = {}
 
     def threshold(self, name: str, sparsity: float) -> float:
         """The importance below which a fraction ``sparsity`` of channels falls."""
@@ -100,6 +103,7 @@ class Calibration:
                 "num_tokens": self.num_tokens,
                 "orthogonalize": self.orthogonalize,
                 "allocations": {str(t): a for t, a in self.allocations.items()},
+                "samples": self.samples,
             },
             path,
         )
@@ -123,8 +127,10 @@ class Calibration:
             raise ValueError(f"{os.fspath(path)!r} is a damaged wina-fx calibration file (quantile table shape)")
         fingerprint = {k: (tuple(v[0]), v[1]) for k, v in data["fingerprint"].items()}
         allocations = {float(t): a for t, a in data.get("allocations", {}).items()}
-        return cls(data["method"], data["names"], quantiles, fingerprint, data["num_tokens"],
-                   data.get("orthogonalize"), allocations)
+        calibration = cls(data["method"], data["names"], quantiles, fingerprint, data["num_tokens"],
+                          data.get("orthogonalize"), allocations)
+        calibration.samples = dict(data.get("samples", {}))
+        return calibration
 
     def __repr__(self) -> str:
         orth = f" orthogonalize={self.orthogonalize}" if self.orthogonalize else ""
@@ -161,15 +167,44 @@ class _ImportanceSampler(torch.nn.Module):
 
 
 def _subsample(values: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    if values.numel() <= size:
+    if len(values) <= size:
         return values
-    return values[torch.randperm(values.numel(), generator=generator)[:size]]
+    return values[torch.randperm(len(values), generator=generator)[:size]]
+
+
+class _RowSampler(torch.nn.Module):
+    """Called on a linear's input: keeps a uniform random sample of at most ``capacity`` of
+    its token rows (whole input vectors), as R-Sparse's per-matrix search needs them."""
+
+    def __init__(self, capacity: int, generator: torch.Generator):
+        super().__init__()
+        self.capacity = capacity
+        self.generator = generator
+        self.rows = torch.empty(0)
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        total = self.seen + len(rows)
+        from_old = round(self.capacity * self.seen / total) if total > self.capacity else len(self.rows)
+        old = _subsample(self.rows, from_old, self.generator)
+        new = _subsample(rows, self.capacity - len(old), self.generator)
+        self.rows = torch.cat([old.reshape(-1, rows.shape[1]), new])
+        self.seen = total
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """The rows, in float16 when they fit (a calibration file stays small)."""
+        fits = self.rows.numel() == 0 or self.rows.abs().max() < torch.finfo(torch.float16).max / 2
+        return self.rows.half() if fits else self.rows
 
 
 def _observing_backend(method: str, samplers: dict, fingerprint: dict, capacity: int, generator,
-                       orthogonalize: str | None = None):
+                       orthogonalize: str | None = None, rows: dict | None = None):
     """A backend that runs every linear dense and samples the importance of its input
     (after the orthogonalization prepass, when one is asked for, as the wina backend does).
+    For method "cats" the importance is |act(gate(x))| of each gated MLP, recorded under its
+    down projection's name; with ``rows`` (method "rsparse") whole input rows are kept too.
 
     Samplers are shared by name across graphs (recompilations for new shapes)."""
 
@@ -178,20 +213,38 @@ def _observing_backend(method: str, samplers: dict, fingerprint: dict, capacity:
             from wina_fx.passes.orthogonalize import orthogonalize as prepass
 
             prepass(gm, example_inputs, orthogonalize)
-        for index, site in enumerate(find_linears(gm, example_inputs)):
-            if site.problem is not None or site.is_output_head:
+        sites = find_linears(gm, example_inputs)
+        observed = _observed_inputs(method, sites)
+        for index, site in enumerate(sites):
+            if site.problem is not None or site.is_output_head or index not in observed:
                 continue
             if site.name not in samplers:
                 score = channel_scores(method, site.weight)
                 samplers[site.name] = _ImportanceSampler(score, capacity, generator)
                 fingerprint[site.name] = (tuple(site.weight.shape), _checksum(site.weight))
+                if rows is not None:
+                    rows[site.name] = _RowSampler(ROW_SAMPLES, generator)
             gm.add_submodule(f"wina_observer_{index}", samplers[site.name])
             with gm.graph.inserting_before(site.node):
-                gm.graph.call_module(f"wina_observer_{index}", (site.input,))
+                gm.graph.call_module(f"wina_observer_{index}", (observed[index],))
+            if rows is not None:
+                gm.add_submodule(f"wina_rows_{index}", rows[site.name])
+                with gm.graph.inserting_before(site.node):
+                    gm.graph.call_module(f"wina_rows_{index}", (site.input,))
         gm.recompile()
         return gm.forward  # op by op: calibration needs the side effect, not speed
 
     return backend
+
+
+def _observed_inputs(method: str, sites: list[LinearSite]) -> dict[int, fx.Node]:
+    """The node whose importance each observed linear records: its input, or for CATS the
+    activated gate of the gated MLP whose down projection it is (other linears: none)."""
+    if method == "cats":
+        from wina_fx.passes.find_mlps import find_gated_mlps
+
+        return {index: mlp.act for index, mlp in find_gated_mlps(sites).items()}
+    return {index: site.input for index, site in enumerate(sites)}
 
 
 def calibrate(
@@ -207,7 +260,8 @@ def calibrate(
 
     ``inputs`` yields what the model is called with: a tensor (``model(x)``), a tuple
     (``model(*x)``) or a mapping (``model(**x)``). The model and its weights are not
-    changed. Returns a :class:`Calibration` for ``method`` ("wina" or "teal").
+    changed. Returns a :class:`Calibration` for ``method`` ("wina", "teal", "cats" or
+    "rsparse"; for "rsparse" it also keeps ROW_SAMPLES input rows per linear).
     ``orthogonalize`` must be what the compile that uses this calibration will ask for
     (the prepass changes the activations the linears see).
     """
@@ -223,7 +277,8 @@ def calibrate(
     samplers: dict[str, _ImportanceSampler] = {}
     fingerprint: dict = {}
     generator = torch.Generator().manual_seed(seed)
-    backend = _observing_backend(method, samplers, fingerprint, samples_per_linear, generator, orthogonalize)
+    rows = {} if method == "rsparse" else None
+    backend = _observing_backend(method, samplers, fingerprint, samples_per_linear, generator, orthogonalize, rows)
     observed = torch.compile(model, backend=backend)
     from tqdm.auto import tqdm
 
@@ -246,7 +301,10 @@ def calibrate(
         raise ValueError("calibrate: the model ran but no linear could be observed (see wina_fx.last_report() of a compile)")
     levels = torch.linspace(0, 1, NUM_QUANTILES, dtype=torch.float64)
     quantiles = torch.stack([_quantiles(samplers[n].sample, levels) for n in names])
-    return Calibration(method, names, quantiles, {n: fingerprint[n] for n in names}, num_tokens, orthogonalize)
+    calibration = Calibration(method, names, quantiles, {n: fingerprint[n] for n in names}, num_tokens, orthogonalize)
+    if rows is not None:
+        calibration.samples = {n: rows[n].sample for n in names}
+    return calibration
 
 
 def _quantiles(sample: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

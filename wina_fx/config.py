@@ -58,7 +58,9 @@ def _check_sparsity_value(where: str, value: Any) -> float:
 class WinaConfig:
     """Options of ``torch.compile(model, backend="wina", options={...})``.
 
-    method:      "wina" (|x_i| * ||W[:, i]||_2), "teal" (|x_i|) or "dense" (no rewrite).
+    method:      "wina" (|x_i| * ||W[:, i]||_2), "teal" (|x_i|), "cats" (gated MLPs only:
+                 |act(gate(x))| masks the down projection's input), "rsparse" (|x_i| *
+                 ||W[:, i]||_2 plus a low-rank correction of the dropped channels) or "dense".
     sparsity:    fraction of input channels to skip, a float in [0, 1), or a mapping
                  from module-name patterns (fnmatch, first match wins) to such floats;
                  linears no pattern matches stay dense.
@@ -74,6 +76,10 @@ class WinaConfig:
     sparsity_allocation: "uniform" (every linear gets ``sparsity``) or "greedy" (one
                  sparsity per linear, averaging ``sparsity`` per block, taken from the
                  calibration, which must hold an allocation for that target).
+    rsparse_share: method "rsparse" only: "search" (per matrix, the share of the compute
+                 budget spent on sparse channels, the rest on the low-rank correction, is
+                 searched on the calibration's tokens) or one share in (0, 1] for every
+                 matrix (1 = no low-rank part; 0.95 is R-Sparse's uniform setting).
     """
 
     method: str = "wina"
@@ -85,6 +91,7 @@ class WinaConfig:
     mode: str = "default"
     orthogonalize: bool | str = False
     sparsity_allocation: str = "uniform"
+    rsparse_share: str | float = "search"
 
     def sparsity_for(self, module_name: str) -> float | None:
         """Target sparsity of one linear, or None when no pattern covers it."""
@@ -146,6 +153,7 @@ class WinaConfig:
                 f"got {self.sparsity_allocation!r}"
             )
         self._check_calibration()
+        self._check_rsparse()
 
     def _check_calibration(self) -> None:
         from .calibration import Calibration
@@ -187,4 +195,19 @@ class WinaConfig:
                 _fail(
                     f"option 'calibration' holds no greedy allocation for sparsity {self.sparsity:g} "
                     f"(it has: {targets}); calibrate with allocation_targets=[{self.sparsity:g}, ...]"
+                )
+
+    def _check_rsparse(self) -> None:
+        share = self.rsparse_share
+        if share != "search" and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
+            _fail(f"option 'rsparse_share' must be 'search' or a float in (0, 1] (e.g. 0.95), got {share!r}")
+        if share != "search":
+            object.__setattr__(self, "rsparse_share", float(share))
+        elif self.method == "rsparse":
+            cal = self.calibration
+            if cal is None or cal.method != "rsparse" or not getattr(cal, "samples", None):
+                _fail(
+                    "option method='rsparse' with rsparse_share='search' needs option 'calibration' from "
+                    "wina_fx.calibrate(model, inputs, method='rsparse') (it keeps the tokens the search uses); "
+                    "or give rsparse_share a float in (0, 1], e.g. 0.95"
                 )
