@@ -85,12 +85,12 @@ def _plan_cats(config: WinaConfig, sites: list[LinearSite]) -> Plan:
             roles[mlp.up] = "cats masks its output rows but computes them dense (no row-skipping op yet)"
     masks, gates, rows = {}, {}, []
     for index, site in enumerate(sites):
-        target = config.sparsity_for(site.name) if index in mlps else None
-        reason = unsupported_reason(config, site)
-        if reason is None and index not in mlps:
-            reason = roles.get(index, CATS_ONLY_MLP)
-        if reason is None:
+        if index in mlps:
+            target = config.sparsity_for(site.name)
             reason = dense_reason(config, site, target)
+        else:
+            target = None
+            reason = unsupported_reason(config, site) or roles.get(index, CATS_ONLY_MLP)
         if reason is None:
             if config.selection == "topk":
                 masks[index] = CatsMask(k=keep_count(site.in_features, target))
@@ -106,38 +106,42 @@ def _plan_cats(config: WinaConfig, sites: list[LinearSite]) -> Plan:
 def _plan_rsparse(config: WinaConfig, sites: list[LinearSite]) -> Plan:
     """rsparse: each linear keeps the channels of largest |x_i| * ||W[:, i]||_2 exactly and
     corrects the rest with a rank-r part of W's SVD, at the compute of plain sparsity."""
-    splits, gates, rows, notes = {}, {}, [], []
-    cal = config.calibration
+    splits, gates, rows = {}, {}, []
+    notes = ["rsparse: target = compute sparsity of kept channels + low-rank part; measured counts kept channels only"]
     for index, site in enumerate(sites):
         target = config.sparsity_for(site.name)
         reason = dense_reason(config, site, target)
-        if reason is None and config.rsparse_share == "search" and site.name not in cal.samples:
+        if reason is None and config.rsparse_share == "search" and site.name not in config.calibration.samples:
             reason = "no calibration tokens for it (R-Sparse's search needs them)"
         if reason is None:
-            k, n = site.in_features, site.out_features
-            factors = rsparse.factors(site.weight)
-            threshold_for = None
-            if config.selection == "threshold":
-                threshold_for = lambda s, name=site.name: cal.threshold(name, s)  # noqa: E731
-            if config.rsparse_share == "search":
-                recipe = rsparse.search(site.weight, cal.samples[site.name], target, factors, threshold_for)
-            else:
-                recipe = rsparse.budget_recipe(k, n, target, config.rsparse_share)
-            vs, ut = factors.low_rank(recipe.rank)
-            if threshold_for is None:
-                rule = {"k": recipe.channels}
-            else:
-                rule = {"threshold": threshold_for(recipe.channel_sparsity(k))}
-            splits[index] = LowRankSplit(factors.scale, vs, ut, **rule)
-            gates[index] = Gate(torch.ones(k, dtype=torch.float32, device=site.weight.device), threshold=0.0)
+            splits[index], recipe = _rsparse_split(config, site, target)
+            gates[index] = Gate(torch.ones(site.in_features, device=site.weight.device), threshold=0.0)
             searched = "" if recipe.error is None else f", output error {recipe.error:.3g} on calibration tokens"
-            notes.append(f"rsparse {site.name}: {recipe.channels} of {k} channels + rank {recipe.rank} (share {recipe.share:g}{searched})")
-            target = recipe.compute_sparsity(k, n)
+            notes.append(f"rsparse {site.name}: {recipe.channels} of {site.in_features} channels + rank "
+                         f"{recipe.rank} (share {recipe.share:g}{searched})")
+            target = recipe.compute_sparsity(site.in_features, site.out_features)
         rows.append(_row(site, reason, target))
-    if splits:
-        notes.insert(0, "rsparse: target = compute sparsity of kept channels + low-rank part; measured counts kept channels only")
     rewrite = (lambda gm: split_low_rank(gm, splits, sites)) if splits else None
-    return Plan(gates, rows, rewrite, notes)
+    return Plan(gates, rows, rewrite, notes if splits else [])
+
+
+def _rsparse_split(config: WinaConfig, site: LinearSite, target: float) -> tuple[LowRankSplit, rsparse.Recipe]:
+    """R-Sparse's recipe for one linear (searched on calibration tokens, or the fixed share)
+    and the split it gives: the keep rule and the rank-r factors of the weight's SVD."""
+    cal, k = config.calibration, site.in_features
+    factors = rsparse.factors(site.weight)
+    threshold_for = None
+    if config.selection == "threshold":
+        threshold_for = lambda s: cal.threshold(site.name, s)  # noqa: E731
+    if config.rsparse_share == "search":
+        recipe = rsparse.search(site.weight, cal.samples[site.name], target, factors, threshold_for)
+    else:
+        recipe = rsparse.budget_recipe(k, site.out_features, target, config.rsparse_share)
+    if threshold_for is None:
+        rule = {"k": recipe.channels}
+    else:
+        rule = {"threshold": threshold_for(recipe.channel_sparsity(k))}
+    return LowRankSplit(factors.scale, *factors.low_rank(recipe.rank), **rule), recipe
 
 
 PLANNERS = {"wina": _plan_scored, "teal": _plan_scored, "dense": _plan_scored, "cats": _plan_cats, "rsparse": _plan_rsparse}
