@@ -255,6 +255,9 @@ def calibrate(
     seed: int = 0,
     progress: bool = True,
     orthogonalize: bool | str = False,
+    allocation_targets: Iterable[float] | None = None,
+    allocation_step: float = 0.05,
+    allocation_tokens: int = 256,
 ) -> Calibration:
     """Measure importance distributions of ``model``'s linears on real ``inputs``.
 
@@ -264,8 +267,18 @@ def calibrate(
     "rsparse"; for "rsparse" it also keeps ROW_SAMPLES input rows per linear).
     ``orthogonalize`` must be what the compile that uses this calibration will ask for
     (the prepass changes the activations the linears see).
+
+    ``allocation_targets`` (e.g. [0.25, 0.4, 0.5, 0.65]): also find, for each target, the
+    greedy per-linear allocation of ``sparsity_allocation="greedy"`` (wina_fx.allocation;
+    TEAL's step ``allocation_step``), on the leading batches holding ``allocation_tokens``.
     """
+    from . import allocation
     from .config import ORTHOGONALIZE
+
+    if allocation_targets is not None:
+        allocation_targets = allocation.check_targets(allocation_targets)
+        allocation.check_step(allocation_step)
+        allocation.check_method(method)
 
     orthogonalize = "full" if orthogonalize is True else (orthogonalize or None)
     if orthogonalize is not None and orthogonalize not in ORTHOGONALIZE:
@@ -304,6 +317,11 @@ def calibrate(
     calibration = Calibration(method, names, quantiles, {n: fingerprint[n] for n in names}, num_tokens, orthogonalize)
     if rows is not None:
         calibration.samples = {n: rows[n].sample for n in names}
+    if allocation_targets is not None:
+        calibration.allocations.update(allocation.greedy_allocation(
+            model, allocation.leading_batches(batches, allocation_tokens), method, allocation_targets,
+            orthogonalize, allocation_step, progress,
+        ))
     return calibration
 
 
