@@ -124,6 +124,7 @@ def search(weight: torch.Tensor, tokens: torch.Tensor, sparsity: float, f: Facto
     None means top-k. Ties go to the earlier share (``SHARES`` starts with the sparsest-only).
     """
     f = f if f is not None else factors(weight)
+    tokens = tokens.to(weight.device)  # a calibration keeps its tokens on the CPU
     n, k = weight.shape
     best, seen = None, set()
     for share in shares:
