@@ -116,6 +116,32 @@ def test_blocks_outputs_and_dense_replay_on_the_fx_graph():
     assert block_name("lonely") == "lonely"
 
 
+class ParallelBranches(torch.nn.Module):
+    """Two blocks whose linears meet in a concatenation, not a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"a": torch.nn.Linear(8, 4), "b": torch.nn.Linear(8, 4)}) for _ in range(2)
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.cat([layer["a"](x), layer["b"](x)], dim=-1).relu()
+        return x
+
+
+def test_a_block_without_residual_add_ends_where_all_its_linears_meet():
+    recorder = AllocationRecorder("teal")
+    with torch.no_grad():
+        torch.compile(ParallelBranches(), backend=recorder)(torch.randn(3, 8))
+    blocks = [e.block for e in recorder.graphs[0][0]]
+    assert [b.name for b in blocks] == ["layers.0", "layers.1"]
+    assert all(b.output.target is torch.cat for b in blocks)
+    allocation = allocate(recorder, [0.5], step=0.1)[0][0.5]
+    assert allocation["layers.0.a"] + allocation["layers.0.b"] == pytest.approx(1.0)
+
+
 def test_allocation_is_saved_loaded_and_drives_the_backend(tmp_path):
     model, ids = tiny_model("qwen2", seed=4)
     before = {n: t.clone() for n, t in model.state_dict().items()}

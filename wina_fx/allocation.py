@@ -15,9 +15,10 @@ prepass, so it scores exactly the linears, weights and activations the backend s
   component ("model.layers.3.mlp.down_proj" -> "model.layers.3"); a linear with no numeric
   component is a block of its own. Only linears the backend would gate are allocated
   (not the output head, nor linears with a problem): those stay dense and absent here;
-* a block's **output** is the first add (the residual add) reached from its last linear,
-  following users in graph order, before the next block's first linear; without one, the
-  last linear itself;
+* a block's **output** is the first add (in graph order) that depends on every one of its
+  linears, before the next block's first linear: the residual add closing the block (after
+  down_proj in a Llama layer; the attention's residual add depends on q, k, v, o only).
+  Without such an add, the first node that depends on all of them;
 * a block's **nodes** are its linears and every node that depends on one of them and feeds
   its output. Only those are re-evaluated; everything else they read (the block's input
   hidden state, rotary tables, masks, weights) is the recorded dense value, so every block
@@ -125,18 +126,14 @@ def find_blocks(gm: fx.GraphModule, sites: Sequence[LinearSite]) -> list[Block]:
     starts = sorted(position[g[0].node] for g in groups.values())
     blocks = []
     for name, members in groups.items():
-        last = members[-1].node
-        following = [p for p in starts if p > position[last]]
-        limit = following[0] if following else len(position)
-        output = _first_add_after(last, position, limit) or last
-        linear_nodes = {s.node for s in members}
-        # Dependants of the block's linears up to the output, then only those feeding it.
-        depends = set(linear_nodes)
-        for node in gm.graph.nodes:
-            if position[node] > position[output]:
-                break
-            if node not in depends and any(a in depends for a in node.all_input_nodes):
-                depends.add(node)
+        following = [p for p in starts if p > position[members[-1].node]]
+        output, depends = _block_output(gm, members, position, following[0] if following else len(position))
+        if output is None:
+            raise ValueError(
+                f"allocation: block {name!r} has no node that depends on all of its linears "
+                f"({', '.join(s.name for s in members)}) before the next block starts"
+            )
+        # The block's nodes: those depending on its linears that feed its output.
         feeding, stack = set(), [output]
         while stack:
             node = stack.pop()
@@ -145,9 +142,6 @@ def find_blocks(gm: fx.GraphModule, sites: Sequence[LinearSite]) -> list[Block]:
             feeding.add(node)
             stack.extend(node.all_input_nodes)
         nodes = sorted(feeding, key=position.__getitem__)
-        missing = [s.name for s in members if s.node not in feeding]
-        if missing:
-            raise ValueError(f"allocation: linears {missing} of block {name!r} do not reach its output {output.name!r}")
         for node in nodes:
             if _mutates(node):
                 raise ValueError(
@@ -166,20 +160,30 @@ def find_blocks(gm: fx.GraphModule, sites: Sequence[LinearSite]) -> list[Block]:
     return blocks
 
 
-def _first_add_after(node: fx.Node, position: dict, limit: int) -> fx.Node | None:
-    """The earliest add (graph order) that depends on ``node``, before position ``limit``."""
-    seen, stack, adds = set(), [node], []
-    while stack:
-        current = stack.pop()
-        for user in current.users:
-            if user in seen or position[user] >= limit:
-                continue
-            seen.add(user)
-            if _is_add(user):
-                adds.append(user)
-            else:
-                stack.append(user)
-    return min(adds, key=position.__getitem__, default=None)
+def _block_output(gm: fx.GraphModule, members: list[LinearSite], position: dict, limit: int):
+    """(output, nodes depending on a linear of ``members``) of a block: the first add that
+    depends on every one of its linears, before position ``limit``; failing that, the first
+    node that does; None if no node does."""
+    index = {s.node: i for i, s in enumerate(members)}
+    full = (1 << len(members)) - 1
+    reach: dict[fx.Node, int] = {}  # node -> bitmask of the block's linears it depends on
+    first_full = None
+    for node in gm.graph.nodes:
+        if position[node] < position[members[0].node]:
+            continue
+        if position[node] >= limit:
+            break
+        mask = (1 << index[node]) if node in index else 0
+        for arg in node.all_input_nodes:
+            mask |= reach.get(arg, 0)
+        if not mask:
+            continue
+        reach[node] = mask
+        if mask == full:
+            if _is_add(node):
+                return node, set(reach)
+            first_full = first_full or node
+    return first_full, set(reach)
 
 
 def _mutates(node: fx.Node) -> bool:
