@@ -133,7 +133,7 @@ def test_tiny_models_match_the_hooked_reference(family):
     report = wina_fx.last_report()
     assert report.row("lm_head").status == "dense: output head (logits projection)"
     assert len(report.sparse_rows) == len(report.rows) - 1
-    assert any(note.startswith("rsparse model.layers.0.") and "rank" in note for note in report.notes)
+    assert f"rsparse: {len(report.sparse_rows)} linears split; sparse share: 0.6 x{len(report.sparse_rows)}" in report.notes[0]
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
 
 
@@ -204,7 +204,7 @@ def test_backend_search_uses_the_calibration_tokens_and_saves_them(tmp_path):
     torch.testing.assert_close(out, rsparse_reference(held_out, weight, None, found.channels, found.rank),
                                rtol=1e-4, atol=1e-4)
     assert found.rank > 0
-    assert any(f"+ rank {found.rank}" in note for note in wina_fx.last_report().notes)
+    assert f"share: {found.share:g} x1; rank {found.rank}..{found.rank}; mean output error" in wina_fx.last_report().notes[0]
 
     # threshold selection: the sparse part's kept fraction follows the calibrated threshold
     options = {"sparsity": 0.5, "calibration": calibration, "selection": "threshold", "measure": True}

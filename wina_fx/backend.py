@@ -6,6 +6,7 @@ and for cats / rsparse a graph rewrite the gates rely on) -> [rewrite] -> gate p
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -106,8 +107,7 @@ def _plan_cats(config: WinaConfig, sites: list[LinearSite]) -> Plan:
 def _plan_rsparse(config: WinaConfig, sites: list[LinearSite]) -> Plan:
     """rsparse: each linear keeps the channels of largest |x_i| * ||W[:, i]||_2 exactly and
     corrects the rest with a rank-r part of W's SVD, at the compute of plain sparsity."""
-    splits, gates, rows = {}, {}, []
-    notes = ["rsparse: target = compute sparsity of kept channels + low-rank part; measured counts kept channels only"]
+    splits, gates, rows, recipes = {}, {}, [], []
     for index, site in enumerate(sites):
         target = config.sparsity_for(site.name)
         reason = dense_reason(config, site, target)
@@ -116,13 +116,21 @@ def _plan_rsparse(config: WinaConfig, sites: list[LinearSite]) -> Plan:
         if reason is None:
             splits[index], recipe = _rsparse_split(config, site, target)
             gates[index] = Gate(torch.ones(site.in_features, device=site.weight.device), threshold=0.0)
-            searched = "" if recipe.error is None else f", output error {recipe.error:.3g} on calibration tokens"
-            notes.append(f"rsparse {site.name}: {recipe.channels} of {site.in_features} channels + rank "
-                         f"{recipe.rank} (share {recipe.share:g}{searched})")
+            recipes.append(recipe)
             target = recipe.compute_sparsity(site.in_features, site.out_features)
         rows.append(_row(site, reason, target))
-    rewrite = (lambda gm: split_low_rank(gm, splits, sites)) if splits else None
-    return Plan(gates, rows, rewrite, notes if splits else [])
+    if not splits:
+        return Plan(gates, rows)
+    shares = Counter(r.share for r in recipes)
+    searched = [r.error for r in recipes if r.error is not None]
+    notes = [
+        f"rsparse: {len(recipes)} linears split; sparse share: "
+        + ", ".join(f"{share:g} x{count}" for share, count in sorted(shares.items(), reverse=True))
+        + f"; rank {min(r.rank for r in recipes)}..{max(r.rank for r in recipes)}"
+        + (f"; mean output error on calibration tokens {sum(searched) / len(searched):.3g}" if searched else ""),
+        "rsparse: target = compute sparsity (kept channels + low-rank part); measured counts the kept channels only",
+    ]
+    return Plan(gates, rows, lambda gm: split_low_rank(gm, splits, sites), notes)
 
 
 def _rsparse_split(config: WinaConfig, site: LinearSite, target: float) -> tuple[LowRankSplit, rsparse.Recipe]:
