@@ -202,3 +202,22 @@ def test_cats_thresholds_need_a_cats_calibration():
         wina_fx.WinaConfig.from_options({"method": "cats", "selection": "threshold", "calibration": calibration})
     with pytest.raises(ValueError, match="'method' must be one of 'wina', 'teal', 'cats', 'rsparse', 'dense'"):
         wina_fx.WinaConfig.from_options({"method": "CATS"})
+
+
+def test_calibrated_thresholds_on_phi3_reach_their_target(tmp_path):
+    model, _ = tiny_model("phi3", seed=6)
+    batches = [torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    calibration = wina_fx.calibrate(model, batches, method="cats", progress=False)
+    assert calibration.names == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    path = tmp_path / "phi3.cats.cal"
+    calibration.save(path)
+    options = {"selection": "threshold", "calibration": str(path), "sparsity": 0.4, "measure": True}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="wina", options={"method": "cats", "inductor": False, **options})
+    with torch.no_grad():
+        for batch in batches:
+            compiled(batch)
+    rows = wina_fx.last_report().sparse_rows
+    assert [row.name for row in rows] == calibration.names
+    for row in rows:  # calibrated on these very batches: each MLP zeroes its target share
+        assert abs(row.measured_sparsity - 0.4) < 0.02, row
