@@ -764,12 +764,14 @@ def _plan(gm, example_inputs, variant, spec, report) -> _Plan:
         for basis in structure.parent:
             q_key[basis], q_compute[basis] = identity_parts, None
 
-    q_values: dict[int, torch.Tensor] = {}
+    # Keyed by the compute function itself, not its id(): the dict keeps each alive, so a
+    # freed closure's id can never be reused by another group's (that gave stale Qs).
+    q_values: dict[object, torch.Tensor] = {}
 
     def Q(compute):
-        if id(compute) not in q_values:
-            q_values[id(compute)] = compute()
-        return q_values[id(compute)]
+        if compute not in q_values:
+            q_values[compute] = compute()
+        return q_values[compute]
 
     def rotated_basis(basis):
         return q_compute[basis] is not None
