@@ -72,23 +72,27 @@ def save(path: str, results: dict) -> None:
     os.replace(tmp, path)
 
 
-SAME_DATA = ("model", "ppl_tokens", "ppl_window_len", "task_items", "seed", "calibration_windows")
+SAME_DATA = ("model", "ppl_tokens", "ppl_window_len", "task_items", "seed", "calibration_windows", "device")
 
 
 def run(args) -> None:
     from wina_fx.models import DESCRIPTIONS, load_model
 
     torch.set_num_threads(args.threads)
-    path = os.path.join(args.out, f"accuracy_{args.model}.json")
+    path = os.path.join(args.out, f"accuracy_{args.model}{args.suffix}.json")
     started = time.time()
     model, tokenizer = load_model(args.model)
+    model = model.to(args.device)
     load_s = time.time() - started
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     data = EvalData.build(tokenizer, args.tasks, args.limit, args.windows, args.window_len, args.seed)
     header = header_for(args.model, DESCRIPTIONS[args.model], data, seed=args.seed,
                         calibration_windows=args.calibration_windows, calibration_text="wina_fx/data/calibration.txt",
-                        item_limit=args.limit, cpu=_cpu_name(), load_s=round(load_s, 1))
+                        item_limit=args.limit, cpu=_cpu_name(), device=device, pad_multiple=args.pad_multiple,
+                        load_s=round(load_s, 1))
     results = load(path) or {"header": header, "records": [], "skipped": []}
     old = results["header"]
+    old.setdefault("device", "cpu")  # files written before the header named it ran on the CPU
     if any(old.get(k) != header.get(k) for k in SAME_DATA):
         sys.exit(f"{path} holds results on other data ({ {k: old.get(k) for k in SAME_DATA} }); "
                  f"use --out elsewhere or delete it")
@@ -101,19 +105,28 @@ def run(args) -> None:
     targets = list(SPARSITIES)
     calibrations: dict = {}
     results["skipped"] = []
+    unchanged = next((f"the orthogonalization prepass left every graph of this model unchanged ({'; '.join(r['notes'])})"
+                      for r in results["records"] if r["orthogonalize"] and r.get("orthogonalized_graphs") == 0), None)
     for config in grid(allocations):
         if config.key() in done or (args.only and variant(_as_record(config)) not in args.only):
             continue
+        if config.orthogonalize and unchanged:  # the prepass refused this model: wina+orth would be wina again
+            results["skipped"].append({**_as_record(config), "reason": unchanged})
+            continue
+        if args.deadline and time.time() - started > args.deadline:
+            print(f"deadline of {args.deadline} s passed: stopping before {config.label}", flush=True)
+            break
         t0 = time.time()
         try:
             calibration, calibration_s = None, 0.0
             if config.needs_calibration:
                 kind = calibration_kind(config)
                 if kind not in calibrations:
-                    inputs = calibration_windows(tokenizer, args.calibration_windows, args.window_len)
+                    inputs = [w.to(args.device) for w in
+                              calibration_windows(tokenizer, args.calibration_windows, args.window_len)]
                     calibrations[kind] = (calibrate_for(model, inputs, config, targets), round(time.time() - t0, 1))
                 calibration, calibration_s = calibrations[kind]
-            record = evaluate(model, tokenizer, config, data, calibration, batch_size=args.batch_size)
+            record = evaluate(model, tokenizer, config, data, calibration, args.batch_size, args.pad_multiple)
         except Exception as err:  # recorded, not fatal: the rest of the grid still runs
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:400]
             results["skipped"].append({**_as_record(config), "reason": reason})
@@ -124,9 +137,12 @@ def run(args) -> None:
         record["calibration_s"] = calibration_s
         record["seconds"] = round(time.time() - t0, 1)
         results["records"].append(record)
+        if config.orthogonalize and record.get("orthogonalized_graphs") == 0:
+            unchanged = ("the orthogonalization prepass left every graph of this model unchanged "
+                         f"({'; '.join(record['notes'])})")
         save(path, results)
         print(f"{config.label}: {summarize(record)} ({record['seconds']:.0f} s)", flush=True)
-    plot(results, os.path.join(args.out, f"accuracy_{args.model}.png"))
+    plot(results, os.path.join(args.out, f"accuracy_{args.model}{args.suffix}.png"))
 
 
 def _as_record(config: EvalConfig) -> dict:
@@ -213,13 +229,17 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-greedy", action="store_true", help="uniform allocation only")
     parser.add_argument("--only", help="comma-separated variants to run, e.g. 'wina,teal,wina+orth' (default: all)")
+    parser.add_argument("--pad-multiple", type=int, default=16, help="task sequences are padded to a multiple of this")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--deadline", type=float, default=0, help="start no configuration after this many seconds")
+    parser.add_argument("--suffix", default="", help="results file accuracy_<model><suffix>.json")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--table", action="store_true", help="print markdown tables from the JSON and exit")
     parser.add_argument("--plot", action="store_true", help="only redraw the PNG from the JSON")
     args = parser.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.only = set(args.only.split(",")) if args.only else None
-    path = os.path.join(args.out, f"accuracy_{args.model}.json")
+    path = os.path.join(args.out, f"accuracy_{args.model}{args.suffix}.json")
     if args.table or args.plot:
         results = load(path)
         if results is None:
@@ -227,7 +247,7 @@ def main(argv=None) -> None:
         if args.table:
             print(tables(results))
         if args.plot:
-            plot(results, os.path.join(args.out, f"accuracy_{args.model}.png"))
+            plot(results, os.path.join(args.out, f"accuracy_{args.model}{args.suffix}.png"))
         return
     run(args)
 

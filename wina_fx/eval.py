@@ -42,8 +42,9 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:
     (1, T, vocab); each window predicts its tokens 1..T-1 from the ones before.
     """
     total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
     for ids in windows:
-        out = model(ids, use_cache=False)
+        out = model(ids.to(device), use_cache=False)
         logits = out.logits if hasattr(out, "logits") else out
         logits = logits[:, :-1].float()
         targets = ids[:, 1:].to(logits.device)
@@ -335,7 +336,7 @@ def markdown_table(records: list[dict], metric: str = "ppl") -> str:
         return "-" if v is None else fmt.format(v)
 
     sparse = [r for r in records if r["method"] != "dense"]
-    columns = list(dict.fromkeys(variant(r) for r in sparse))
+    columns = list(dict.fromkeys(variant(r) for r in sparse)) or ["dense"]
     dense = next((r for r in records if r["method"] == "dense"), None)
     lines = ["| sparsity | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     if dense is not None:
