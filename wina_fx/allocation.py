@@ -28,7 +28,10 @@ prepass, so it scores exactly the linears, weights and activations the backend s
   ``channel_scores`` and k = ``keep_count(K, s)``: the backend's top-k rule.
 
 Parameters (TEAL, arXiv 2408.14690, FasterDecoding/TEAL ``teal/greedyopt.py``):
-``step`` = 0.05 is TEAL's ``base_step_size``; linear i moves by step * ref / size_i, where
+``step``: TEAL's ``base_step_size`` is 0.05 (``TEAL_STEP``); the default here is 0.1, half
+the cost (SmolLM2-135M, 128 tokens, 2-core CPU, one thread: 273 s of CPU against ~2x that,
+perplexity at 50% 69.1 against 67.7, uniform 73.9; benchmarks/results/allocation_smollm2*.json).
+Linear i moves by step * ref / size_i, where
 ref is the median linear size of the block (for Llama-like blocks the q/o size, which is
 TEAL's unit in its ``weight_dict``), so every step skips the same number of weights. A
 linear stops below sparsity 1. Error: relative squared error of the block output against
@@ -58,7 +61,8 @@ from wina_fx.passes.find_linears import LinearSite, find_linears
 from .methods import channel_scores, keep_count
 
 DEFAULT_TARGETS = (0.25, 0.4, 0.5, 0.65)
-DEFAULT_STEP = 0.05  # TEAL's base_step_size
+TEAL_STEP = 0.05  # TEAL's base_step_size
+DEFAULT_STEP = 0.1  # half TEAL's cost; see the module docstring
 ALLOCATED_METHODS = ("wina", "teal")  # keep rules the greedy models exactly: top-k of |x_i| * score_i
 _ADDS = (operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.ops.aten.add.Tensor)
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
@@ -87,7 +91,7 @@ def check_targets(targets: Iterable[float], where: str = "allocation_targets") -
 def check_step(step: float) -> float:
     """``step`` if it is a float in (0, 1); else ValueError."""
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step < 1.0:
-        raise ValueError(f"allocation step must be a float in (0, 1) (TEAL uses {DEFAULT_STEP}), got {step!r}")
+        raise ValueError(f"allocation step must be a float in (0, 1) (TEAL uses {TEAL_STEP}), got {step!r}")
     return float(step)
 
 
@@ -434,7 +438,8 @@ def greedy_allocation(
 ) -> dict[float, dict[str, float]]:
     """{target: {linear name: sparsity}} for ``model`` on real ``inputs`` (as ``calibrate``
     takes them: tensors, tuples or mappings). Weights are not changed. The cost grows with
-    the tokens in ``inputs`` and with 1 / ``step``: a few hundred tokens are enough."""
+    the tokens in ``inputs`` and with 1 / ``step``: ~N_blocks / step * 5 block evaluations
+    on those tokens (a hundred or a few hundred tokens are enough)."""
     check_method(method)
     targets = check_targets(targets)
     check_step(step)
