@@ -10,6 +10,7 @@
 Writes benchmarks/results/allocation_smollm2.json (timings, perplexities, the size-weighted
 mean of every allocation, mean sparsity per projection kind) and prints a table.
 Usage: python benchmarks/allocation_smollm2.py [--tokens 128] [--step 0.05] [--eval 0.5]
+       [--orthogonalize full] [--out PATH]
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def main():
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows")
     parser.add_argument("--eval-window", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    parser.add_argument("--orthogonalize", default=None, help="prepass variant (full, local, shared); default none")
     parser.add_argument("--out", default=RESULT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,10 +68,11 @@ def main():
     log("model and texts loaded")
 
     t = time.time()
-    calibration = wina_fx.calibrate(model, calib, method="wina", progress=False)
+    orth = args.orthogonalize
+    calibration = wina_fx.calibrate(model, calib, method="wina", progress=False, orthogonalize=orth or False)
     calibrate_seconds = time.time() - t
     t, cpu = time.time(), time.process_time()
-    allocations = greedy_allocation(model, calib, "wina", DEFAULT_TARGETS, step=args.step, progress=True)
+    allocations = greedy_allocation(model, calib, "wina", DEFAULT_TARGETS, orth or False, args.step, progress=True)
     greedy_seconds, greedy_cpu_seconds = time.time() - t, time.process_time() - cpu
     calibration.allocations.update(allocations)
     log(f"greedy allocation for {list(allocations)}: {greedy_seconds:.0f} s")
@@ -77,6 +80,7 @@ def main():
     result = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
         "method": "wina top-k; q,k,v,o,gate,up,down of 30 layers; lm_head dense",
+        "orthogonalize": orth,
         "calibration_data": f"wina_fx.data.text('calibration'): {len(calib)} window(s) of {args.window} tokens",
         "evaluation_data": f"wina_fx.data.text('evaluation'): {len(evaluation)} windows of {args.eval_window} tokens",
         "greedy": {
@@ -106,7 +110,7 @@ def main():
         row = result["perplexity"][f"{sparsity:g}"] = {}
         for mode in ("uniform", "greedy"):
             options = {"method": "wina", "sparsity": sparsity, "sparsity_allocation": mode,
-                       "calibration": calibration, "inductor": False}
+                       "calibration": calibration, "inductor": False, "orthogonalize": orth or False}
             torch._dynamo.reset()
             row[mode] = perplexity(torch.compile(model, backend="wina", options=options), evaluation)
             targets = [r.target_sparsity for r in wina_fx.last_report().sparse_rows]
@@ -119,7 +123,8 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\nSmolLM2-135M, WINA top-k perplexity ({result['evaluation_data']}); dense {result['perplexity']['dense']:.3f}")
+    orth_note = f", orthogonalize={orth}" if orth else ""
+    print(f"\nSmolLM2-135M, WINA top-k{orth_note} perplexity ({result['evaluation_data']}); dense {result['perplexity']['dense']:.3f}")
     print(f"{'sparsity':>8} {'uniform':>9} {'greedy':>9}")
     for key, row in result["perplexity"].items():
         if key != "dense":

@@ -1,12 +1,14 @@
 """Greedy per-linear sparsity allocation (wina_fx.allocation): targets met, sensitive linears
 spared, blocks found on the FX graph, saved with the calibration, read by the backend."""
+import operator
+
 import pytest
 import torch
 from tiny_models import tiny_model
 
 import wina_fx
-from wina_fx.calibration import NUM_QUANTILES
 from wina_fx.allocation import AllocationRecorder, allocate, block_name, greedy_allocation
+from wina_fx.calibration import NUM_QUANTILES
 
 TINY_BATCHES = [torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
@@ -104,7 +106,7 @@ def test_blocks_outputs_and_dense_replay_on_the_fx_graph():
         block = evaluator.block
         # the output is the residual add after the MLP's down projection
         down = next(s.node for s in block.sites if s.name.endswith("mlp.down_proj"))
-        assert block.output.target in (torch.add, __import__("operator").add) and down in block.output.args
+        assert block.output.target in (torch.add, operator.add) and down in block.output.args
         if layer:  # the previous block's output is read from the recording, not re-evaluated
             assert evaluators[layer - 1].block.output in block.frontier
         # re-evaluating every node dense from the recorded frontier gives the recorded output
