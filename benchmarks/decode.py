@@ -77,6 +77,44 @@ def decode_tokens_per_s(model, step, prompt, new_tokens: int, warmup: int) -> fl
     return new_tokens / (time.perf_counter() - started)
 
 
+@torch.no_grad()
+def kernel_profile(model, step, prompt, steps: int = 4, top: int = 14) -> dict:
+    """GPU time per decode step by kernel name (torch.profiler; kernels inside CUDA graphs too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = transformers.StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps + 2)
+    position = torch.arange(prompt.shape[1], device=prompt.device)
+    token = model(prompt, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1:].argmax(-1)
+    position = position[-1:] + 1
+    step(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True)  # warm
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            position = position + 1
+            step(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0 and e.count > 0:
+            rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": us / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    return {"gpu_us_per_step": total, "launches_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:top]}
+
+
+def profiled(model, step, prompt):
+    try:
+        prof = kernel_profile(model, step, prompt)
+    except Exception as e:  # the profile is an extra; never lose the timing for it
+        print(f"profile failed: {type(e).__name__}: {e}")
+        return None
+    print(f"  GPU {prof['gpu_us_per_step']:.0f} us/step in {prof['launches_per_step']:.0f} kernels; top: " +
+          "; ".join(f"{r['kernel'][:50]} x{r['calls_per_step']:.0f} {r['us_per_step']:.0f} us" for r in prof["top"][:8]),
+          flush=True)
+    return prof
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (checks the plumbing only)")
@@ -86,6 +124,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--suffix", default="", help="appended to the result file names (split runs)")
+    parser.add_argument("--profile", action="store_true", help="also record GPU time per step by kernel")
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
@@ -103,29 +142,6 @@ def main():
         torch._dynamo.reset()
 
     records = []
-    torch._dynamo.reset()
-    step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
-    dense = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
-    records.append({"impl": "dense", "sparsity": 0.0, "measured_sparsity": 0.0, "tokens_per_s": dense, "speedup_vs_dense": 1.0})
-    print(f"dense: {dense:.1f} tokens/s", flush=True)
-    for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        torch._dynamo.reset()
-        options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration}
-        wina_mode = {"mode": mode} if mode else {}
-        step = torch.compile(model, backend="wina", options={**options, **wina_mode}, fullgraph=True, dynamic=False)
-        rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
-        # measured sparsity from a separate, eager run with counters (counters cost time)
-        torch._dynamo.reset()
-        probe = torch.compile(model, backend="wina", options={**options, "measure": True, "inductor": False})
-        decode_tokens_per_s(model, probe, prompt, 4, 0)
-        measured = [r.measured_sparsity for r in wina_fx.last_report().sparse_rows]
-        records.append({
-            "impl": "wina", "sparsity": sparsity, "measured_sparsity": sum(measured) / len(measured),
-            "tokens_per_s": rate, "speedup_vs_dense": rate / dense,
-        })
-        print(f"wina {sparsity:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense, "
-              f"measured sparsity {records[-1]['measured_sparsity']:.3f}", flush=True)
-
     gpu = "cpu-tiny" if args.tiny else torch.cuda.get_device_name().replace(" ", "_")
     header = {
         "gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -135,28 +151,83 @@ def main():
     }
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"decode_{gpu}{args.suffix}.json"), "w") as f:
-        json.dump({"header": header, "records": records}, f, indent=1)
+
+    def save():  # after every configuration, so a run cut short keeps what it measured
+        with open(os.path.join(out_dir, f"decode_{gpu}{args.suffix}.json"), "w") as f:
+            json.dump({"header": header, "records": records}, f, indent=1)
+
+    torch._dynamo.reset()
+    step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+    dense = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
+    records.append({"impl": "dense", "sparsity": 0.0, "measured_sparsity": 0.0, "tokens_per_s": dense, "speedup_vs_dense": 1.0})
+    print(f"dense: {dense:.1f} tokens/s", flush=True)
+    if args.profile:
+        records[-1]["profile"] = profiled(model, step, prompt)
+    save()
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        torch._dynamo.reset()
+        options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration}
+        wina_mode = {"mode": mode} if mode else {}
+        step = torch.compile(model, backend="wina", options={**options, **wina_mode}, fullgraph=True, dynamic=False)
+        rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
+        prof = profiled(model, step, prompt) if args.profile else None
+        # measured sparsity from a separate, eager run with counters (counters cost time); at
+        # sparsity 0 the calibrated threshold is -inf, which keeps every channel by definition
+        measured = [0.0]
+        if sparsity > 0:
+            torch._dynamo.reset()
+            probe = torch.compile(model, backend="wina", options={**options, "measure": True, "inductor": False})
+            decode_tokens_per_s(model, probe, prompt, 4, 0)
+            measured = [r.measured_sparsity for r in wina_fx.last_report().sparse_rows]
+        records.append({
+            "impl": "wina", "sparsity": sparsity, "measured_sparsity": sum(measured) / len(measured),
+            "tokens_per_s": rate, "speedup_vs_dense": rate / dense,
+        })
+        if prof:
+            records[-1]["profile"] = prof
+        save()
+        print(f"wina {sparsity:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense, "
+              f"measured sparsity {records[-1]['measured_sparsity']:.3f}", flush=True)
+
+    save()
+    plot(records, header, os.path.join(out_dir, f"decode_{gpu}{args.suffix}.png"))
+    print(json.dumps([{k: v for k, v in r.items() if k != "profile"} for r in records], indent=1))
+
+
+def plot(records, header, path):
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        wina = [r for r in records if r["impl"] == "wina"]
-        plt.figure(figsize=(5, 3.5))
-        plt.plot([r["sparsity"] for r in wina], [r["speedup_vs_dense"] for r in wina], "o-", label="wina / dense")
-        plt.plot([0, 0.65], [1, 1], "k--", lw=0.8)
-        plt.xlabel("sparsity")
-        plt.ylabel("decode speedup vs dense")
-        plt.title(f"{header['model']}, batch 1, {gpu}", fontsize=8)
-        plt.legend()
-        plt.tight_layout()
-        plt.savefig(os.path.join(out_dir, f"decode_{gpu}{args.suffix}.png"), dpi=120)
     except ImportError:
         print("matplotlib missing: no plot")
-    print(json.dumps(records, indent=1))
+        return
+    wina = sorted((r for r in records if r["impl"] == "wina"), key=lambda r: r["sparsity"])
+    plt.figure(figsize=(5, 3.5))
+    plt.plot([r["sparsity"] for r in wina], [r["speedup_vs_dense"] for r in wina], "o-", label="wina / dense")
+    plt.plot([0.5, 0.65], [1.85, 2.3], "r*", label="issue targets")
+    plt.plot([0, 0.65], [1, 1], "k--", lw=0.8)
+    plt.xlabel("sparsity")
+    plt.ylabel("decode speedup vs dense")
+    plt.title(f"{header['model']}, batch 1, {header['gpu']}", fontsize=8)
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(path, dpi=120)
+
+
+def merge(paths, out):
+    """One result file from split runs (each wina record keeps the ratio to its own run's dense)."""
+    runs = [json.load(open(p)) for p in paths]
+    header = dict(runs[0]["header"], merged_from=[os.path.basename(p) for p in paths])
+    records = [dict(r, run=i) for i, run in enumerate(runs) for r in run["records"]]
+    with open(out, "w") as f:
+        json.dump({"header": header, "records": records}, f, indent=1)
+    plot(records, header, out.replace(".json", ".png"))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--merge"]:  # decode.py --merge OUT.json IN.json ...
+        merge(sys.argv[3:], sys.argv[2])
+    else:
+        main()

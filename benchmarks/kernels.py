@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import sys
@@ -157,7 +158,7 @@ class Case:
 
     def threshold(self, x, s):
         if s <= 0:
-            return -1.0
+            return -math.inf  # what calibration gives for sparsity 0: the op runs cuBLAS
         return reference.importance(x, self.score).flatten().float().quantile(s).item()
 
     def floor_bytes(self, x, mask):
@@ -198,11 +199,9 @@ def run_main(args, bw, records, log, save):
             dense = [lambda w=w: F.linear(x, w) for w in case.w]
             dense_us = time_us(dense)
             dense_floor = case.floor_bytes(x, None)[0] / bw * 1e6
-            extra = {}
+            extra = {"dense_kn": time_us([lambda wt=wt: torch.mm(x, wt) for wt in case.wt])}  # on W^T (K, N)
             if M == 1:
                 extra["dense_flushed"] = time_us(dense, flush=True)
-            else:  # cuBLAS on the (K, N) layout the dense fallback uses
-                extra["dense_kn"] = time_us([lambda wt=wt: torch.mm(x, wt) for wt in case.wt])
             for s in SPARSITIES:
                 thr = case.threshold(x, s)
                 rec = dict(K=K, N=N, batch=M, dtype=dname, sparsity=s)
@@ -211,13 +210,14 @@ def run_main(args, bw, records, log, save):
                     ref_us = extra["dense_flushed"] if name == "dense_flushed" else dense_us
                     record(records, log, rec, name, us, ref_us, dense_floor, 1.0, 0.0)
                 impls = {"wina_threshold": (None, dict(thr=thr))}
-                if M == 1:
+                if M == 1:  # the two GEMV kernels forced, also at 0 % (threshold -1 keeps all in-kernel)
+                    t_kernel = thr if s > 0 else -1.0
+                    impls["wina_masked"] = ("gemv_masked", dict(thr=t_kernel))
+                    impls["wina_compact"] = ("gemv", dict(thr=t_kernel))
                     impls["wina_topk"] = (None, dict(k=round((1 - s) * K)))
-                else:
-                    impls["masked_gemm"] = ("gemm", dict(thr=thr))
                 for impl, (path, kw) in impls.items():
                     fns = wina_fns(case, x, path=path, **kw)
-                    mask = (reference.threshold_mask(x, case.score, thr) if "k" not in kw
+                    mask = (reference.threshold_mask(x, case.score, kw["thr"]) if "k" not in kw
                             else reference.topk_mask(x, case.score, kw["k"]))
                     try:
                         err = check(case, x, mask, fns[0]())
@@ -235,6 +235,44 @@ def run_main(args, bw, records, log, save):
                         record(records, log, rec, "dense_eager", ed, dense_us, dense_floor, 1.0, 0.0)
                         record(records, log, rec, "wina_threshold_eager", ew, dense_us, fb / bw * 1e6, kept, err)
         save()  # after every shape, so a run cut short still leaves its numbers
+        del case
+        torch.cuda.empty_cache()
+
+
+def run_compiled(bw, records, log, save):
+    """The batched path as the backend runs it: RMSNorm -> linear, compiled by Inductor, where
+    the keep mask fuses into the norm's kernel (records dense_compiled / wina_compiled)."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    for K, N in SHAPES:
+        torch._dynamo.reset()
+        case = Case(K, N, torch.bfloat16)
+        nw = torch.ones(K, device=DEVICE, dtype=torch.bfloat16)
+        norm = lambda h: (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(h.dtype) * nw
+        dense_f = torch.compile(lambda h, w: F.linear(norm(h), w), dynamic=False)
+        wina_f = torch.compile(lambda h, wt, t: sl.threshold_linear(norm(h), wt, None, case.score, t), dynamic=False)
+        for M in [b for b in BATCHES if b > 1]:
+            h = case.inputs(M)
+            xn = norm(h)
+            dense_us = time_us([lambda w=w: dense_f(h, w) for w in case.w[:3]])
+            floor = case.floor_bytes(xn, None)[0] / bw * 1e6
+            for s in [0.25, 0.5, 0.9]:
+                rec = dict(K=K, N=N, batch=M, dtype="bfloat16", sparsity=s)
+                record(records, log, rec, "dense_compiled", dense_us, dense_us, floor, 1.0, 0.0)
+                thr = case.threshold(xn, s)
+                mask = reference.threshold_mask(xn, case.score, thr)
+                ref = F.linear((xn * mask).float(), case.w[0].float())
+                # Inductor decides the mask on the norm's unrounded fp32 value, so borderline
+                # channels may flip against this bf16 reference: a looser check (NaN never passes)
+                err = rel_err(wina_f(h, case.wt[0], thr), ref)
+                if not err < 0.1:
+                    log(f"FAILED wina_compiled K={K} N={N} M={M} s={s}: rel err {err}")
+                    records.append(dict(rec, impl="wina_compiled", failed=f"rel err {err}"))
+                    continue
+                us = time_us([lambda wt=wt: wina_f(h, wt, thr) for wt in case.wt[:3]])
+                record(records, log, rec, "wina_compiled", us, dense_us, floor, float(mask.any(0).float().mean()), err)
+        save()
         del case
         torch.cuda.empty_cache()
 
@@ -324,11 +362,152 @@ def run_sweep(args, bw, sweep, log, save):
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- M=1 variants
+# name: (path, BLOCK_N, BLOCK_K or BLOCK_R, programs per SM, STAGES, num_warps, TICKETS)
+VARIANTS = {
+    "gemv_r": ("gemv", 128, 64, 1, 3, 4, False),
+    "gemv_r_n64": ("gemv", 64, 128, 2, 3, 4, False),
+    "gemv_r_n32": ("gemv", 32, 256, 2, 3, 4, False),
+    "m_n64k128_t": ("gemv_masked", 64, 128, 2, 3, 4, True),
+    "m_n64k128": ("gemv_masked", 64, 128, 2, 3, 4, False),
+    "m_n64k256": ("gemv_masked", 64, 256, 2, 3, 4, False),
+    "m_n32k128": ("gemv_masked", 32, 128, 2, 3, 4, False),
+    "m_n32k256": ("gemv_masked", 32, 256, 2, 3, 4, False),
+    "m_n32k256_s4": ("gemv_masked", 32, 256, 2, 4, 4, False),
+    "m_n32k256_s2": ("gemv_masked", 32, 256, 2, 2, 4, False),
+    "m_n32k256_3sm": ("gemv_masked", 32, 256, 3, 3, 4, False),
+    "m_n32k256_1sm": ("gemv_masked", 32, 256, 1, 3, 4, False),
+    "m_n32k512": ("gemv_masked", 32, 512, 2, 3, 4, False),
+    "m_n32k512_w8": ("gemv_masked", 32, 512, 2, 3, 8, False),
+    "m_n16k512": ("gemv_masked", 16, 512, 2, 3, 4, False),
+}
+LAYER = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096)]
+
+
+def variant_cfg(name, K, N, sms, M=1):
+    path, bn, bk, per_sm, st, w, tickets = VARIANTS[name]
+    split = max(1, min(triton.cdiv(per_sm * sms, triton.cdiv(N, bn) * M), K // 256, 32))
+    cfg = dict(BLOCK_N=bn, SPLIT_K=split, STAGES=st, TICKETS=tickets, num_warps=w)
+    cfg["BLOCK_K" if path == "gemv_masked" else "BLOCK_R"] = bk
+    return path, cfg
+
+
+def run_variants(bw, out, log):
+    """M=1 kernels side by side: single calls on decode shapes, then a chain of the 7 linears of
+    two Llama-3-8B layers in one CUDA graph (per-layer time, launch gaps included)."""
+    from kernels import sparse_linear_kernels as kern
+
+    sms, res = num_sms(), []
+
+    def save(res):
+        with open(os.path.join(out, f"variants_{gpu_tag()}.json"), "w") as f:
+            json.dump(dict(header=device_header(bw), variants={k: list(v) for k, v in VARIANTS.items()}, results=res), f)
+
+    buf = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    empty = lambda: sl._launch(kern._prep_kernel, (1, 1), buf, buf, buf, buf, 1, 0, 0, 0, 0.0, 0,
+                               TOPK=False, BLOCK_K=1024, num_warps=4)
+    for n in [1, 20]:
+        us = time_us([lambda: [empty() for _ in range(n)]])
+        res.append(dict(kind="empty_chain", n=n, us=us))
+        log(f"graph of {n:2d} empty kernels: {us:6.2f} us")
+    for (K, N), dtype in [((4096, 4096), torch.bfloat16), ((4096, 1024), torch.bfloat16),
+                          ((4096, 14336), torch.bfloat16), ((14336, 4096), torch.bfloat16),
+                          ((5120, 17920), torch.float16)]:
+        case = Case(K, N, dtype)
+        x = case.inputs(1)
+        base = dict(dense=time_us([lambda w=w: F.linear(x, w) for w in case.w]),
+                    dense_kn=time_us([lambda wt=wt: torch.mm(x, wt) for wt in case.wt]))
+        for s in [0.0, 0.5, 0.65, 0.9]:
+            thr = case.threshold(x, s)
+            mask = reference.threshold_mask(x, case.score, thr)
+            floor = case.floor_bytes(x, mask)[0] / bw * 1e6
+            row = dict(base)
+            for name in VARIANTS:
+                path, cfg = variant_cfg(name, K, N, sms)
+                row[name] = try_time(case, x, mask, path, cfg, thr, log)
+            res.append(dict(kind="single", K=K, N=N, dtype=str(dtype), sparsity=s, floor_us=floor, us=row))
+            log(f"K={K:5d} N={N:5d} s={s:.2f} floor {floor:5.1f} | " +
+                " ".join(f"{k} {v:5.1f}" if v else f"{k} fail" for k, v in row.items()))
+        del case
+        torch.cuda.empty_cache()
+    # chain: two layers' linears (~0.9 GB bf16, so no weight byte comes from L2)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    layers = [[(torch.randn(N, K, device=DEVICE, generator=g) * K**-0.5).bfloat16() for K, N in LAYER] for _ in range(2)]
+    wts = [[w.t().contiguous() for w in ws] for ws in layers]
+    scores = [[w.float().norm(dim=0) for w in ws] for ws in layers]
+    xs = {K: torch.randn(1, K, device=DEVICE, generator=g).bfloat16() for K in (4096, 14336)}
+    for s in [0.0, 0.25, 0.5, 0.65, 0.8]:
+        thr = [[reference.importance(xs[w.shape[1]], sc).float().quantile(s).item() if s > 0 else -1.0
+                for w, sc in zip(ws, scs)] for ws, scs in zip(layers, scores)]
+        row = dict(dense=time_us([lambda: [F.linear(xs[w.shape[1]], w) for ws in layers for w in ws]]) / 2)
+        for name in ["auto"] + list(VARIANTS):
+            def chain(name=name):
+                for ws, wt_l, scs, ths in zip(layers, wts, scores, thr):
+                    for w, wt, sc, t in zip(ws, wt_l, scs, ths):
+                        K, N = w.shape[1], w.shape[0]
+                        path, cfg = (None, None) if name == "auto" else variant_cfg(name, K, N, sms)
+                        sl._sparse_linear(xs[K], wt, None, sc, threshold=t, path=path, config=cfg)
+            try:
+                row[name] = time_us([chain]) / 2
+            except Exception as e:
+                log(f"chain {name} failed: {type(e).__name__}: {str(e)[:200]}")
+        res.append(dict(kind="layer_chain", sparsity=s, us_per_layer=row))
+        log(f"layer chain s={s:.2f} us/layer | " + " ".join(f"{k} {v:6.1f}" for k, v in row.items()))
+    del layers, wts
+    torch.cuda.empty_cache()
+    if not os.environ.get("WINA_BENCH_COMPILED"):
+        return save(res)
+    # the batched path as the backend runs it: RMSNorm -> linear, compiled by Inductor
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    for K, N in [(4096, 14336), (14336, 4096)]:
+        torch._dynamo.reset()
+        case = Case(K, N, torch.bfloat16)
+        nw = torch.ones(K, device=DEVICE, dtype=torch.bfloat16)
+        norm = lambda h: (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(h.dtype) * nw
+        dense_f = torch.compile(lambda h, w: F.linear(norm(h), w), dynamic=False)
+        wina_f = torch.compile(lambda h, wt, t: sl.threshold_linear(norm(h), wt, None, case.score, t), dynamic=False)
+        for M in [16, 64, 256]:
+            h = case.inputs(M)
+            xn = norm(h)
+            row = dict(dense=time_us([lambda w=w: dense_f(h, w) for w in case.w[:3]]))
+            for s in [0.5, 0.9]:
+                thr = case.threshold(xn, s)
+                ref = F.linear((xn * reference.threshold_mask(xn, case.score, thr)).float(), case.w[0].float())
+                # Inductor decides the mask on the norm's unrounded fp32 value: borderline channels may
+                # flip against this bf16 reference, so the check is looser (NaN never passes)
+                row[f"err_{s}"] = err = rel_err(wina_f(h, case.wt[0], thr), ref)
+                row[f"wina_{s}"] = time_us([lambda wt=wt: wina_f(h, wt, thr) for wt in case.wt[:3]]) if err < 0.1 else None
+            res.append(dict(kind="compiled_norm_linear", K=K, N=N, batch=M, us=row))
+            log(f"compiled norm+linear M={M:3d} K={K} N={N} | " + " ".join(f"{k} {v:5.1f}" if v else f"{k} fail" for k, v in row.items()))
+        del case
+        torch.cuda.empty_cache()
+    save(res)
+
+
+def inductor_code(log):
+    """Which kernels Inductor emits around the custom op (launch count per sparse linear)."""
+    import wina_fx.ops  # noqa: F401
+    from torch._inductor.utils import run_and_get_code
+
+    for K, N, t, M in [(4096, 14336, 0.3, 1), (4096, 1024, 0.3, 1), (4096, 4096, -float("inf"), 1), (4096, 4096, 0.3, 64)]:
+        w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16)
+        wt, sc = w.t().contiguous(), w.float().norm(dim=0)
+        fn = torch.compile(lambda x: torch.ops.wina.threshold_linear(torch.nn.functional.silu(x), wt, None, sc, t),
+                           fullgraph=True)
+        _, code = run_and_get_code(fn, torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16))
+        calls = [ln.strip()[:110] for ln in code[-1].splitlines() if ".run(" in ln or "extern_kernels" in ln
+                 or "aten." in ln or "cuda_stream" in ln and "=" not in ln]
+        log(f"inductor M={M} K={K} N={N} t={t}: " + " | ".join(c for c in calls if not c.startswith("#")))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-main", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="M=1 kernel variants and a layer chain, then exit")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     out = out_dir()
@@ -344,6 +523,11 @@ def main():
     bw = copy_bandwidth()
     header = device_header(bw)
     log(f"{header['gpu']} torch {header['torch']} triton {header['triton']}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    if args.variants:
+        inductor_code(log)
+        run_variants(bw, out, log)
+        log(f"variants done at {time.time() - t0:.0f} s")
+        return
     if args.sweep:
         sweep = []
 
@@ -365,6 +549,9 @@ def main():
 
     run_main(args, bw, records, log, save)
     save()
+    if not args.quick:
+        run_compiled(bw, records, log, save)
+        save()
     try:
         from benchmarks.plot import plot
 
@@ -372,26 +559,29 @@ def main():
     except Exception as e:  # plotting is optional
         log(f"plot failed: {e}")
     # short table: batch-1 speedups on 5120x17920 fp16, and worst batched ratio per shape
-    log("\nfp16 K=5120 N=17920 batch 1: speedup over cuBLAS -- threshold | same, do_bench flush on | top-k | "
-        "1/(1-s) | TEAL (ANCHORS) -- and threshold latency vs floor")
+    log("\nfp16 K=5120 N=17920 batch 1: speedup over cuBLAS -- dispatched | masked kernel | compact kernel | "
+        "dispatched, do_bench flush on | top-k | 1/(1-s) | TEAL (ANCHORS) -- and dispatched latency vs floor")
     teal = {0.0: 1.10, 0.25: 1.39, 0.4: 1.65, 0.5: 1.87, 0.65: 2.15, 0.8: 2.35, 0.9: 2.56}
+    impls = ["wina_threshold", "wina_masked", "wina_compact", "wina_threshold_flushed", "wina_topk"]
     for s in SPARSITIES:
         r = {x["impl"]: x for x in records if (x["K"], x["N"], x["batch"], x["dtype"], x["sparsity"]) ==
              (5120, 17920, 1, "float16", s)}
-        if all(i in r and "us" in r[i] for i in ["wina_threshold", "wina_threshold_flushed", "wina_topk"]):
-            t, f, k = r["wina_threshold"], r["wina_threshold_flushed"], r["wina_topk"]
-            log(f"  s={s:.2f}  {t['speedup_vs_dense']:5.2f} | {f['speedup_vs_dense']:5.2f} | {k['speedup_vs_dense']:5.2f} | "
-                f"{1 / (1 - s):5.2f} | {teal[s]:4.2f}   {t['us']:6.1f} us, floor {t['floor_us']:6.1f} us "
+        if all(i in r and "us" in r[i] for i in impls):
+            t = r["wina_threshold"]
+            log(f"  s={s:.2f}  " + " | ".join(f"{r[i]['speedup_vs_dense']:5.2f}" for i in impls) +
+                f" | {1 / (1 - s):5.2f} | {teal[s]:4.2f}   {t['us']:6.1f} us, floor {t['floor_us']:6.1f} us "
                 f"({100 * t['floor_us'] / t['us']:3.0f}%)")
-    log("\nworst wina_threshold / dense ratio over sparsities, per shape and batch (fp16, bf16)")
+    log("\nworst time / dense over sparsities, per shape and batch: wina_threshold (fp16, bf16), "
+        "then compiled norm+linear (bf16)")
     for (K, N) in ([(5120, 17920)] if args.quick else SHAPES):
         line = []
         for M in BATCHES:
-            for d in ["float16", "bfloat16"]:
+            for d, impl in [("float16", "wina_threshold"), ("bfloat16", "wina_threshold"), ("bfloat16", "wina_compiled")]:
                 rs = [x for x in records if (x["K"], x["N"], x["batch"], x["dtype"], x["impl"]) ==
-                      (K, N, M, d, "wina_threshold") and "us" in x]
+                      (K, N, M, d, impl) and "us" in x]
                 if rs:
-                    line.append(f"M={M} {d[:4]} {max(1 / x['speedup_vs_dense'] for x in rs):4.2f}")
+                    line.append(f"M={M} {d[:4]}{' compiled' if 'compiled' in impl else ''} "
+                                f"{max(1 / x['speedup_vs_dense'] for x in rs):4.2f}")
         log(f"  {K}x{N}: " + "  ".join(line))
     log(f"done in {time.time() - t0:.0f} s -> {path}")
 

@@ -10,10 +10,11 @@ import json
 STYLE = {  # impl -> (label, matplotlib format)
     "dense": ("dense cuBLAS (F.linear)", "k-o"),
     "floor": ("bandwidth floor", "k:"),
-    "wina_threshold": ("wina threshold (dispatched: GEMV at M=1, else mask + cuBLAS)", "C0-s"),
+    "wina_threshold": ("wina threshold, dispatched", "C0-s"),
+    "wina_masked": ("wina masked-load GEMV (TEAL-style)", "C2--v"),
+    "wina_compact": ("wina compacted-rows GEMV", "C4--x"),
     "wina_topk": ("wina top-k", "C1-^"),
     "dense_kn": ("cuBLAS on the (K, N) weight", "k--"),
-    "masked_gemm": ("masked GEMM (all weight rows)", "C3--d"),
 }
 
 
@@ -40,8 +41,9 @@ def plot(data: dict, path: str, K: int, N: int, dtype: str) -> None:
         ax.set_ylabel("latency (us)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{data['header']['gpu']}: wina sparse linear vs cuBLAS (do_bench median of CUDA-graph replays, weights rotated)", fontsize=9)
+        ax.legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"{data['header']['gpu']}: wina sparse linear vs cuBLAS (do_bench median of CUDA-graph replays, "
+                 "weights rotated).  Dispatched: M=1 masked GEMV (cuBLAS at 0 %), M>1 mask kernel + cuBLAS", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

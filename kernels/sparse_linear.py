@@ -4,15 +4,23 @@
 ``kernels/reference.py`` compute, but take the weight transposed: ``weight_t`` is
 (K, N) contiguous, so a dropped input channel is one skipped contiguous row.
 
-Paths, picked from the number of tokens M alone (shapes only: no host sync, no
-data-dependent Python, so the launchers can be captured in CUDA graphs):
+Paths, picked from the number of tokens M and the rule alone (shapes and Python
+constants: no host sync, no data-dependent Python, so the launchers can be captured in
+CUDA graphs):
 
-* ``gemv``  (M <= GEMV_MAX_M): ``_gemv_kernel`` decides the mask, compacts the kept
-  channel ids and reads only those weight rows; split-K with an in-kernel fixup.
-  One launch (plus a 4-byte-per-tile ticket memset when split-K).
-* ``gemm``  (M <= SPARSE_MAX_M): ``_gemm_masked_kernel`` masks x in-kernel and reads
-  all of the weight (kept as a measured alternative; the dispatch does not pick it).
-* ``dense`` (larger M): ``_prep_kernel`` writes x * mask, then cuBLAS ``addmm``.
+* keep-all (threshold -inf, what calibration gives for sparsity 0, or k >= K): cuBLAS,
+  nothing else.
+* ``gemv_masked`` (M = 1, the default): ``_gemv_masked_kernel`` decides the mask and
+  loads only the kept weight rows by masked loads; split-K partials summed by
+  ``_splitk_reduce_kernel``.  Best at 0-65 % sparsity.
+* ``gemv``: ``_gemv_kernel`` compacts the kept channel ids first, then streams full
+  tiles of kept rows: slower below ~65 %, up to 1.9x faster at 80-90 % (not dispatched:
+  the launcher cannot see the sparsity a threshold gives; ``GEMV_PATH`` selects it).
+* ``gemm``: ``_gemm_masked_kernel`` masks x in-kernel and reads all of the weight (a
+  measured alternative for M >= 2; never dispatched).
+* ``dense`` (M >= 2): x * mask, then cuBLAS.  The mask is ``_prep_kernel`` eagerly and
+  plain torch ops when torch.compile traces the op, so that Inductor fuses it into the
+  kernel producing x.
 
 ``topk_linear`` first runs ``_prep_kernel`` (exact per-token top-k by bisection on the
 float bits) to write x * mask, then the same paths keep the channels with x != 0.
@@ -22,63 +30,26 @@ on these launchers exposes the kernels to Inductor.
 from __future__ import annotations
 
 import functools
-import os
+import math
 
 import torch
 import triton
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import sparse_linear_kernels as kern
 
-# Dispatch rule, measured on an H100 by `benchmarks/kernels.py --sweep` ("rule_*" rows of
-# benchmarks/results/kernels_h100_sweep*.json; benchmarks/NOTES.md): with a per-token mask and
-# M = 2..256 tokens, time / cuBLAS was 0.95-1.19 for the dense fallback (mask kernel + cuBLAS),
-# 0.94-8.6 for the masked GEMM, 1.09-24 for a 16-token kept-row gather (since removed) and, for
-# M <= 8, 0.40 (90 % sparse) to 3.8 (dense) for one sparse GEMV per token.  So M >= 2 falls back.
+# Dispatch rule, measured on an H100 (benchmarks/NOTES.md; kernels_h100_sweep*.json and
+# kernels_h100_variants*.json in benchmarks/results): with a per-token mask and M = 2..256,
+# time / cuBLAS was 0.95-1.23 for mask + cuBLAS eagerly and 0.92-1.03 compiled (mask fused
+# into the norm), 0.94-8.6 for the masked GEMM, 1.3-4.8 for a 16-token tensor-core masked
+# GEMV, 1.09-24 for a 16-token kept-row gather, and, for M <= 8, 0.40 (90 % sparse) to 3.8
+# (dense) for one sparse GEMV per token.  So M >= 2 falls back to cuBLAS.
 GEMV_MAX_M = 1      # tokens handled by the sparse GEMV
+GEMV_PATH = "gemv_masked"  # M = 1 kernel: "gemv_masked" (TEAL-style) or "gemv" (compacted kept ids)
 SPARSE_MAX_M = 1    # up to this many tokens: in-kernel masking (gemm); above: dense fallback
 TOPK_MAX_K = 32768  # the top-k prep holds a token's row in registers
-
-
-def _patch_triton_interpreter() -> None:
-    """Work around two bugs of Triton 3.6's interpreter (TRITON_INTERPRET=1, CPU tests only).
-
-    1. It keeps scalars as 1-element arrays and converts them with ``int(array)``, which
-       NumPy 2.4 refuses for arrays with a dimension, so ``for i in range(start, end)``
-       fails with "only 0-dimensional arrays can be converted to Python scalars".
-    2. It stores bfloat16 as uint16 and ``tl.dot`` multiplies those integers.
-    Applied once, only when the interpreter is on; compiled kernels are untouched.
-    """
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter as interp
-
-    if getattr(interp, "_wina_patched", False):
-        return
-    patch_tensor = interp._patch_lang_tensor
-
-    def patched_tensor(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    create_dot = interp.InterpreterBuilder.create_dot
-
-    def as_fp32(h):
-        if h.dtype != tl.bfloat16:
-            return h
-        data = interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
-        return interp.TensorHandle(data.reshape(h.data.shape), tl.float32)
-
-    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, as_fp32(a), as_fp32(b), d, input_precision, max_num_imprecise_acc)
-
-    interp._patch_lang_tensor = patched_tensor
-    interp.InterpreterBuilder.create_dot = patched_dot
-    interp._wina_patched = True
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _patch_triton_interpreter()
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,7 +74,18 @@ def _gemv_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
     3 % and worst 12 % above the per-case best; GEMV_CANDIDATES in benchmarks/kernels.py)."""
     block_n = 128 if dtype.itemsize == 2 else 64
     split = max(1, min(triton.cdiv(sms, triton.cdiv(N, block_n) * M), K // 256, 64))
-    return dict(BLOCK_N=block_n, BLOCK_R=64, SPLIT_K=split, STAGES=3, num_warps=4)
+    return dict(BLOCK_N=block_n, BLOCK_R=64, SPLIT_K=split, STAGES=3, TICKETS=False, num_warps=4)
+
+
+def _gemv_masked_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
+    """Tiles of _gemv_masked_kernel, the best of 12 candidates on an H100 over a chain of the 7
+    linears of two Llama-3-8B layers at 25-65 % sparsity (VARIANTS in benchmarks/kernels.py):
+    32 columns x 256 rows per step, about two programs per SM; wide outputs (5120x17920)
+    preferred 64 x 128.  Split-K partials are summed by a second kernel, not by tickets: a
+    ticket buffer must be zeroed each call, which under Inductor is one more kernel anyway."""
+    block_n, block_k = (64, 128) if N >= 16384 else (32, 256)
+    split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(N, block_n) * M), K // 256, 32))
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=3, TICKETS=False, num_warps=4)
 
 
 def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
@@ -112,14 +94,29 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
     block_k = 64 if dtype.itemsize == 2 else 32
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     split = max(1, min(triton.cdiv(sms, tiles), triton.cdiv(K, 4 * block_k), 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, TICKETS=True,
                 num_warps=4, num_stages=4 if dtype.itemsize == 2 else 2)
+
+
+_CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _gemm_config}
 
 
 def _choose_path(M: int) -> str:
     if M <= GEMV_MAX_M:
-        return "gemv"
+        return GEMV_PATH
     return "gemm" if M <= SPARSE_MAX_M else "dense"
+
+
+def _traced(x: Tensor) -> bool:
+    """True while torch.compile traces the op's body (Inductor decomposes a triton_op)."""
+    return torch.compiler.is_compiling() or isinstance(x, (FakeTensor, FunctionalTensor))
+
+
+def _torch_mask(x: Tensor, score: Tensor, threshold: float) -> Tensor:
+    """x * (|x| * score > threshold) in torch ops: under Inductor this fuses into the kernel
+    that produces x (the norm or the SiLU product before the linear), so the batched path
+    costs what the dense matmul costs.  Eagerly _prep's one kernel is cheaper than these four."""
+    return torch.where(x.abs().float() * score > threshold, x, torch.zeros_like(x))
 
 
 def _prep(x: Tensor, score: Tensor, threshold: float, k: int | None, n_cnt: int = 0):
@@ -170,31 +167,38 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         out.zero_() if bias is None else out.copy_(bias.expand(M, N))
         return out.reshape(*lead, N)
 
-    path = path or _choose_path(M)
+    # A rule that keeps every channel (threshold -inf, as calibrated for sparsity 0, or
+    # k >= K) is the dense linear, bit for bit what the reference computes: plain cuBLAS.
+    keep_all = (k is None and threshold == -math.inf) or (k is not None and k >= K)
+    path = path or ("dense" if keep_all else _choose_path(M))
     sms = _num_sms(x.device)
     has_bias = bias is not None
     if path == "dense":
-        xm, _ = _prep(x2, score, threshold, k)
+        if keep_all:
+            xm = x2
+        elif k is None and _traced(x2):
+            xm = _torch_mask(x2, score, threshold)
+        else:
+            xm = _prep(x2, score, threshold, k)[0]
         if has_bias:
             torch.addmm(bias, xm, weight_t, out=out)
         else:
             torch.mm(xm, weight_t, out=out)
         return out.reshape(*lead, N)
+    if path not in _CONFIGS:
+        raise ValueError(f"unknown path {path!r}; choose from {', '.join(_CONFIGS)}, dense")
 
-    if path == "gemv":
-        cfg = dict(config or _gemv_config(M, N, K, x.dtype, sms))
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], M)
-        k_per = triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), 16) * 16
-        cfg.setdefault("BLOCK_KS", max(256, min(triton.next_power_of_2(k_per), 4096)))
-        n_tiles = grid[0] * M
-    elif path == "gemm":
-        cfg = dict(config or _gemm_config(M, N, K, x.dtype, sms))
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), cfg["SPLIT_K"])
+    cfg = {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}
+    split, tickets = cfg["SPLIT_K"], cfg["TICKETS"]
+    if path == "gemm":
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
         n_tiles = grid[0] * grid[1]
     else:
-        raise ValueError(f"unknown path {path!r}; choose from gemv, gemm, dense")
-    split = cfg.pop("SPLIT_K")
-    n_cnt = n_tiles if split > 1 else 0  # one split-K ticket per output tile
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+        n_tiles = grid[0] * M
+        step = cfg["BLOCK_K"] if path == "gemv_masked" else 16
+        k_per = triton.cdiv(triton.cdiv(K, split), step) * step
+    n_cnt = n_tiles if split > 1 and tickets else 0  # one split-K ticket per output tile
     if k is None:  # threshold: the kernel applies the rule; tickets zeroed here (if any)
         a, mode = x2, kern.KEEP_THRESHOLD
         cnt = torch.zeros((n_cnt,), dtype=torch.int32, device=x.device) if n_cnt else _empty((1,), torch.int32, x.device)
@@ -203,13 +207,21 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
     part = _empty((split, M, N) if split > 1 else (1,), torch.float32, x.device)
     args = [a, weight_t, bias if has_bias else out, score, out, part, cnt]
     if path == "gemv":
+        cfg.setdefault("BLOCK_KS", max(256, min(triton.next_power_of_2(k_per), 4096)))
         args.append(_empty((M * split * grid[0] * k_per,), torch.int32, x.device))  # kept-id scratch
-        args += [M, N, K, a.stride(0), out.stride(0), float(threshold), split, k_per]
+        args += [M, N, K, a.stride(0), out.stride(0), float(threshold), k_per]
         _launch(kern._gemv_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, **cfg)
+    elif path == "gemv_masked":
+        args += [M, N, K, a.stride(0), out.stride(0), float(threshold), k_per]
+        _launch(kern._gemv_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, **cfg)
     else:
-        args += [M, N, K, a.stride(0), out.stride(0), float(threshold), split]
+        args += [M, N, K, a.stride(0), out.stride(0), float(threshold)]
         _launch(kern._gemm_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias,
                 IEEE=x.dtype == torch.float32, **cfg)
+    if split > 1 and not tickets:  # partials only: sum them in a second launch
+        _launch(kern._splitk_reduce_kernel, (triton.cdiv(N, 256), M), part, bias if has_bias else out, out,
+                M, N, out.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split),
+                HAS_BIAS=has_bias, BLOCK_N=256, num_warps=4)
     return out.reshape(*lead, N)
 
 

@@ -8,11 +8,13 @@ Layouts shared by every kernel:
 * ``score``  (K,) float32; importance_i = |x_i| * score_i computed in float32,
              exactly as ``kernels/reference.py`` does (WINA: column norms; TEAL: ones).
 * ``out``    (M, N), row stride ``stride_om``, x's dtype; accumulation is float32.
-* split-K:   ``part`` (SPLIT_K, M, N) float32 partial sums and ``cnt`` int32 tickets,
-             zeroed before the launch.  Each program stores its partial, then takes a
-             ticket; the program that draws the last ticket of its output tile sums the
-             SPLIT_K partials in a fixed order (deterministic), adds the bias, casts and
-             stores.  One launch, no atomics on data, no host sync.
+* split-K:   ``part`` (SPLIT_K, M, N) float32 partial sums.  With TICKETS, ``cnt`` holds
+             int32 tickets zeroed before the launch: each program stores its partial,
+             then takes a ticket; the program that draws the last ticket of its output
+             tile sums the SPLIT_K partials in a fixed order (deterministic), adds the
+             bias, casts and stores (one launch, no atomics on data, no host sync).
+             Without, ``_splitk_reduce_kernel`` does that sum in a second launch (no
+             zeroed buffer at all).
 
 Keep rules (``MODE``): 0 keeps importance > threshold (``threshold_linear``); 1 keeps
 x != 0, used on an input that ``_prep_kernel`` already masked (``topk_linear``).
@@ -47,20 +49,41 @@ def _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIA
 
 @triton.jit
 def _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr, ticket,
-            pid_k, SPLIT_K, HAS_BIAS: tl.constexpr):
-    """Write the (BM, BN) fp32 tile acc, reducing over split-K programs when SPLIT_K > 1."""
+            pid_k, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr):
+    """Write the (BM, BN) fp32 tile acc, reducing over split-K programs when SPLIT_K > 1.
+
+    TICKETS: the last program of the tile sums the partials here (cnt zeroed before the
+    launch); otherwise only the partial is stored and ``_splitk_reduce_kernel`` follows.
+    SPLIT_K is a constexpr so that the fixup's loads are unrolled and issued together
+    (a run-time loop waits one L2 round trip per split)."""
     if SPLIT_K == 1:
         _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
     else:
         omask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(parts + pid_k * M * N, acc, mask=omask)
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
-        if tl.atomic_add(cnt_ptr + ticket, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.load(parts, mask=omask, other=0.0, cache_modifier=".cg")
-            for s in range(1, SPLIT_K):
-                total += tl.load(parts + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
-            _store_tile(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+        if TICKETS:
+            tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+            if tl.atomic_add(cnt_ptr + ticket, 1, sem="acq_rel") == SPLIT_K - 1:
+                total = tl.load(parts, mask=omask, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT_K):
+                    total += tl.load(parts + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
+                _store_tile(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr,
+                          SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[m] = sum over s of part[s, m] (fixed order) + bias.  Grid (cdiv(N, BLOCK_N), M).
+    The second launch of a split-K GEMV without tickets: no zeroed buffer, no atomics."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_s = tl.arange(0, SPLIT_P2)
+    mask = (offs_s < SPLIT_K)[:, None] & (offs_n < N)[None, :]
+    p = tl.load(part_ptr + offs_s[:, None] * (M * N) + m * N + offs_n[None, :], mask=mask, other=0.0)
+    _store_tile(tl.sum(p, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
+                HAS_BIAS)
 
 
 @triton.jit
@@ -129,9 +152,9 @@ def _fma_rows(acc, rows, jmask, x_row, wt_ptr, offs_n, nmask, N):
 @triton.jit
 def _gemv_kernel(
     x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr, scr_ptr,
-    M, N, K, stride_xm, stride_om, threshold, SPLIT_K, K_PER_SPLIT,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
+    M, N, K, stride_xm, stride_om, threshold, K_PER_SPLIT, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
 
@@ -175,14 +198,50 @@ def _gemv_kernel(
             rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
             acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, offs_n, nmask, N)
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
-            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS)
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS)
+
+
+@triton.jit
+def _gemv_masked_kernel(
+    x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_om, threshold, K_PER_SPLIT, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
+
+    Program (n, s, m) walks its K range BLOCK_K channels at a time: it loads x and score,
+    decides the keep mask and loads the weight rows with that mask, so a dropped row
+    issues no memory transaction.  Nothing precedes the first weight load but one load
+    of x (no compaction pass); the price is that every BLOCK_K step is issued and
+    multiplied whatever its sparsity, which caps the gain at high sparsity.
+    (Measured and dropped: the same with BLOCK_M = 16 tokens on tensor cores, 1.4-3x slower.)
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    x_row = x_ptr + m * stride_xm
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+    for c in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        offs = c + tl.arange(0, BLOCK_K)
+        valid = offs < k_hi
+        xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
+        keep = _keep(xf, score_ptr, offs, valid, threshold, MODE)
+        w = tl.load(wt_ptr + offs[:, None] * N + offs_n[None, :], mask=keep[:, None] & nmask[None, :], other=0.0)
+        acc += w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None]  # where: a dropped NaN never reaches y
+    _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS)
 
 
 @triton.jit
 def _gemm_masked_kernel(
     x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_om, threshold, SPLIT_K,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, K, stride_xm, stride_om, threshold, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Batched GEMM with the keep mask applied to x in-kernel.  Grid (cdiv(N, BN), cdiv(M, BM), SPLIT_K).
@@ -215,4 +274,4 @@ def _gemm_masked_kernel(
         else:
             acc = tl.dot(a, w, acc)
     _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr,
-            pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS)
+            pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS)

@@ -31,11 +31,50 @@ try:  # installed package, else the source tree
 except ImportError:
     from kernels import reference, sparse_linear as sl, sparse_linear_kernels as kern
 
+
+def _patch_triton_interpreter() -> None:
+    """Work around two bugs of Triton 3.6's interpreter (TRITON_INTERPRET=1, CPU tests only).
+
+    1. It keeps scalars as 1-element arrays and converts them with ``int(array)``, which
+       NumPy 2.4 refuses for arrays with a dimension, so ``for i in range(start, end)``
+       fails with "only 0-dimensional arrays can be converted to Python scalars".
+    2. It stores bfloat16 as uint16 and ``tl.dot`` multiplies those integers.
+    Only interpreter-mode tests need it (the library runs Triton compiled, on CUDA, and the
+    torch reference elsewhere); compiled kernels are untouched.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    if getattr(interp, "_wina_patched", False):
+        return
+    patch_tensor = interp._patch_lang_tensor
+
+    def patched_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    create_dot = interp.InterpreterBuilder.create_dot
+
+    def as_fp32(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        data = interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interp.TensorHandle(data.reshape(h.data.shape), tl.float32)
+
+    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, as_fp32(a), as_fp32(b), d, input_precision, max_num_imprecise_acc)
+
+    interp._patch_lang_tensor = patched_tensor
+    interp.InterpreterBuilder.create_dot = patched_dot
+    interp._wina_patched = True
+
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and isinstance(tl_standard.cumsum, InterpretedFunction)
 if INTERPRET:
     if not isinstance(kern._prep_kernel, InterpretedFunction):
         importlib.reload(kern)  # imported before the variable was set: decorate again
-    sl._patch_triton_interpreter()
+    _patch_triton_interpreter()
 RUN_HERE = INTERPRET or HAS_CUDA
 RERUN = not RUN_HERE and os.environ.get("WINA_KERNEL_TESTS_CHILD") != "1"
 DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
@@ -123,7 +162,7 @@ def run(x, w, b, score, *, thr=None, k=None, path=None, config=None):
 # (M, K, N): every K in {1, 17, 100, 257}, N in {1, 33, 130}, M in {1, 3, 16, 70} appears.
 SHAPES = [(1, 100, 33), (1, 257, 130), (1, 17, 1), (3, 257, 33), (3, 1, 130), (16, 100, 130),
           (16, 17, 33), (70, 257, 130), (70, 1, 1)]
-PATHS = {1: ["gemv", "gemm", "dense"], 3: ["gemv", "gemm"], 16: ["gemm"]}
+PATHS = {1: ["gemv", "gemv_masked", "gemm", "dense"], 3: ["gemv", "gemv_masked", "gemm"], 16: ["gemm"]}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -154,7 +193,7 @@ def test_topk_linear(M, K, N, dtype):
             assert rel_err(run(x, w, None, score, k=k, path=path), ref) < TOL[dtype], (path, k)
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemm", "dense"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_masked", "gemm", "dense"])
 def test_topk_keeps_exactly_k_with_ties(path):
     """Importance with many ties: exactly k kept per token, ties to the lowest index."""
     M, K, N = 3, 100, 33
@@ -167,6 +206,13 @@ def test_topk_keeps_exactly_k_with_ties(path):
         assert rel_err(run(x, w, None, score, k=k, path=path), ref) < TOL[torch.float32], k
         xm, _ = sl._prep(x, score, 0.0, k)
         assert torch.equal(xm, x * mask), k  # x has no zeros: xm != 0 is the mask
+
+
+def test_torch_mask_matches_prep():
+    """The batched path's mask in torch ops (used when Inductor traces the op) == _prep's."""
+    x, _, _, score = make(5, 300, 1, torch.bfloat16)
+    for thr in [-1.0, 0.3, 1.5, float("inf")]:
+        assert torch.equal(sl._torch_mask(x, score, thr), sl._prep(x, score, thr, None)[0])
 
 
 def test_prep_threshold_masks_x():
@@ -186,12 +232,30 @@ def test_split_k_fixup_with_empty_splits(dtype):
     x, w, b, score = make(M, K, N, dtype)
     cfgs = [("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=7, STAGES=1, num_warps=4)),
             ("gemv", dict(BLOCK_N=64, BLOCK_R=32, SPLIT_K=2, STAGES=2, BLOCK_KS=16, num_warps=4)),
-            ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=2))]  # 4th split empty
+            ("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=5, STAGES=1, TICKETS=False, num_warps=4)),
+            ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=7, STAGES=1, num_warps=4)),  # 7th split empty
+            ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, STAGES=2, TICKETS=False, num_warps=4)),
+            ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=2)),  # 4th split empty
+            ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, TICKETS=False, num_warps=4, num_stages=2))]
     for sparsity in [0.0, 0.995]:
         thr = threshold_for(x, score, sparsity)
         ref = ref_threshold(x, w, b, score, thr)
         for path, cfg in cfgs:
             assert rel_err(run(x, w, b, score, thr=thr, path=path, config=cfg), ref) < TOL[dtype], (path, sparsity)
+
+
+@pytest.mark.parametrize("path", [None, "gemv", "gemv_masked"])
+def test_keep_all_is_dense(path):
+    """threshold -inf (what calibration gives for sparsity 0) and k >= K keep every channel;
+    the auto dispatch then runs the plain dense product, with the reference's NaN behaviour."""
+    M, K, N = 1, 100, 33
+    x, w, b, score = make(M, K, N, torch.float32, seed=3)
+    ref = reference.masked_linear(x.double(), w.double(), b.double(), torch.ones_like(x, dtype=torch.bool))
+    assert rel_err(run(x, w, b, score, thr=-float("inf"), path=path), ref) < 1e-5
+    assert rel_err(run(x, w, b, score, k=K + 1, path=path), ref) < 1e-5
+    x[0, 7] = float("nan")
+    assert torch.isnan(sl.threshold_linear(x, w.t().contiguous(), b, score, -float("inf"))).all()
+    assert torch.isnan(reference.threshold_linear(x, w, b, score, -float("inf"))).all()
 
 
 def test_nan_input():
@@ -238,7 +302,7 @@ def test_cuda_large(M, K, N, dtype):
         k = round((1 - sparsity) * K)
         ref = reference.topk_linear(x.double(), w.double(), b.double(), score, k)
         assert rel_err(sl.topk_linear(x, wt, b, score, k), ref) < TOL[dtype], sparsity
-        for path in (["gemv", "gemm"] if M <= 8 else ["gemm", "dense"]):
+        for path in (["gemv", "gemv_masked", "gemm"] if M <= 8 else ["gemm", "dense"]):
             assert rel_err(run(x, w, b, score, thr=thr, path=path), ref_threshold(x, w, b, score, thr)) < TOL[dtype]
 
 
@@ -267,11 +331,12 @@ def test_cuda_deterministic_and_graph_capture():
 
 
 @cuda
-def test_cuda_torch_compile_sees_kernels():
-    x, w, b, score = make(1, 4096, 4096, torch.float16, device="cuda")
+@pytest.mark.parametrize("M", [1, 64])
+def test_cuda_torch_compile_sees_kernels(M):
+    x, w, b, score = make(M, 4096, 4096, torch.float16, device="cuda")
     wt = w.t().contiguous()
-    fn = torch.compile(lambda x: sl.threshold_linear(x, wt, b, score, 0.3), fullgraph=True)
-    assert rel_err(fn(x), ref_threshold(x, w, b, score, 0.3)) < 1e-2
+    fn = torch.compile(lambda x: sl.threshold_linear(x * 1.5, wt, b, score, 0.3), fullgraph=True)
+    assert rel_err(fn(x), ref_threshold(x * 1.5, w, b, score, 0.3)) < 1e-2
 
 
 @cuda
