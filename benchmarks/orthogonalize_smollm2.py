@@ -13,7 +13,8 @@ graph op by op. Measures, on wina_fx.data.text("evaluation") (8 windows of 512 t
 - decode cost of the shortcut rotations: bytes per token against the linear weights'.
 
 Writes benchmarks/results/orthogonalize_smollm2.json and prints tables.
-Usage: python benchmarks/orthogonalize_smollm2.py [--windows 8] [--quick]
+Usage: python benchmarks/orthogonalize_smollm2.py [--windows 8] [--quick] [--configs local,full]
+(--configs recomputes only those configurations and updates them in the existing JSON.)
 """
 from __future__ import annotations
 
@@ -121,7 +122,13 @@ def main():
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--choice-windows", type=int, default=4, help="windows for the source comparison")
     parser.add_argument("--quick", action="store_true", help="skip the per-group source comparison")
+    parser.add_argument("--configs", help="comma-separated subset of " + ",".join(CONFIGS) + " to recompute")
     args = parser.parse_args()
+    only = args.configs.split(",") if args.configs else list(CONFIGS)
+    unknown = sorted(set(only) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; valid: {', '.join(CONFIGS)}")
+    configs = {name: CONFIGS[name] for name in only}
     torch.manual_seed(0)
     start = time.time()
     model, tokenizer = load_smollm2()
@@ -146,7 +153,7 @@ def main():
         eager = model(ids, use_cache=False).logits.double()
     result["dense_perplexity"] = perplexity(model, windows)
     equivalence, costs, ortho = {}, {}, {}
-    for name, (variant, sources) in CONFIGS.items():
+    for name, (variant, sources) in configs.items():
         graphs = []
         with torch.no_grad():
             out = compile_model(model, variant, None, sources, graphs)(ids, use_cache=False).logits.double()
@@ -181,7 +188,7 @@ def main():
 
     # WINA top-k perplexity.
     table = {}
-    for name, (variant, sources) in CONFIGS.items():
+    for name, (variant, sources) in configs.items():
         table[name] = {}
         for sparsity in SPARSITIES:
             graphs = []
@@ -192,7 +199,7 @@ def main():
     result["perplexity_topk"] = table
 
     # Which weight gives Q, per group (full variant, the other group at its default).
-    if not args.quick:
+    if not args.quick and args.configs is None:
         few = windows[: args.choice_windows]
         choices = {"windows": len(few), "none": {}, "fold-only": {}}
         for sparsity in (0.50, 0.65):
@@ -217,6 +224,14 @@ def main():
     after = {n: p.detach() for n, p in model.named_parameters()}
     result["parameters_bit_identical"] = all(torch.equal(params_before[n], after[n]) for n in params_before)
     result["seconds"] = round(time.time() - start)
+    if args.configs is not None and os.path.exists(RESULT):  # update the chosen configs in place
+        with open(RESULT) as f:
+            previous = json.load(f)
+        for key in ("dense_equivalence", "cost", "orthogonality_offdiag_share", "perplexity_topk"):
+            previous.setdefault(key, {}).update(result[key])
+        previous["seconds_" + "_".join(only)] = result["seconds"]
+        previous["parameters_bit_identical"] &= result["parameters_bit_identical"]
+        result = previous
     os.makedirs(os.path.dirname(RESULT), exist_ok=True)
     with open(RESULT, "w") as f:
         json.dump(result, f, indent=2)
