@@ -24,17 +24,17 @@ prepass, so it scores exactly the linears, weights and activations the backend s
   hidden state, rotary tables, masks, weights) is the recorded dense value, so every block
   is scored from the dense model's input, as TEAL does. Raising linear j re-evaluates only
   j and what depends on it;
-* a gated linear computes ``kernels.reference.topk_linear`` with its method's
-  ``channel_scores`` and k = ``keep_count(K, s)``: the backend's top-k rule.
+* a gated linear computes ``kernels.reference.masked_linear`` with the top-k mask of its
+  method's ``channel_scores`` and k = ``keep_count(K, s)``: the backend's top-k rule (the
+  same channels as ``reference.topk_mask`` up to ties; ``topk_mask`` below is faster).
 
 Parameters (TEAL, arXiv 2408.14690, FasterDecoding/TEAL ``teal/greedyopt.py``):
 ``step``: TEAL's ``base_step_size`` is 0.05 (``TEAL_STEP``); the default here is 0.1, half
 the cost (SmolLM2-135M, 128 tokens, 2-core CPU, one thread: 273 s of CPU against ~2x that,
 perplexity at 50% 69.1 against 67.7, uniform 73.9; benchmarks/results/allocation_smollm2*.json).
-Linear i moves by step * ref / size_i, where
-ref is the median linear size of the block (for Llama-like blocks the q/o size, which is
-TEAL's unit in its ``weight_dict``), so every step skips the same number of weights. A
-linear stops below sparsity 1. Error: relative squared error of the block output against
+Linear i moves by step * ref / size_i, where ref is the median linear size of the block (for
+Llama-like blocks the q/o size, TEAL's unit in its ``weight_dict``), so every step skips the
+same number of weights. A linear stops below sparsity 1. Error: relative squared error of the block output against
 dense, ||y - y_dense||^2 / ||y_dense||^2, summed over every calibration token (TEAL takes
 the L2 distance of the last quarter of each sequence, because its prefill leaves the first
 half dense; the backend gates every token, so every token counts here).
