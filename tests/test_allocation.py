@@ -207,3 +207,13 @@ def test_bad_targets_steps_and_methods_fail_clearly():
         wina_fx.WinaConfig.from_options({"sparsity_allocation": "greedy"})
     with pytest.raises(ValueError, match="'uniform', 'greedy'"):
         wina_fx.WinaConfig.from_options({"sparsity_allocation": "teal"})
+
+
+def test_fast_topk_mask_keeps_the_channels_of_the_reference_rule():
+    from wina_fx.allocation import topk_mask
+    from wina_fx.kernels import reference
+
+    x = torch.randn(5, 7, 37, generator=torch.Generator().manual_seed(0))
+    score = torch.rand(37, generator=torch.Generator().manual_seed(1)) + 0.1
+    for k in range(0, 38):
+        assert torch.equal(topk_mask(x, score, k), reference.topk_mask(x, score, k)), k
