@@ -172,6 +172,8 @@ def dense_reason(config: WinaConfig, site: LinearSite, target: float | None) -> 
     if reason is not None:
         return reason
     if target is None:
+        if config.sparsity_allocation == "greedy":
+            return "not in the calibration's greedy allocation"
         return "no pattern of option 'sparsity' matches its name"
     if config.selection == "threshold" and site.name not in config.calibration.names:
         return "no calibration statistics for it"
@@ -203,7 +205,8 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
         prepass = orthogonalize(gm, example_inputs, config.orthogonalize)
     sites = find_linears(gm, example_inputs)
     searched = config.method == "rsparse" and config.rsparse_share == "search"
-    if (config.selection == "threshold" or searched) and config.method != "dense":
+    greedy = config.sparsity_allocation == "greedy"
+    if (config.selection == "threshold" or searched or greedy) and config.method != "dense":
         config.calibration.check_model(sites)
     result = plan(config, sites)
     gates, rows = result.gates, result.rows
