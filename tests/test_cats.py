@@ -6,7 +6,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_model
+from tiny_models import logits_with_hooks, tiny_model
 
 import wina_fx
 from wina_fx.passes.find_linears import find_linears
@@ -146,12 +146,7 @@ def _hooked_reference(model, ids, sparsity):
 
             handles.append(act_fn.register_forward_hook(record))
             handles.append(module.down_proj.register_forward_pre_hook(mask))
-    try:
-        with torch.no_grad():
-            return model(ids).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    return logits_with_hooks(model, ids, handles)
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])

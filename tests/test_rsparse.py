@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_model
+from tiny_models import logits_with_hooks, tiny_model
 
 import wina_fx
 from wina_fx import rsparse
@@ -111,12 +111,7 @@ def _hooked_reference(model, ids, sparsity, share):
                 return rsparse_reference(args[0], mod.weight, mod.bias, recipe.channels, recipe.rank)
 
             handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            return model(ids).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    return logits_with_hooks(model, ids, handles)
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])

@@ -36,3 +36,13 @@ def tiny_model(family: str, seed: int = 0, hidden: int = 64, layers: int = 2, vo
                 p.normal_(0, 0.1)
     input_ids = torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(seed))
     return model, input_ids
+
+
+def logits_with_hooks(model, ids, handles) -> torch.Tensor:
+    """The model's eager logits on ``ids`` with the given hooks in place; removes them after."""
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
