@@ -222,6 +222,28 @@ def _slices_rows_only(index, shape) -> bool:
     return isinstance(last, slice) and last == slice(None, None, None)
 
 
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.size()``, ``x.dim()``, ``x.shape`` and the like: what dynamo emits for symbolic
+    shapes; they read no values, so any rotation of x leaves them as they are."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel")
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "dtype", "device", "ndim")
+    return node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default)
+
+
+def _is_scalar(node) -> bool:
+    """A graph value that is one number (eps read with ``.item()`` under dynamic shapes)."""
+    if not isinstance(node, fx.Node):
+        return False
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+
+
+def _value_users(node: fx.Node) -> set:
+    return {user for user in node.users if not _is_shape_query(user)}
+
+
 @dataclasses.dataclass
 class _Norm:
     input: fx.Node  # the value normalised (a stream value, or a cast of one)
@@ -247,8 +269,8 @@ def _match_rmsnorms(gm: fx.GraphModule) -> dict[fx.Node, _Norm]:
         add = node.args[0]
         if not _is(add, _ADD, ("add",)) or len(add.users) != 1 or len(add.args) != 2:
             continue
-        mean = next((a for a in add.args if isinstance(a, fx.Node)), None)
-        if not any(_number(a) for a in add.args) or not _is(mean, (torch.mean,), ("mean",)) or len(mean.users) != 1:
+        mean = next((a for a in add.args if _is(a, (torch.mean,), ("mean",))), None)
+        if not any(_number(a) or _is_scalar(a) for a in add.args if a is not mean) or not _is(mean, (torch.mean,), ("mean",)) or len(mean.users) != 1:
             continue
         dim, keepdim = _arg(mean, 1, "dim"), _arg(mean, 2, "keepdim", False)
         pow_ = mean.args[0]
@@ -260,7 +282,7 @@ def _match_rmsnorms(gm: fx.GraphModule) -> dict[fx.Node, _Norm]:
         if not keepdim or len(dims) != 1 or not (dims[0] == -1 or (shape and dims[0] == len(shape) - 1)):
             continue
         (mul,) = node.users
-        if not _is(mul, _MUL, ("mul",)) or set(mul.args) != {x, node} or set(x.users) != {pow_, mul}:
+        if not _is(mul, _MUL, ("mul",)) or set(mul.args) != {x, node} or _value_users(x) != {pow_, mul}:
             continue
         nodes, out = {pow_, mean, add, node, mul}, mul
         if len(out.users) == 1 and _is(next(iter(out.users)), (), ("to", "type_as")):
@@ -398,6 +420,8 @@ def _analyse(gm: fx.GraphModule, example_inputs) -> _Structure:
                     group = direct[basis] = _Group(None, [], basis)
                     groups.append(group)
                 group.readers.append(user)
+                continue
+            if _is_shape_query(user):  # x.size() and the like: a rotation keeps shapes
                 continue
             if _passthrough_input(user) is stream:
                 if user not in basis_of:

@@ -384,3 +384,21 @@ def test_calibration_records_the_prepass_and_must_match_the_option():
     assert measured and all(abs(m - 0.5) < 0.05 for m in measured), measured
     with pytest.raises(ValueError, match="measured with orthogonalize='full', but option 'orthogonalize' is None"):
         wina_fx.WinaConfig.from_options({"selection": "threshold", "calibration": calibration})
+
+
+def test_symbolic_shapes_are_transformed_too():
+    # dynamo's dynamic-shape graphs add x.size() users and read eps with .item(); a recompile
+    # for a new length must not silently lose the prepass
+    model, ids = tiny_model("qwen2", seed=8, layers=2)
+    graphs = []
+
+    def backend(gm, example_inputs, **_):
+        graphs.append(orthogonalize(gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for length in (11, 7):
+            assert _rel_err(compiled(ids[:, :length]).logits, model(ids[:, :length]).logits) < 1e-4
+    assert graphs and all(report.applied for report in graphs), [r.reason for r in graphs]
