@@ -455,34 +455,6 @@ def run_variants(bw, out, log):
         log(f"layer chain s={s:.2f} us/layer | " + " ".join(f"{k} {v:6.1f}" for k, v in row.items()))
     del layers, wts
     torch.cuda.empty_cache()
-    if not os.environ.get("WINA_BENCH_COMPILED"):
-        return save(res)
-    # the batched path as the backend runs it: RMSNorm -> linear, compiled by Inductor
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 64)
-    for K, N in [(4096, 14336), (14336, 4096)]:
-        torch._dynamo.reset()
-        case = Case(K, N, torch.bfloat16)
-        nw = torch.ones(K, device=DEVICE, dtype=torch.bfloat16)
-        norm = lambda h: (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(h.dtype) * nw
-        dense_f = torch.compile(lambda h, w: F.linear(norm(h), w), dynamic=False)
-        wina_f = torch.compile(lambda h, wt, t: sl.threshold_linear(norm(h), wt, None, case.score, t), dynamic=False)
-        for M in [16, 64, 256]:
-            h = case.inputs(M)
-            xn = norm(h)
-            row = dict(dense=time_us([lambda w=w: dense_f(h, w) for w in case.w[:3]]))
-            for s in [0.5, 0.9]:
-                thr = case.threshold(xn, s)
-                ref = F.linear((xn * reference.threshold_mask(xn, case.score, thr)).float(), case.w[0].float())
-                # Inductor decides the mask on the norm's unrounded fp32 value: borderline channels may
-                # flip against this bf16 reference, so the check is looser (NaN never passes)
-                row[f"err_{s}"] = err = rel_err(wina_f(h, case.wt[0], thr), ref)
-                row[f"wina_{s}"] = time_us([lambda wt=wt: wina_f(h, wt, thr) for wt in case.wt[:3]]) if err < 0.1 else None
-            res.append(dict(kind="compiled_norm_linear", K=K, N=N, batch=M, us=row))
-            log(f"compiled norm+linear M={M:3d} K={K} N={N} | " + " ".join(f"{k} {v:5.1f}" if v else f"{k} fail" for k, v in row.items()))
-        del case
-        torch.cuda.empty_cache()
     save(res)
 
 
