@@ -54,6 +54,12 @@ def _row(site: LinearSite, reason: str | None, target: float | None) -> ReportRo
     return ReportRow(site.name, status, target if reason is None else None, site.in_features, site.out_features)
 
 
+def _zero_skipping_gate(site: LinearSite) -> Gate:
+    """The gate of a linear whose input a rewrite has already masked: |x_i| * 1 > 0 keeps
+    exactly the channels left nonzero, so the sparse op skips the zeroed ones."""
+    return Gate(torch.ones(site.in_features, dtype=torch.float32, device=site.weight.device), threshold=0.0)
+
+
 def _plan_scored(config: WinaConfig, sites: list[LinearSite]) -> Plan:
     """wina, teal (and dense): each linear keeps the channels of largest |x_i| * score_i."""
     gates, rows = {}, []
@@ -97,8 +103,7 @@ def _plan_cats(config: WinaConfig, sites: list[LinearSite]) -> Plan:
                 masks[index] = CatsMask(k=keep_count(site.in_features, target))
             else:
                 masks[index] = CatsMask(threshold=config.calibration.threshold(site.name, target))
-            ones = torch.ones(site.in_features, dtype=torch.float32, device=site.weight.device)
-            gates[index] = Gate(ones, threshold=0.0)  # the masked input's zeros are skipped
+            gates[index] = _zero_skipping_gate(site)
         rows.append(_row(site, reason, target))
     rewrite = (lambda gm: mask_gated_mlps(gm, masks, mlps, sites)) if masks else None
     return Plan(gates, rows, rewrite)
@@ -115,7 +120,7 @@ def _plan_rsparse(config: WinaConfig, sites: list[LinearSite]) -> Plan:
             reason = "no calibration tokens for it (R-Sparse's search needs them)"
         if reason is None:
             splits[index], recipe = _rsparse_split(config, site, target)
-            gates[index] = Gate(torch.ones(site.in_features, device=site.weight.device), threshold=0.0)
+            gates[index] = _zero_skipping_gate(site)
             recipes.append(recipe)
             target = recipe.compute_sparsity(site.in_features, site.out_features)
         rows.append(_row(site, reason, target))
