@@ -157,19 +157,26 @@ class _ImportanceSampler(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> None:
         values = reference.importance(x.detach(), self.score).flatten().cpu()
         new = _subsample(values, self.capacity, self.generator)
-        total = self.seen + values.numel()
-        # Merge two uniform samples into one: draw from each in proportion to what it stands for.
-        from_old = round(self.capacity * self.seen / total) if total > self.capacity else self.sample.numel()
-        old = _subsample(self.sample, from_old, self.generator)
-        new = _subsample(new, self.capacity - old.numel(), self.generator)
-        self.sample = torch.cat([old, new])
-        self.seen = total
+        self.sample, self.seen = _merge_uniform(
+            self.sample, self.seen, new, values.numel(), self.capacity, self.generator
+        )
 
 
 def _subsample(values: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     if len(values) <= size:
         return values
     return values[torch.randperm(len(values), generator=generator)[:size]]
+
+
+def _merge_uniform(sample, seen: int, new, count: int, capacity: int, generator) -> tuple[torch.Tensor, int]:
+    """(sample, seen) after merging ``sample`` (uniform over ``seen`` items) with ``new``
+    (uniform over ``count`` more): draw from each in proportion to what it stands for.
+    Items are rows of the first dimension."""
+    total = seen + count
+    from_old = round(capacity * seen / total) if total > capacity else len(sample)
+    old = _subsample(sample, from_old, generator)
+    new = _subsample(new, capacity - len(old), generator)
+    return torch.cat([old.reshape(-1, *new.shape[1:]), new]), total
 
 
 class _RowSampler(torch.nn.Module):
@@ -185,12 +192,7 @@ class _RowSampler(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()
-        total = self.seen + len(rows)
-        from_old = round(self.capacity * self.seen / total) if total > self.capacity else len(self.rows)
-        old = _subsample(self.rows, from_old, self.generator)
-        new = _subsample(rows, self.capacity - len(old), self.generator)
-        self.rows = torch.cat([old.reshape(-1, rows.shape[1]), new])
-        self.seen = total
+        self.rows, self.seen = _merge_uniform(self.rows, self.seen, rows, len(rows), self.capacity, self.generator)
 
     @property
     def sample(self) -> torch.Tensor:
