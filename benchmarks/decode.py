@@ -125,6 +125,8 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--suffix", default="", help="appended to the result file names (split runs)")
     parser.add_argument("--profile", action="store_true", help="also record GPU time per step by kernel")
+    parser.add_argument("--separate", action="store_true",
+                        help="also time option group=False (one launch per linear) at each sparsity")
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
@@ -181,13 +183,24 @@ def main():
             measured = [r.measured_sparsity for r in wina_fx.last_report().sparse_rows]
         records.append({
             "impl": "wina", "sparsity": sparsity, "measured_sparsity": sum(measured) / len(measured),
-            "tokens_per_s": rate, "speedup_vs_dense": rate / dense,
+            "tokens_per_s": rate, "speedup_vs_dense": rate / dense, "notes": wina_fx.last_report().notes,
         })
         if prof:
             records[-1]["profile"] = prof
         save()
         print(f"wina {sparsity:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense, "
               f"measured sparsity {records[-1]['measured_sparsity']:.3f}", flush=True)
+        if args.separate:  # the same without grouping siblings: one launch per linear
+            torch._dynamo.reset()
+            step = torch.compile(model, backend="wina", options={**options, **wina_mode, "group": False},
+                                 fullgraph=True, dynamic=False)
+            rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
+            records.append({"impl": "wina_separate", "sparsity": sparsity,
+                            "measured_sparsity": records[-1]["measured_sparsity"],
+                            "tokens_per_s": rate, "speedup_vs_dense": rate / dense})
+            save()
+            print(f"wina {sparsity:.0%}, one launch per linear: {rate:.1f} tokens/s, {rate / dense:.2f}x dense",
+                  flush=True)
 
     save()
     plot(records, header, os.path.join(out_dir, f"decode_{gpu}{args.suffix}.png"))
@@ -203,9 +216,11 @@ def plot(records, header, path):
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    wina = sorted((r for r in records if r["impl"] == "wina"), key=lambda r: r["sparsity"])
     plt.figure(figsize=(5, 3.5))
-    plt.plot([r["sparsity"] for r in wina], [r["speedup_vs_dense"] for r in wina], "o-", label="wina / dense")
+    for impl, label in [("wina", "wina / dense"), ("wina_separate", "wina, one launch per linear / dense")]:
+        rows = sorted((r for r in records if r["impl"] == impl), key=lambda r: r["sparsity"])
+        if rows:
+            plt.plot([r["sparsity"] for r in rows], [r["speedup_vs_dense"] for r in rows], "o-", label=label)
     plt.plot([0.5, 0.65], [1.85, 2.3], "r*", label="issue targets")
     plt.plot([0, 0.65], [1, 1], "k--", lw=0.8)
     plt.xlabel("sparsity")

@@ -3,6 +3,7 @@
     python benchmarks/kernels.py            # full table -> benchmarks/results/kernels_<gpu>.{json,png}
     python benchmarks/kernels.py --sweep    # also time candidate tile configs (tuning runs)
     python benchmarks/kernels.py --quick    # one shape, for a smoke test
+    python benchmarks/kernels.py --groups   # one launch for q/k/v and gate/up vs one per linear
 
 Method: every implementation is captured in CUDA graphs, one per weight buffer (at least
 3 buffers and 160 MB, rotated so the L2 never serves a weight byte), and timed with
@@ -458,6 +459,124 @@ def run_variants(bw, out, log):
     save(res)
 
 
+GROUPS = {"qkv": (4096, (4096, 1024, 1024)), "gate_up": (4096, (14336, 14336))}  # Llama-3-8B, bf16
+
+
+def run_groups(bw, out, log):
+    """Linears sharing an input, bf16, M = 1: one launch per linear (separate) vs one grouped
+    launch, beside cuBLAS per linear and cuBLAS on the weights side by side; then a chain of
+    two Llama-3-8B layers' linears as the backend runs them (4 launches per layer grouped,
+    7 separate).  Writes groups_<gpu>.json and .png."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    res = []
+    sparsities = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8]
+
+    def weights(K, sizes, copies):
+        return [[(torch.randn(n, K, device=DEVICE, generator=g) * K**-0.5).bfloat16() for n in sizes]
+                for _ in range(copies)]
+
+    def group_thresholds(x, scores, s):
+        return [reference.importance(x, sc).float().quantile(s).item() if s > 0 else -math.inf for sc in scores]
+
+    for name, (K, sizes) in GROUPS.items():
+        copies = max(NBUF_MIN, -(-int(ROTATE_BYTES) // (K * sum(sizes) * 2)))
+        ws = weights(K, sizes, copies)
+        wts = [[w.t().contiguous() for w in members] for members in ws]
+        cats = [torch.cat(members, 1).contiguous() for members in wts]
+        full = [torch.cat(members, 0) for members in ws]
+        scores = [w.float().norm(dim=0) for w in ws[0]]
+        stacked = torch.stack(scores)
+        x = torch.randn(1, K, device=DEVICE, generator=g).bfloat16()
+        dense_sep = time_us([lambda m=m: [F.linear(x, w) for w in m] for m in ws])
+        dense_cat = time_us([lambda w=w: F.linear(x, w) for w in full])
+        for s in sparsities:
+            thr = group_thresholds(x, scores, s)
+            ref = reference.threshold_linear_group(x.double(), full[0].double(), None, stacked, thr, sizes)
+            err = rel_err(sl.threshold_linear_group(x, cats[0], None, stacked, thr, list(sizes)), ref)
+            if not err < 2e-2:
+                raise AssertionError(f"group {name} s={s}: rel err {err}")
+            kept = sum(int(reference.threshold_mask(x, sc, t).sum()) * n for sc, t, n in zip(scores, thr, sizes))
+            floor = (kept * 2 + x.numel() * 2 + sum(sizes) * 2) / bw * 1e6
+            sep = time_us([lambda m=m: [sl.threshold_linear(x, wt, None, sc, t) for wt, sc, t in zip(m, scores, thr)]
+                           for m in wts])
+            grp = time_us([lambda c=c: sl.threshold_linear_group(x, c, None, stacked, thr, list(sizes)) for c in cats])
+            res.append(dict(kind="group", group=name, K=K, sizes=list(sizes), sparsity=s, floor_us=floor, err=err,
+                            us=dict(dense_separate=dense_sep, dense_side_by_side=dense_cat, separate=sep, grouped=grp)))
+            log(f"{name:7s} s={s:.2f} floor {floor:6.1f} | dense {dense_sep:6.1f} dense side by side {dense_cat:6.1f} | "
+                f"separate {sep:6.1f} grouped {grp:6.1f} ({sep / grp:4.2f}x; {dense_sep / grp:4.2f}x dense)")
+        del ws, wts, cats, full
+        torch.cuda.empty_cache()
+
+    # two layers: q/k/v, o, gate/up, down (0.9 GB bf16: no weight byte from L2)
+    layers = []
+    for _ in range(2):
+        qkv, (o,), gu, (down,) = (weights(4096, (4096, 1024, 1024), 1)[0], weights(4096, (4096,), 1)[0],
+                                  weights(4096, (14336, 14336), 1)[0], weights(14336, (4096,), 1)[0])
+        layers.append(dict(qkv=qkv, o=[o], gu=gu, down=[down]))
+    xs = {4096: torch.randn(1, 4096, device=DEVICE, generator=g).bfloat16(),
+          14336: torch.randn(1, 14336, device=DEVICE, generator=g).bfloat16()}
+    for layer in layers:
+        for part, ws in list(layer.items()):
+            layer[part] = dict(w=ws, wt=[w.t().contiguous() for w in ws], cat=torch.cat([w.t() for w in ws], 1).contiguous(),
+                               scores=[w.float().norm(dim=0) for w in ws], sizes=[w.shape[0] for w in ws])
+            layer[part]["stacked"] = torch.stack(layer[part]["scores"])
+    for s in sparsities:
+        for layer in layers:
+            for part in layer.values():
+                part["thr"] = group_thresholds(xs[part["w"][0].shape[1]], part["scores"], s)
+
+        def chain(grouped):
+            for layer in layers:
+                for part in layer.values():
+                    x = xs[part["w"][0].shape[1]]
+                    if grouped:
+                        sl.threshold_linear_group(x, part["cat"], None, part["stacked"], part["thr"], part["sizes"])
+                    else:
+                        for wt, sc, t in zip(part["wt"], part["scores"], part["thr"]):
+                            sl.threshold_linear(x, wt, None, sc, t)
+
+        dense = time_us([lambda: [F.linear(xs[w.shape[1]], w) for layer in layers for p in layer.values() for w in p["w"]]]) / 2
+        row = dict(dense=dense, separate=time_us([lambda: chain(False)]) / 2, grouped=time_us([lambda: chain(True)]) / 2)
+        kept = sum(int(reference.threshold_mask(xs[w.shape[1]], sc, t).sum()) * w.shape[0]
+                   for layer in layers for p in layer.values() for w, sc, t in zip(p["w"], p["scores"], p["thr"]))
+        floor = kept * 2 / bw * 1e6 / 2
+        res.append(dict(kind="layer_chain", sparsity=s, floor_us=floor, us_per_layer=row))
+        log(f"layer chain s={s:.2f} us/layer: floor {floor:6.1f} | " + " ".join(f"{k} {v:6.1f}" for k, v in row.items())
+            + f" | grouped {row['dense'] / row['grouped']:4.2f}x dense, separate {row['dense'] / row['separate']:4.2f}x")
+    del layers
+    torch.cuda.empty_cache()
+    path = os.path.join(out, f"groups_{gpu_tag()}.json")
+    with open(path, "w") as f:
+        json.dump(dict(header=device_header(bw), groups={k: [v[0], list(v[1])] for k, v in GROUPS.items()},
+                       results=res), f, indent=1)
+    plot_groups(res, device_header(bw), path.replace(".json", ".png"))
+
+
+def plot_groups(res, header, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = [("group", "qkv", "q/k/v 4096->4096+1024+1024"), ("group", "gate_up", "gate/up 4096->2x14336"),
+              ("layer_chain", None, "Llama-3-8B layer, 7 linears, per layer")]
+    for ax, (kind, name, title) in zip(axes, panels):
+        rows = [r for r in res if r["kind"] == kind and r.get("group") == name]
+        xs = [r["sparsity"] for r in rows]
+        key = "us" if kind == "group" else "us_per_layer"
+        for impl in rows[0][key]:
+            ax.plot(xs, [r[key][impl] for r in rows], "o-", label=impl.replace("_", " "))
+        ax.plot(xs, [r["floor_us"] for r in rows], "k--", label="bandwidth floor")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("us, batch 1, bf16")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{header['gpu']}, torch {header['torch']}, triton {header['triton']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def inductor_code(log):
     """Which kernels Inductor emits around the custom op (launch count per sparse linear)."""
     import wina_fx.ops  # noqa: F401
@@ -480,6 +599,7 @@ def main():
     ap.add_argument("--no-main", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", action="store_true", help="M=1 kernel variants and a layer chain, then exit")
+    ap.add_argument("--groups", action="store_true", help="grouped launches (q/k/v, gate/up) vs separate, then exit")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     out = out_dir()
@@ -495,6 +615,10 @@ def main():
     bw = copy_bandwidth()
     header = device_header(bw)
     log(f"{header['gpu']} torch {header['torch']} triton {header['triton']}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    if args.groups:
+        run_groups(bw, out, log)
+        log(f"groups done at {time.time() - t0:.0f} s")
+        return
     if args.variants:
         inductor_code(log)
         run_variants(bw, out, log)

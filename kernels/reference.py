@@ -52,3 +52,15 @@ def topk_linear(x, weight, bias, score, k: int):
 
 def threshold_linear(x, weight, bias, score, threshold: float):
     return masked_linear(x, weight, bias, threshold_mask(x, score, threshold))
+
+
+def threshold_linear_group(x, weight, bias, scores, thresholds, sizes):
+    """Linears sharing the input x, stacked: weight (sum(sizes), K) holds their weights one
+    under the other, scores (G, K) and thresholds (G,) their keep rules.  Returns their
+    outputs side by side, what ``torch.cat([threshold_linear(...) for each], -1)`` gives."""
+    outs, start = [], 0
+    for score, threshold, size in zip(scores, thresholds, sizes):
+        b = None if bias is None else bias[start:start + size]
+        outs.append(threshold_linear(x, weight[start:start + size], b, score, threshold))
+        start += size
+    return torch.cat(outs, dim=-1)

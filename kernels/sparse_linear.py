@@ -139,14 +139,23 @@ def _prep(x: Tensor, score: Tensor, threshold: float, k: int | None, n_cnt: int 
 
 def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
                    threshold: float = 0.0, k: int | None = None, *, path: str | None = None,
-                   config: dict | None = None, out: Tensor | None = None) -> Tensor:
-    """Shared body of both launchers; ``path``/``config`` override the dispatch (tests, benchmarks)."""
+                   config: dict | None = None, out: Tensor | None = None,
+                   group: tuple[tuple[int, ...], tuple[float, ...]] | None = None) -> Tensor:
+    """Shared body of the launchers; ``path``/``config`` override the dispatch (tests, benchmarks).
+
+    ``group`` = (sizes, thresholds): weight_t holds len(sizes) linears side by side, score
+    is (len(sizes), K) and the threshold rule of linear g is thresholds[g]."""
     lead, K = x.shape[:-1], x.shape[-1]
     if weight_t.dim() != 2 or weight_t.shape[0] != K:
         raise ValueError(f"weight_t must be (K, N) with K={K}, got {tuple(weight_t.shape)}")
-    if score.shape != (K,):
-        raise ValueError(f"score must be ({K},), got {tuple(score.shape)}")
     N = weight_t.shape[1]
+    sizes, thresholds = group if group is not None else ((N,), (threshold,))
+    if group is not None and (k is not None or sum(sizes) != N or not 1 <= len(sizes) <= 3
+                              or len(thresholds) != len(sizes) or min(sizes) < 1):
+        raise ValueError(f"a group needs 1 to 3 linears of sizes summing to N={N} (got {list(sizes)}), one "
+                         f"threshold each (got {len(thresholds)}) and no k")
+    if score.shape != ((K,) if group is None else (len(sizes), K)):
+        raise ValueError(f"score must be {(K,) if group is None else (len(sizes), K)}, got {tuple(score.shape)}")
     if K * max(N, 1) >= 2**31:
         raise ValueError("weight_t has 2**31 elements or more: int32 offsets would overflow")
     x2 = x.reshape(-1, K)
@@ -169,24 +178,34 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
 
     # A rule that keeps every channel (threshold -inf, as calibrated for sparsity 0, or
     # k >= K) is the dense linear, bit for bit what the reference computes: plain cuBLAS.
-    keep_all = (k is None and threshold == -math.inf) or (k is not None and k >= K)
+    keep_all = all(t == -math.inf for t in thresholds) if k is None else k >= K
     path = path or ("dense" if keep_all else _choose_path(M))
     sms = _num_sms(x.device)
     has_bias = bias is not None
     if path == "dense":
         if keep_all:
-            xm = x2
+            xms = [x2]
+        elif group is not None:  # one masked copy of x per linear of the group
+            mask = _torch_mask if _traced(x2) else lambda x, s, t: _prep(x, s, t, None)[0]
+            xms = [mask(x2, score[g], t) for g, t in enumerate(thresholds)]
         elif k is None and _traced(x2):
-            xm = _torch_mask(x2, score, threshold)
+            xms = [_torch_mask(x2, score, threshold)]
         else:
-            xm = _prep(x2, score, threshold, k)[0]
+            xms = [_prep(x2, score, threshold, k)[0]]
+        if len(xms) > 1:
+            ends = [sum(sizes[:g + 1]) for g in range(len(sizes))]
+            parts = [xm @ weight_t[:, end - size:end] for xm, end, size in zip(xms, ends, sizes)]
+            y = torch.cat(parts, dim=1)
+            return (y if bias is None else y + bias).reshape(*lead, N)
         if has_bias:
-            torch.addmm(bias, xm, weight_t, out=out)
+            torch.addmm(bias, xms[0], weight_t, out=out)
         else:
-            torch.mm(xm, weight_t, out=out)
+            torch.mm(xms[0], weight_t, out=out)
         return out.reshape(*lead, N)
     if path not in _CONFIGS:
         raise ValueError(f"unknown path {path!r}; choose from {', '.join(_CONFIGS)}, dense")
+    if group is not None and path != "gemv_masked":
+        raise ValueError(f"a group of linears runs on path 'gemv_masked' or 'dense', not {path!r}")
 
     cfg = {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}
     split, tickets = cfg["SPLIT_K"], cfg["TICKETS"]
@@ -194,7 +213,7 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
         n_tiles = grid[0] * grid[1]
     else:
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+        grid = (sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in sizes), split, M)
         n_tiles = grid[0] * M
         step = cfg["BLOCK_K"] if path == "gemv_masked" else 16
         k_per = triton.cdiv(triton.cdiv(K, split), step) * step
@@ -212,8 +231,12 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         args += [M, N, K, a.stride(0), out.stride(0), float(threshold), k_per]
         _launch(kern._gemv_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, **cfg)
     elif path == "gemv_masked":
-        args += [M, N, K, a.stride(0), out.stride(0), float(threshold), k_per]
-        _launch(kern._gemv_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, **cfg)
+        ends = [sum(sizes[:g + 1]) for g in range(len(sizes))] + [N, N]
+        more = [float(t) for t in thresholds[1:]] + [0.0, 0.0]
+        args += [M, N, K, a.stride(0), out.stride(0), float(thresholds[0]), k_per]
+        _launch(kern._gemv_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, END0=ends[0], END1=ends[1],
+                THRESHOLD1=more[0], THRESHOLD2=more[1], GROUPS=len(sizes),
+                ENDS_ALIGNED=ends[0] % 16 == 0 and ends[1] % 16 == 0, **cfg)
     else:
         args += [M, N, K, a.stride(0), out.stride(0), float(threshold)]
         _launch(kern._gemm_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias,
@@ -243,3 +266,17 @@ def topk_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
     min(max(k, 0), K) channels are kept per token.
     """
     return _sparse_linear(x, weight_t, bias, score, k=k)
+
+
+def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, scores: Tensor,
+                           thresholds: list[float], sizes: list[int]) -> Tensor:
+    """Up to 3 threshold linears sharing the input x, in one launch at M = 1.
+
+    weight_t (K, sum(sizes)) holds their transposed weights side by side, bias their
+    biases (or None), scores (G, K) their score rows; linear g keeps the channels with
+    |x_i| * scores[g, i] > thresholds[g].  Returns (M, sum(sizes)): their outputs side
+    by side, as ``reference.threshold_linear_group``.
+    """
+    if len(sizes) == 1:
+        return _sparse_linear(x, weight_t, bias, scores[0], threshold=thresholds[0])
+    return _sparse_linear(x, weight_t, bias, scores, group=(tuple(sizes), tuple(thresholds)))

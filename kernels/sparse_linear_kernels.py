@@ -40,6 +40,7 @@ def _keep(xf, score_ptr, offs, valid, threshold, MODE: tl.constexpr):
 
 @triton.jit
 def _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: tl.constexpr):
+    """Store columns offs_n < N of the tile (N: the end of the tile's columns)."""
     nmask = offs_n < N
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -49,17 +50,19 @@ def _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIA
 
 @triton.jit
 def _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr, ticket,
-            pid_k, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr):
+            pid_k, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr, n_end):
     """Write the (BM, BN) fp32 tile acc, reducing over split-K programs when SPLIT_K > 1.
+
+    Columns at or past n_end are not written (N: the row length of out and part).
 
     TICKETS: the last program of the tile sums the partials here (cnt zeroed before the
     launch); otherwise only the partial is stored and ``_splitk_reduce_kernel`` follows.
     SPLIT_K is a constexpr so that the fixup's loads are unrolled and issued together
     (a run-time loop waits one L2 round trip per split)."""
     if SPLIT_K == 1:
-        _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+        _store_tile(acc, offs_m, offs_n, M, n_end, out_ptr, stride_om, bias_ptr, HAS_BIAS)
     else:
-        omask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        omask = (offs_m < M)[:, None] & (offs_n < n_end)[None, :]
         parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(parts + pid_k * M * N, acc, mask=omask)
         if TICKETS:
@@ -68,7 +71,7 @@ def _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, c
                 total = tl.load(parts, mask=omask, other=0.0, cache_modifier=".cg")
                 for s in tl.static_range(1, SPLIT_K):
                     total += tl.load(parts + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
-                _store_tile(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+                _store_tile(total, offs_m, offs_n, M, n_end, out_ptr, stride_om, bias_ptr, HAS_BIAS)
 
 
 @triton.jit
@@ -198,7 +201,7 @@ def _gemv_kernel(
             rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
             acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, offs_n, nmask, N)
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
-            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS)
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS, N)
 
 
 @triton.jit
@@ -207,6 +210,7 @@ def _gemv_masked_kernel(
     M, N, K, stride_xm, stride_om, threshold, K_PER_SPLIT, SPLIT_K: tl.constexpr,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
 ):
     """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
 
@@ -216,6 +220,13 @@ def _gemv_masked_kernel(
     of x (no compaction pass); the price is that every BLOCK_K step is issued and
     multiplied whatever its sparsity, which caps the gain at high sparsity.
     (Measured and dropped: the same with BLOCK_M = 16 tokens on tensor cores, 1.4-3x slower.)
+
+    GROUPS = 2 or 3: wt holds the transposed weights of linears sharing x side by side,
+    columns [0, END0), [END0, END1), [END1, N) (GROUPS = 2: END1 = N); score_ptr holds
+    their (GROUPS, K) score rows and threshold, THRESHOLD1, THRESHOLD2 their thresholds.
+    The column tiles are counted per linear, so each program owns columns of one linear
+    and applies that linear's keep rule: one launch for q/k/v or gate/up.  ENDS_ALIGNED:
+    END0 and END1 are multiples of 16.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -223,8 +234,15 @@ def _gemv_masked_kernel(
     x_row = x_ptr + m * stride_xm
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
+    col0 = pid_n * BLOCK_N
+    n_end = N
+    if GROUPS > 1:
+        col0, n_end, score_ptr, threshold = _segment(pid_n, col0, N, K, END0, END1, score_ptr, threshold,
+                                                     THRESHOLD1, THRESHOLD2, GROUPS, BLOCK_N)
+        if ENDS_ALIGNED:  # tell the compiler, which lost track through _segment, for 16-byte loads
+            col0 = tl.multiple_of(col0, 16)
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    nmask = offs_n < n_end
     acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
     for c in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         offs = c + tl.arange(0, BLOCK_K)
@@ -233,8 +251,30 @@ def _gemv_masked_kernel(
         keep = _keep(xf, score_ptr, offs, valid, threshold, MODE)
         w = tl.load(wt_ptr + offs[:, None] * N + offs_n[None, :], mask=keep[:, None] & nmask[None, :], other=0.0)
         acc += w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None]  # where: a dropped NaN never reaches y
+    # n_end: a tile ending inside its linear stores nothing into the next one's columns
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
-            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS)
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS, n_end)
+
+
+@triton.jit
+def _segment(pid_n, col0, N, K, END0, END1, score_ptr, threshold, THRESHOLD1, THRESHOLD2,
+             GROUPS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first column, end column, score row, threshold) of column tile pid_n when the
+    tiles are counted linear by linear (see _gemv_masked_kernel)."""
+    tiles0 = tl.cdiv(END0, BLOCK_N)
+    in1 = pid_n >= tiles0
+    col0 = tl.where(in1, END0 + (pid_n - tiles0) * BLOCK_N, col0)
+    n_end = tl.where(in1, END1, END0)
+    seg = in1.to(tl.int32)
+    threshold = tl.where(in1, THRESHOLD1, threshold)
+    if GROUPS > 2:
+        tiles1 = tiles0 + tl.cdiv(END1 - END0, BLOCK_N)
+        in2 = pid_n >= tiles1
+        col0 = tl.where(in2, END1 + (pid_n - tiles1) * BLOCK_N, col0)
+        n_end = tl.where(in2, N, n_end)
+        seg = tl.where(in2, 2, seg)
+        threshold = tl.where(in2, THRESHOLD2, threshold)
+    return col0, n_end, score_ptr + seg * K, threshold
 
 
 @triton.jit
@@ -274,4 +314,4 @@ def _gemm_masked_kernel(
         else:
             acc = tl.dot(a, w, acc)
     _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr,
-            pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS)
+            pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS, N)

@@ -1,6 +1,7 @@
 """FX graph passes of wina-fx, each a function on a GraphModule (installed as wina_fx.passes)."""
 from .find_linears import LinearSite, find_linears
 from .gate import Gate, gate_linears
+from .group import group_sibling_linears
 from .orthogonalize import OrthogonalizeReport, orthogonalize
 
-__all__ = ["LinearSite", "find_linears", "Gate", "gate_linears", "OrthogonalizeReport", "orthogonalize"]
+__all__ = ["LinearSite", "find_linears", "Gate", "gate_linears", "group_sibling_linears", "OrthogonalizeReport", "orthogonalize"]

@@ -284,6 +284,62 @@ def test_leading_dims_and_validation():
         sl.threshold_linear(x, w.t().contiguous(), b, score[:5], 0.2)
 
 
+def make_group(M, K, sizes, dtype, device=DEVICE, bias=True, seed=0):
+    """Inputs of a group of linears sharing x: the linears' weights stacked (sum(sizes), K)."""
+    x, w, b, _ = make(M, K, sum(sizes), dtype, device, bias, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    scores = (torch.rand(len(sizes), K, generator=g) + 0.5).to(device)  # a different score row per linear
+    return x, w, b, scores
+
+
+def group_thresholds(x, scores, sparsities):
+    return [threshold_for(x, score, s) for score, s in zip(scores, sparsities)]
+
+
+def ref_group(x, w, b, scores, thresholds, sizes):
+    return reference.threshold_linear_group(x.double(), w.double(), None if b is None else b.double(), scores,
+                                            thresholds, sizes)
+
+
+# sizes chosen so that column tiles cross the linears' boundaries (ragged, not multiples of 16)
+GROUP_SIZES = [(33, 17, 40), (64, 16), (1, 130), (5, 3, 2), (50,)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sizes", GROUP_SIZES, ids=str)
+@pytest.mark.parametrize("M,K", [(1, 100), (1, 257), (3, 17)])
+def test_threshold_linear_group(M, K, sizes, dtype):
+    """Each linear of the group keeps by its own score row and threshold; one launch at M = 1."""
+    for bias in (True, False):
+        x, w, b, scores = make_group(M, K, sizes, dtype, bias=bias, seed=M + K + len(sizes))
+        for sparsities in [(0.5, 0.0, 0.9), (0.97, 0.3, 1.0), (0.0, 0.0, 0.0)]:
+            thr = group_thresholds(x, scores, sparsities)
+            ref = ref_group(x, w, b, scores, thr, sizes)
+            out = sl.threshold_linear_group(x, w.t().contiguous(), b, scores, thr, list(sizes))
+            assert out.shape == (M, sum(sizes)) and out.dtype == dtype
+            assert rel_err(out, ref) < TOL[dtype], (sparsities, bias, rel_err(out, ref))
+
+
+def test_group_split_k_and_forced_paths():
+    """Split-K over tiles that straddle linears, and both paths (M = 3 through the GEMV)."""
+    sizes, K = (33, 17, 40), 257
+    x, w, b, scores = make_group(3, K, sizes, torch.float32, seed=5)
+    thr = group_thresholds(x, scores, (0.5, 0.9, 0.2))
+    ref = ref_group(x, w, b, scores, thr, sizes)
+    wt = w.t().contiguous()
+    for path, cfg in [("gemv_masked", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=3, STAGES=1, num_warps=4)),
+                      ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=1, STAGES=2, num_warps=4)),
+                      ("dense", None)]:
+        out = sl._sparse_linear(x, wt, b, scores, path=path, config=cfg, group=(sizes, tuple(thr)))
+        assert rel_err(out, ref) < TOL[torch.float32], (path, cfg)
+    with pytest.raises(ValueError, match="sizes summing"):
+        sl.threshold_linear_group(x, wt, b, scores, thr, [33, 17, 41])
+    with pytest.raises(ValueError, match="score must be"):
+        sl.threshold_linear_group(x, wt, b, scores[:2], thr, list(sizes))
+    with pytest.raises(ValueError, match="a group"):
+        sl._sparse_linear(x, wt, b, scores, path="gemv", group=(sizes, tuple(thr)))
+
+
 # ---------------------------------------------------------------- CUDA only (compiled kernels)
 cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA and compiled Triton kernels")
 
@@ -304,6 +360,19 @@ def test_cuda_large(M, K, N, dtype):
         assert rel_err(sl.topk_linear(x, wt, b, score, k), ref) < TOL[dtype], sparsity
         for path in (["gemv", "gemv_masked", "gemm"] if M <= 8 else ["gemm", "dense"]):
             assert rel_err(run(x, w, b, score, thr=thr, path=path), ref_threshold(x, w, b, score, thr)) < TOL[dtype]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,K,sizes", [(1, 4096, (4096, 1024, 1024)), (1, 4096, (14336, 14336)),
+                                       (1, 576, (576, 192, 192)), (1, 640, (1024, 256, 256)), (7, 4096, (4096, 1024))])
+def test_cuda_group_large(M, K, sizes, dtype):
+    x, w, b, scores = make_group(M, K, sizes, dtype, device="cuda")
+    wt = w.t().contiguous()
+    for sparsities in [(0.5, 0.5, 0.5), (0.25, 0.65, 0.9), (0.0, 0.0, 0.0)]:
+        thr = group_thresholds(x, scores, sparsities)
+        out = sl.threshold_linear_group(x, wt, b, scores, thr, list(sizes))
+        assert rel_err(out, ref_group(x, w, b, scores, thr, sizes)) < TOL[dtype], sparsities
 
 
 @cuda

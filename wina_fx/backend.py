@@ -1,7 +1,8 @@
 """The ``backend="wina"`` torch.compile backend.
 
 dynamo graph -> [orthogonalize] -> find linears -> plan per method (a keep rule per linear,
-and for cats / rsparse a graph rewrite the gates rely on) -> [rewrite] -> gate pass -> Inductor.
+and for cats / rsparse a graph rewrite the gates rely on) -> [rewrite] -> gate pass ->
+[group siblings, CUDA] -> Inductor.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from wina_fx.passes.cats import CatsMask, mask_gated_mlps
 from wina_fx.passes.find_linears import LinearSite, find_linears
 from wina_fx.passes.find_mlps import find_gated_mlps
 from wina_fx.passes.gate import Gate, gate_linears
+from wina_fx.passes.group import group_sibling_linears
 from wina_fx.passes.low_rank import LowRankSplit, split_low_rank
 from wina_fx.passes.orthogonalize import orthogonalize
 
@@ -224,8 +226,15 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
                 row.counts = counts[index]
     if result.rewrite is not None:
         result.rewrite(gm)
+    notes = list(prepass.notes if prepass is not None else []) + result.notes
     if gates:
         gate_linears(gm, gates, sites, counts)
-    notes = list(prepass.notes if prepass is not None else []) + result.notes
+        # On CUDA the gate pass made a transposed copy of each weight, which grouping
+        # replaces by one copy per group; on the CPU it would add a copy, and gain nothing.
+        if config.group and next(iter(gates.values())).score.is_cuda:
+            groups = group_sibling_linears(gm, example_inputs)
+            if groups:
+                notes.append(f"group: {sum(map(len, groups))} threshold linears sharing an input run as "
+                             f"{len(groups)} launches")
     record(Report(rows, config.method, config.selection, list(notes), orthogonalize=prepass))
     return compile_graph(gm, example_inputs, config, mode)

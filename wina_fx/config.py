@@ -80,6 +80,9 @@ class WinaConfig:
                  budget spent on sparse channels, the rest on the low-rank correction, is
                  searched on the calibration's tokens) or one share in (0, 1] for every
                  matrix (1 = no low-rank part; 0.95 is R-Sparse's uniform setting).
+    group:       on CUDA, run threshold linears that read the same input (q/k/v, gate/up)
+                 as one kernel launch over their weights side by side (True), or one
+                 launch each (False).  Outputs are the same either way.
     """
 
     method: str = "wina"
@@ -92,6 +95,7 @@ class WinaConfig:
     orthogonalize: bool | str = False
     sparsity_allocation: str = "uniform"
     rsparse_share: str | float = "search"
+    group: bool = True
 
     def sparsity_for(self, module_name: str) -> float | None:
         """Target sparsity of one linear, or None when no pattern covers it."""
@@ -135,7 +139,7 @@ class WinaConfig:
             _fail(f"option 'selection' must be one of {', '.join(map(repr, SELECTIONS))}, got {self.selection!r}")
         if not isinstance(self.mode, str) or self.mode not in MODES:
             _fail(f"option 'mode' must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}")
-        for flag in ("measure", "inductor"):
+        for flag in ("measure", "inductor", "group"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         orth = self.orthogonalize

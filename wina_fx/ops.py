@@ -48,6 +48,16 @@ def threshold_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Te
     return reference.threshold_linear(x, weight_t.t(), bias, score, threshold)
 
 
+@_define("wina::threshold_linear_group")
+def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, scores: Tensor,
+                           thresholds: list[float], sizes: list[int]) -> Tensor:
+    """Threshold linears sharing x, side by side: weight_t (K, sum(sizes)), scores (G, K);
+    linear g keeps |x_i| * scores[g, i] > thresholds[g]. One launch on CUDA at one token."""
+    if x.is_cuda:
+        return _launchers().threshold_linear_group(x, weight_t, bias, scores, thresholds, sizes)
+    return reference.threshold_linear_group(x, weight_t.t(), bias, scores, thresholds, sizes)
+
+
 @torch.library.custom_op("wina::count_kept", mutates_args=("counts",))
 def count_kept(counts: Tensor, slot: int, x: Tensor, score: Tensor, k: int, threshold: float) -> None:
     """Add to counts[slot] the (kept, seen) channel counts of one sparse linear's input.
@@ -69,6 +79,11 @@ def _(x, weight_t, bias, score, k):
 
 @threshold_linear.register_fake
 def _(x, weight_t, bias, score, threshold):
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+@threshold_linear_group.register_fake
+def _(x, weight_t, bias, scores, thresholds, sizes):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
