@@ -15,6 +15,7 @@ Writes decode_<gpu>.json and decode_<gpu>.png to $OUT if set, else benchmarks/re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -127,6 +128,8 @@ def main():
     parser.add_argument("--profile", action="store_true", help="also record GPU time per step by kernel")
     parser.add_argument("--separate", action="store_true",
                         help="also time option group=False (one launch per linear) at each sparsity")
+    parser.add_argument("--tiles", help='also time M=1 kernel tile overrides, JSON {name: {...}}, e.g. '
+                                        '\'{"prefetch": {"PREFETCH": true}}\' (tuning runs)')
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
@@ -190,21 +193,37 @@ def main():
         save()
         print(f"wina {sparsity:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense, "
               f"measured sparsity {records[-1]['measured_sparsity']:.3f}", flush=True)
-        if args.separate:  # the same without grouping siblings: one launch per linear
+        variants = {"separate": ({"group": False}, None)} if args.separate else {}
+        variants.update({name: ({}, tiles) for name, tiles in json.loads(args.tiles or "{}").items()})
+        for name, (extra, tiles) in variants.items():  # the same sparsity, another option or kernel tiles
             torch._dynamo.reset()
-            step = torch.compile(model, backend="wina", options={**options, **wina_mode, "group": False},
-                                 fullgraph=True, dynamic=False)
-            rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
-            records.append({"impl": "wina_separate", "sparsity": sparsity,
+            with _tiles_override(tiles):
+                step = torch.compile(model, backend="wina", options={**options, **wina_mode, **extra},
+                                     fullgraph=True, dynamic=False)
+                rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
+            records.append({"impl": f"wina_{name}", "sparsity": sparsity, "options": extra, "tiles": tiles,
                             "measured_sparsity": records[-1]["measured_sparsity"],
                             "tokens_per_s": rate, "speedup_vs_dense": rate / dense})
             save()
-            print(f"wina {sparsity:.0%}, one launch per linear: {rate:.1f} tokens/s, {rate / dense:.2f}x dense",
-                  flush=True)
+            print(f"wina {sparsity:.0%}, {name}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense", flush=True)
 
     save()
     plot(records, header, os.path.join(out_dir, f"decode_{gpu}{args.suffix}.png"))
     print(json.dumps([{k: v for k, v in r.items() if k != "profile"} for r in records], indent=1))
+
+
+@contextlib.contextmanager
+def _tiles_override(tiles: dict | None):
+    """Tiles of the M = 1 masked kernel overridden while a variant compiles and runs."""
+    from wina_fx.kernels import sparse_linear as sl
+
+    saved = sl._CONFIGS["gemv_masked"]
+    if tiles:
+        sl._CONFIGS["gemv_masked"] = lambda *a: {**saved(*a), **tiles}
+    try:
+        yield
+    finally:
+        sl._CONFIGS["gemv_masked"] = saved
 
 
 def plot(records, header, path):

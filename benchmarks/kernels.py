@@ -462,6 +462,23 @@ def run_variants(bw, out, log):
 GROUPS = {"qkv": (4096, (4096, 1024, 1024)), "gate_up": (4096, (14336, 14336))}  # Llama-3-8B, bf16
 
 
+def masked_tiles(block_n, block_k, per_sm=2, warps=4, stages=3):
+    """Tiles of the masked GEMV for linears of K inputs and `sizes` outputs side by side,
+    with the split-K the launcher's rule gives for them (about per_sm programs per SM)."""
+    def cfg(K, sizes):
+        tiles = sum(triton.cdiv(n, block_n) for n in sizes)
+        split = max(1, min(triton.cdiv(per_sm * num_sms(), tiles), K // 256, 32))
+        return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=stages, num_warps=warps)
+    return cfg
+
+
+# grouped launches, as dispatched (None) and with other tiles
+GROUP_VARIANTS = {"grouped": None, "n32k256": masked_tiles(32, 256), "n64k128": masked_tiles(64, 128),
+                  "n64k256": masked_tiles(64, 256), "n128k64": masked_tiles(128, 64),
+                  "n32k256_s4": masked_tiles(32, 256, stages=4), "n64k128_4sm": masked_tiles(64, 128, per_sm=4),
+                  "n64k128_w8": masked_tiles(64, 128, warps=8), "n32k128_4sm": masked_tiles(32, 128, per_sm=4)}
+
+
 def run_groups(bw, out, log):
     """Linears sharing an input, bf16, M = 1: one launch per linear (separate) vs one grouped
     launch, beside cuBLAS per linear and cuBLAS on the weights side by side; then a chain of
@@ -497,13 +514,18 @@ def run_groups(bw, out, log):
                 raise AssertionError(f"group {name} s={s}: rel err {err}")
             kept = sum(int(reference.threshold_mask(x, sc, t).sum()) * n for sc, t, n in zip(scores, thr, sizes))
             floor = (kept * 2 + x.numel() * 2 + sum(sizes) * 2) / bw * 1e6
-            sep = time_us([lambda m=m: [sl.threshold_linear(x, wt, None, sc, t) for wt, sc, t in zip(m, scores, thr)]
-                           for m in wts])
-            grp = time_us([lambda c=c: sl.threshold_linear_group(x, c, None, stacked, thr, list(sizes)) for c in cats])
-            res.append(dict(kind="group", group=name, K=K, sizes=list(sizes), sparsity=s, floor_us=floor, err=err,
-                            us=dict(dense_separate=dense_sep, dense_side_by_side=dense_cat, separate=sep, grouped=grp)))
-            log(f"{name:7s} s={s:.2f} floor {floor:6.1f} | dense {dense_sep:6.1f} dense side by side {dense_cat:6.1f} | "
-                f"separate {sep:6.1f} grouped {grp:6.1f} ({sep / grp:4.2f}x; {dense_sep / grp:4.2f}x dense)")
+            us = dict(dense_separate=dense_sep, dense_side_by_side=dense_cat)
+            us["separate"] = time_us([lambda m=m: [sl.threshold_linear(x, wt, None, sc, t)
+                                                   for wt, sc, t in zip(m, scores, thr)] for m in wts])
+            for impl, tiles in GROUP_VARIANTS.items():
+                cfg = tiles(K, sizes) if tiles else None
+                y = sl._sparse_linear(x, cats[0], None, stacked, group=(sizes, tuple(thr)), config=cfg)
+                if not rel_err(y, ref) < 2e-2:
+                    raise AssertionError(f"group {name} {impl} s={s}: rel err {rel_err(y, ref)}")
+                us[impl] = time_us([lambda c=c, cfg=cfg: sl._sparse_linear(x, c, None, stacked, group=(sizes, tuple(thr)),
+                                                                           config=cfg) for c in cats])
+            res.append(dict(kind="group", group=name, K=K, sizes=list(sizes), sparsity=s, floor_us=floor, err=err, us=us))
+            log(f"{name:7s} s={s:.2f} floor {floor:6.1f} | " + " ".join(f"{k} {v:6.1f}" for k, v in us.items()))
         del ws, wts, cats, full
         torch.cuda.empty_cache()
 
@@ -525,18 +547,23 @@ def run_groups(bw, out, log):
             for part in layer.values():
                 part["thr"] = group_thresholds(xs[part["w"][0].shape[1]], part["scores"], s)
 
-        def chain(grouped):
+        def chain(tiles, grouped=True):  # grouped False: one launch per linear, as dispatched
             for layer in layers:
                 for part in layer.values():
                     x = xs[part["w"][0].shape[1]]
                     if grouped:
-                        sl.threshold_linear_group(x, part["cat"], None, part["stacked"], part["thr"], part["sizes"])
+                        group = (tuple(part["sizes"]), tuple(part["thr"])) if len(part["sizes"]) > 1 else None
+                        cfg = tiles(x.shape[1], part["sizes"]) if tiles else None
+                        sl._sparse_linear(x, part["cat"], None, part["stacked"] if group else part["scores"][0],
+                                          threshold=part["thr"][0], group=group, config=cfg)
                     else:
                         for wt, sc, t in zip(part["wt"], part["scores"], part["thr"]):
                             sl.threshold_linear(x, wt, None, sc, t)
 
         dense = time_us([lambda: [F.linear(xs[w.shape[1]], w) for layer in layers for p in layer.values() for w in p["w"]]]) / 2
-        row = dict(dense=dense, separate=time_us([lambda: chain(False)]) / 2, grouped=time_us([lambda: chain(True)]) / 2)
+        row = dict(dense=dense, separate=time_us([lambda: chain(None, grouped=False)]) / 2)
+        for impl, tiles in GROUP_VARIANTS.items():
+            row[impl] = time_us([lambda tiles=tiles: chain(tiles)]) / 2
         kept = sum(int(reference.threshold_mask(xs[w.shape[1]], sc, t).sum()) * w.shape[0]
                    for layer in layers for p in layer.values() for w, sc, t in zip(p["w"], p["scores"], p["thr"]))
         floor = kept * 2 / bw * 1e6 / 2
@@ -548,6 +575,7 @@ def run_groups(bw, out, log):
     path = os.path.join(out, f"groups_{gpu_tag()}.json")
     with open(path, "w") as f:
         json.dump(dict(header=device_header(bw), groups={k: [v[0], list(v[1])] for k, v in GROUPS.items()},
+                       tiles={k: t(4096, [4096, 1024, 1024]) if t else "as dispatched" for k, t in GROUP_VARIANTS.items()},
                        results=res), f, indent=1)
     plot_groups(res, device_header(bw), path.replace(".json", ".png"))
 
@@ -565,8 +593,9 @@ def plot_groups(res, header, path):
         rows = [r for r in res if r["kind"] == kind and r.get("group") == name]
         xs = [r["sparsity"] for r in rows]
         key = "us" if kind == "group" else "us_per_layer"
-        for impl in rows[0][key]:
-            ax.plot(xs, [r[key][impl] for r in rows], "o-", label=impl.replace("_", " "))
+        colors = {"dense": "C0", "dense_separate": "C0", "dense_side_by_side": "C1", "separate": "C2", "grouped": "C3"}
+        for impl in [i for i in rows[0][key] if i in colors]:
+            ax.plot(xs, [r[key][impl] for r in rows], "o-", color=colors[impl], label=impl.replace("_", " "))
         ax.plot(xs, [r["floor_us"] for r in rows], "k--", label="bandwidth floor")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("sparsity")
@@ -600,7 +629,13 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", action="store_true", help="M=1 kernel variants and a layer chain, then exit")
     ap.add_argument("--groups", action="store_true", help="grouped launches (q/k/v, gate/up) vs separate, then exit")
+    ap.add_argument("--plot-groups", metavar="JSON", help="redraw the PNG of a groups JSON (no GPU needed), then exit")
     args = ap.parse_args()
+    if args.plot_groups:
+        with open(args.plot_groups) as f:
+            saved = json.load(f)
+        plot_groups(saved["results"], saved["header"], args.plot_groups.replace(".json", ".png"))
+        return
     torch.backends.cuda.matmul.allow_tf32 = False
     out = out_dir()
     tag = gpu_tag()

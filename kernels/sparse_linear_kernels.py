@@ -219,7 +219,8 @@ def _gemv_masked_kernel(
     issues no memory transaction.  Nothing precedes the first weight load but one load
     of x (no compaction pass); the price is that every BLOCK_K step is issued and
     multiplied whatever its sparsity, which caps the gain at high sparsity.
-    (Measured and dropped: the same with BLOCK_M = 16 tokens on tensor cores, 1.4-3x slower.)
+    (Measured and dropped: the same with BLOCK_M = 16 tokens on tensor cores, 1.4-3x slower;
+    hand-written double buffering of x and the weight rows, 1.2-1.5x slower at 25-80 %.)
 
     GROUPS = 2 or 3: wt holds the transposed weights of linears sharing x side by side,
     columns [0, END0), [END0, END1), [END1, N) (GROUPS = 2: END1 = N); score_ptr holds

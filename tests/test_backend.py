@@ -142,3 +142,30 @@ def test_cuda_triton_path_matches_the_cpu_reference(selection):
             model.cpu()
     assert _rel_err(out, expected) < 1e-3
     assert all(abs(r.measured_sparsity - 0.5) < 0.1 for r in wina_fx.last_report().sparse_rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 11])
+def test_cuda_grouped_launches_match_the_cpu_reference(tokens):
+    """q/k/v (with Qwen2's biases) and gate/up as one launch each: the logits of a decode-sized
+    (one token: the grouped kernel) and a prefill-sized input match the CPU reference."""
+    model, ids = tiny_model("qwen2", seed=7, hidden=128)
+    calibration = wina_fx.calibrate(model, [ids], progress=False)
+    ids = ids[:1, :tokens]
+    options = {"sparsity": 0.5, "selection": "threshold", "calibration": calibration}
+    with torch.no_grad():
+        expected = torch.compile(model, backend="wina", options={**options, "inductor": False})(ids).logits
+        gpu_model = model.cuda()
+        try:
+            outs = {}
+            for group in (True, False):
+                torch._dynamo.reset()
+                step = torch.compile(gpu_model, backend="wina", options={**options, "group": group})
+                outs[group] = step(ids.cuda()).logits.cpu()
+                grouped_notes = [n for n in wina_fx.last_report().notes if n.startswith("group:")]
+                assert grouped_notes == (["group: 10 threshold linears sharing an input run as 4 launches"]
+                                         if group else [])
+        finally:
+            model.cpu()
+    for group, out in outs.items():
+        assert _rel_err(out, expected) < 1e-3, group

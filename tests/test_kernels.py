@@ -235,6 +235,7 @@ def test_split_k_fixup_with_empty_splits(dtype):
             ("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=5, STAGES=1, TICKETS=False, num_warps=4)),
             ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=7, STAGES=1, num_warps=4)),  # 7th split empty
             ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, STAGES=2, TICKETS=False, num_warps=4)),
+            ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=512, SPLIT_K=1, STAGES=1, num_warps=4)),
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=2)),  # 4th split empty
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, TICKETS=False, num_warps=4, num_stages=2))]
     for sparsity in [0.0, 0.995]:
@@ -329,6 +330,7 @@ def test_group_split_k_and_forced_paths():
     wt = w.t().contiguous()
     for path, cfg in [("gemv_masked", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=3, STAGES=1, num_warps=4)),
                       ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=1, STAGES=2, num_warps=4)),
+                      ("gemv_masked", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, STAGES=1, num_warps=4)),
                       ("dense", None)]:
         out = sl._sparse_linear(x, wt, b, scores, path=path, config=cfg, group=(sizes, tuple(thr)))
         assert rel_err(out, ref) < TOL[torch.float32], (path, cfg)
