@@ -30,6 +30,7 @@ on these launchers exposes the kernels to Inductor.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -150,6 +151,7 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         raise ValueError(f"weight_t must be (K, N) with K={K}, got {tuple(weight_t.shape)}")
     N = weight_t.shape[1]
     sizes, thresholds = group if group is not None else ((N,), (threshold,))
+    ends = list(itertools.accumulate(sizes))  # column end of each linear of the group
     if group is not None and (k is not None or sum(sizes) != N or not 1 <= len(sizes) <= 3
                               or len(thresholds) != len(sizes) or min(sizes) < 1):
         raise ValueError(f"a group needs 1 to 3 linears of sizes summing to N={N} (got {list(sizes)}), one "
@@ -193,7 +195,6 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         else:
             xms = [_prep(x2, score, threshold, k)[0]]
         if len(xms) > 1:
-            ends = [sum(sizes[:g + 1]) for g in range(len(sizes))]
             parts = [xm @ weight_t[:, end - size:end] for xm, end, size in zip(xms, ends, sizes)]
             y = torch.cat(parts, dim=1)
             return (y if bias is None else y + bias).reshape(*lead, N)
@@ -231,12 +232,12 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         args += [M, N, K, a.stride(0), out.stride(0), float(threshold), k_per]
         _launch(kern._gemv_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, **cfg)
     elif path == "gemv_masked":
-        ends = [sum(sizes[:g + 1]) for g in range(len(sizes))] + [N, N]
         more = [float(t) for t in thresholds[1:]] + [0.0, 0.0]
+        end0, end1 = (ends + [N])[:2]
         args += [M, N, K, a.stride(0), out.stride(0), float(thresholds[0]), k_per]
-        _launch(kern._gemv_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, END0=ends[0], END1=ends[1],
+        _launch(kern._gemv_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, END0=end0, END1=end1,
                 THRESHOLD1=more[0], THRESHOLD2=more[1], GROUPS=len(sizes),
-                ENDS_ALIGNED=ends[0] % 16 == 0 and ends[1] % 16 == 0, **cfg)
+                ENDS_ALIGNED=end0 % 16 == 0 and end1 % 16 == 0, **cfg)
     else:
         args += [M, N, K, a.stride(0), out.stride(0), float(threshold)]
         _launch(kern._gemm_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias,
