@@ -214,14 +214,25 @@ def main():
 
 @contextlib.contextmanager
 def _tiles_override(tiles: dict | None):
-    """Tiles of the M = 1 masked kernel overridden while a variant compiles and runs."""
+    """Tiles of the M = 1 masked kernel overridden while a variant compiles and runs.
+
+    Inductor's caches are off meanwhile: they may key the graph before the triton_op is
+    traced into kernels, and a cached compile of the same graph would bring back the
+    default tiles.  (Run 17, with the caches on: STAGES=1 left decode unchanged, 1.78x vs
+    1.77x, although the kernel benchmark showed it 1.2-1.4x slower per layer.)"""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
     from wina_fx.kernels import sparse_linear as sl
 
     saved = sl._CONFIGS["gemv_masked"]
-    if tiles:
-        sl._CONFIGS["gemv_masked"] = lambda *a: {**saved(*a), **tiles}
-    try:
+    if not tiles:
         yield
+        return
+    sl._CONFIGS["gemv_masked"] = lambda *a: {**saved(*a), **tiles}
+    try:
+        with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+            yield
     finally:
         sl._CONFIGS["gemv_masked"] = saved
 

@@ -472,11 +472,17 @@ def masked_tiles(block_n, block_k, per_sm=2, warps=4, stages=3):
     return cfg
 
 
-# grouped launches, as dispatched (None) and with other tiles
-GROUP_VARIANTS = {"grouped": None, "n32k256": masked_tiles(32, 256), "n64k128": masked_tiles(64, 128),
-                  "n64k256": masked_tiles(64, 256), "n128k64": masked_tiles(128, 64),
-                  "n32k256_s4": masked_tiles(32, 256, stages=4), "n64k128_4sm": masked_tiles(64, 128, per_sm=4),
-                  "n64k128_w8": masked_tiles(64, 128, warps=8), "n32k128_4sm": masked_tiles(32, 128, per_sm=4)}
+# grouped launches, as dispatched (None), with overrides of the dispatched tiles (dict),
+# or with other tiles (masked_tiles)
+GROUP_VARIANTS = {"grouped": None, "stages1": {"STAGES": 1}, "stages2": {"STAGES": 2},
+                  "n64k128_s1": masked_tiles(64, 128, stages=1), "n32k256_s1": masked_tiles(32, 256, stages=1),
+                  "n64k256_s1": masked_tiles(64, 256, stages=1), "n32k512_s1": masked_tiles(32, 512, stages=1),
+                  "n64k128_s1_4sm": masked_tiles(64, 128, per_sm=4, stages=1),
+                  "n32k256_s1_4sm": masked_tiles(32, 256, per_sm=4, stages=1)}
+
+
+def _tiles(variant, K, sizes):
+    return variant(K, sizes) if callable(variant) else variant
 
 
 def run_groups(bw, out, log):
@@ -494,6 +500,27 @@ def run_groups(bw, out, log):
 
     def group_thresholds(x, scores, s):
         return [reference.importance(x, sc).float().quantile(s).item() if s > 0 else -math.inf for sc in scores]
+
+    for K, N, dtype in [(5120, 17920, torch.float16), (4096, 14336, torch.bfloat16), (4096, 4096, torch.bfloat16)]:
+        case = Case(K, N, dtype)
+        x = case.inputs(1)
+        dense_us = time_us([lambda w=w: F.linear(x, w) for w in case.w])
+        for s in [0.0, 0.5, 0.65, 0.8, 0.9]:
+            thr = case.threshold(x, s) if s > 0 else -1.0  # -1: the kernel, not the keep-all cuBLAS
+            mask = reference.threshold_mask(x, case.score, thr)
+            floor = case.floor_bytes(x, mask)[0] / bw * 1e6
+            us = dict(dense=dense_us)
+            for impl, tiles in GROUP_VARIANTS.items():
+                cfg = _tiles(tiles, K, [N])
+                check(case, x, mask, sl._sparse_linear(x, case.wt[0], None, case.score, threshold=thr, path="gemv_masked",
+                                                       config=cfg))
+                us[impl] = time_us([lambda wt=wt, cfg=cfg: sl._sparse_linear(x, wt, None, case.score, threshold=thr,
+                                                                             path="gemv_masked", config=cfg)
+                                    for wt in case.wt])
+            res.append(dict(kind="single", K=K, N=N, dtype=str(dtype), sparsity=s, floor_us=floor, us=us))
+            log(f"single {K}x{N} s={s:.2f} floor {floor:6.1f} | " + " ".join(f"{k} {v:6.1f}" for k, v in us.items()))
+        del case
+        torch.cuda.empty_cache()
 
     for name, (K, sizes) in GROUPS.items():
         copies = max(NBUF_MIN, -(-int(ROTATE_BYTES) // (K * sum(sizes) * 2)))
@@ -518,7 +545,7 @@ def run_groups(bw, out, log):
             us["separate"] = time_us([lambda m=m: [sl.threshold_linear(x, wt, None, sc, t)
                                                    for wt, sc, t in zip(m, scores, thr)] for m in wts])
             for impl, tiles in GROUP_VARIANTS.items():
-                cfg = tiles(K, sizes) if tiles else None
+                cfg = _tiles(tiles, K, sizes)
                 y = sl._sparse_linear(x, cats[0], None, stacked, group=(sizes, tuple(thr)), config=cfg)
                 if not rel_err(y, ref) < 2e-2:
                     raise AssertionError(f"group {name} {impl} s={s}: rel err {rel_err(y, ref)}")
@@ -553,7 +580,7 @@ def run_groups(bw, out, log):
                     x = xs[part["w"][0].shape[1]]
                     if grouped:
                         group = (tuple(part["sizes"]), tuple(part["thr"])) if len(part["sizes"]) > 1 else None
-                        cfg = tiles(x.shape[1], part["sizes"]) if tiles else None
+                        cfg = _tiles(tiles, x.shape[1], part["sizes"])
                         sl._sparse_linear(x, part["cat"], None, part["stacked"] if group else part["scores"][0],
                                           threshold=part["thr"][0], group=group, config=cfg)
                     else:
@@ -575,7 +602,7 @@ def run_groups(bw, out, log):
     path = os.path.join(out, f"groups_{gpu_tag()}.json")
     with open(path, "w") as f:
         json.dump(dict(header=device_header(bw), groups={k: [v[0], list(v[1])] for k, v in GROUPS.items()},
-                       tiles={k: t(4096, [4096, 1024, 1024]) if t else "as dispatched" for k, t in GROUP_VARIANTS.items()},
+                       tiles={k: _tiles(t, 4096, [4096, 1024, 1024]) or "as dispatched" for k, t in GROUP_VARIANTS.items()},
                        results=res), f, indent=1)
     plot_groups(res, device_header(bw), path.replace(".json", ".png"))
 
