@@ -472,17 +472,22 @@ def masked_tiles(block_n, block_k, per_sm=2, warps=4, stages=3):
     return cfg
 
 
-# grouped launches, as dispatched (None), with overrides of the dispatched tiles (dict),
-# or with other tiles (masked_tiles)
-GROUP_VARIANTS = {"grouped": None, "stages1": {"STAGES": 1}, "stages2": {"STAGES": 2},
-                  "n64k128_s1": masked_tiles(64, 128, stages=1), "n32k256_s1": masked_tiles(32, 256, stages=1),
-                  "n64k256_s1": masked_tiles(64, 256, stages=1), "n32k512_s1": masked_tiles(32, 512, stages=1),
-                  "n64k128_s1_4sm": masked_tiles(64, 128, per_sm=4, stages=1),
-                  "n32k256_s1_4sm": masked_tiles(32, 256, per_sm=4, stages=1)}
+# kernels timed on groups and single linears: name -> (path, tiles); tiles None (as the
+# launcher picks them), a dict of overrides, or masked_tiles(...).  Runs 14 and 17 swept
+# 8 masked_tiles variants each (kernels_h100_groups*.json, "tiles").
+GROUP_VARIANTS = {"grouped": (None, None), "compacted": ("gemv", None)}  # None: as dispatched
 
 
 def _tiles(variant, K, sizes):
     return variant(K, sizes) if callable(variant) else variant
+
+
+def _group_linear(x, wt, score, thresholds, sizes, variant, K):
+    """One launch of a variant over linears side by side (a single linear when len(sizes) == 1)."""
+    path, tiles = variant
+    group = (tuple(sizes), tuple(thresholds)) if len(sizes) > 1 else None
+    return sl._sparse_linear(x, wt, None, score, threshold=thresholds[0], group=group, path=path,
+                             config=_tiles(tiles, K, sizes))
 
 
 def run_groups(bw, out, log):
@@ -510,12 +515,9 @@ def run_groups(bw, out, log):
             mask = reference.threshold_mask(x, case.score, thr)
             floor = case.floor_bytes(x, mask)[0] / bw * 1e6
             us = dict(dense=dense_us)
-            for impl, tiles in GROUP_VARIANTS.items():
-                cfg = _tiles(tiles, K, [N])
-                check(case, x, mask, sl._sparse_linear(x, case.wt[0], None, case.score, threshold=thr, path="gemv_masked",
-                                                       config=cfg))
-                us[impl] = time_us([lambda wt=wt, cfg=cfg: sl._sparse_linear(x, wt, None, case.score, threshold=thr,
-                                                                             path="gemv_masked", config=cfg)
+            for impl, variant in GROUP_VARIANTS.items():
+                check(case, x, mask, _group_linear(x, case.wt[0], case.score, [thr], [N], variant, K))
+                us[impl] = time_us([lambda wt=wt, v=variant: _group_linear(x, wt, case.score, [thr], [N], v, K)
                                     for wt in case.wt])
             res.append(dict(kind="single", K=K, N=N, dtype=str(dtype), sparsity=s, floor_us=floor, us=us))
             log(f"single {K}x{N} s={s:.2f} floor {floor:6.1f} | " + " ".join(f"{k} {v:6.1f}" for k, v in us.items()))
@@ -544,13 +546,11 @@ def run_groups(bw, out, log):
             us = dict(dense_separate=dense_sep, dense_side_by_side=dense_cat)
             us["separate"] = time_us([lambda m=m: [sl.threshold_linear(x, wt, None, sc, t)
                                                    for wt, sc, t in zip(m, scores, thr)] for m in wts])
-            for impl, tiles in GROUP_VARIANTS.items():
-                cfg = _tiles(tiles, K, sizes)
-                y = sl._sparse_linear(x, cats[0], None, stacked, group=(sizes, tuple(thr)), config=cfg)
+            for impl, variant in GROUP_VARIANTS.items():
+                y = _group_linear(x, cats[0], stacked, thr, sizes, variant, K)
                 if not rel_err(y, ref) < 2e-2:
                     raise AssertionError(f"group {name} {impl} s={s}: rel err {rel_err(y, ref)}")
-                us[impl] = time_us([lambda c=c, cfg=cfg: sl._sparse_linear(x, c, None, stacked, group=(sizes, tuple(thr)),
-                                                                           config=cfg) for c in cats])
+                us[impl] = time_us([lambda c=c, v=variant: _group_linear(x, c, stacked, thr, sizes, v, K) for c in cats])
             res.append(dict(kind="group", group=name, K=K, sizes=list(sizes), sparsity=s, floor_us=floor, err=err, us=us))
             log(f"{name:7s} s={s:.2f} floor {floor:6.1f} | " + " ".join(f"{k} {v:6.1f}" for k, v in us.items()))
         del ws, wts, cats, full
@@ -574,23 +574,21 @@ def run_groups(bw, out, log):
             for part in layer.values():
                 part["thr"] = group_thresholds(xs[part["w"][0].shape[1]], part["scores"], s)
 
-        def chain(tiles, grouped=True):  # grouped False: one launch per linear, as dispatched
+        def chain(variant):  # variant None: one launch per linear, as dispatched
             for layer in layers:
                 for part in layer.values():
                     x = xs[part["w"][0].shape[1]]
-                    if grouped:
-                        group = (tuple(part["sizes"]), tuple(part["thr"])) if len(part["sizes"]) > 1 else None
-                        cfg = _tiles(tiles, x.shape[1], part["sizes"])
-                        sl._sparse_linear(x, part["cat"], None, part["stacked"] if group else part["scores"][0],
-                                          threshold=part["thr"][0], group=group, config=cfg)
+                    if variant is not None:
+                        score = part["stacked"] if len(part["sizes"]) > 1 else part["scores"][0]
+                        _group_linear(x, part["cat"], score, part["thr"], part["sizes"], variant, x.shape[1])
                     else:
                         for wt, sc, t in zip(part["wt"], part["scores"], part["thr"]):
                             sl.threshold_linear(x, wt, None, sc, t)
 
         dense = time_us([lambda: [F.linear(xs[w.shape[1]], w) for layer in layers for p in layer.values() for w in p["w"]]]) / 2
-        row = dict(dense=dense, separate=time_us([lambda: chain(None, grouped=False)]) / 2)
-        for impl, tiles in GROUP_VARIANTS.items():
-            row[impl] = time_us([lambda tiles=tiles: chain(tiles)]) / 2
+        row = dict(dense=dense, separate=time_us([lambda: chain(None)]) / 2)
+        for impl, variant in GROUP_VARIANTS.items():
+            row[impl] = time_us([lambda v=variant: chain(v)]) / 2
         kept = sum(int(reference.threshold_mask(xs[w.shape[1]], sc, t).sum()) * w.shape[0]
                    for layer in layers for p in layer.values() for w, sc, t in zip(p["w"], p["scores"], p["thr"]))
         floor = kept * 2 / bw * 1e6 / 2
@@ -602,7 +600,8 @@ def run_groups(bw, out, log):
     path = os.path.join(out, f"groups_{gpu_tag()}.json")
     with open(path, "w") as f:
         json.dump(dict(header=device_header(bw), groups={k: [v[0], list(v[1])] for k, v in GROUPS.items()},
-                       tiles={k: _tiles(t, 4096, [4096, 1024, 1024]) or "as dispatched" for k, t in GROUP_VARIANTS.items()},
+                       variants={k: [p, _tiles(t, 4096, [4096, 1024, 1024]) or "as dispatched"]
+                                 for k, (p, t) in GROUP_VARIANTS.items()},
                        results=res), f, indent=1)
     plot_groups(res, device_header(bw), path.replace(".json", ".png"))
 
@@ -620,7 +619,8 @@ def plot_groups(res, header, path):
         rows = [r for r in res if r["kind"] == kind and r.get("group") == name]
         xs = [r["sparsity"] for r in rows]
         key = "us" if kind == "group" else "us_per_layer"
-        colors = {"dense": "C0", "dense_separate": "C0", "dense_side_by_side": "C1", "separate": "C2", "grouped": "C3"}
+        colors = {"dense": "C0", "dense_separate": "C0", "dense_side_by_side": "C1", "separate": "C2", "grouped": "C3",
+                  "compacted": "C4"}
         for impl in [i for i in rows[0][key] if i in colors]:
             ax.plot(xs, [r[key][impl] for r in rows], "o-", color=colors[impl], label=impl.replace("_", " "))
         ax.plot(xs, [r["floor_us"] for r in rows], "k--", label="bandwidth floor")

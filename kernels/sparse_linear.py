@@ -14,8 +14,8 @@ CUDA graphs):
   loads only the kept weight rows by masked loads; split-K partials summed by
   ``_splitk_reduce_kernel``.  Best at 0-65 % sparsity.
 * ``gemv``: ``_gemv_kernel`` compacts the kept channel ids first, then streams full
-  tiles of kept rows: slower below ~65 %, up to 1.9x faster at 80-90 % (not dispatched:
-  the launcher cannot see the sparsity a threshold gives; ``GEMV_PATH`` selects it).
+  tiles of kept rows: slower below ~65 %, up to 1.9x faster at 80-90 %.  Dispatched at
+  M = 1 when the caller's ``sparsity_hint`` (the calibrated sparsity) is >= COMPACT_FROM.
 * ``gemm``: ``_gemm_masked_kernel`` masks x in-kernel and reads all of the weight (a
   measured alternative for M >= 2; never dispatched).
 * ``dense`` (M >= 2): x * mask, then cuBLAS.  The mask is ``_prep_kernel`` eagerly and
@@ -49,6 +49,10 @@ from . import sparse_linear_kernels as kern
 # (dense) for one sparse GEMV per token.  So M >= 2 falls back to cuBLAS.
 GEMV_MAX_M = 1      # tokens handled by the sparse GEMV
 GEMV_PATH = "gemv_masked"  # M = 1 kernel: "gemv_masked" (TEAL-style) or "gemv" (compacted kept ids)
+# M = 1 linears whose calibrated sparsity (the launchers' sparsity_hint) is at least this run
+# the compacted-rows kernel: on an H100 it beat the masked one on the large shapes from
+# 65 % and on all five from 80 % (up to 1.9x at 90 %; kernels_h100.json).
+COMPACT_FROM = 0.75
 SPARSE_MAX_M = 1    # up to this many tokens: in-kernel masking (gemm); above: dense fallback
 TOPK_MAX_K = 32768  # the top-k prep holds a token's row in registers
 
@@ -102,9 +106,9 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
 _CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _gemm_config}
 
 
-def _choose_path(M: int) -> str:
+def _choose_path(M: int, sparsity_hint: float = 0.0) -> str:
     if M <= GEMV_MAX_M:
-        return GEMV_PATH
+        return "gemv" if sparsity_hint >= COMPACT_FROM else GEMV_PATH
     return "gemm" if M <= SPARSE_MAX_M else "dense"
 
 
@@ -141,8 +145,10 @@ def _prep(x: Tensor, score: Tensor, threshold: float, k: int | None, n_cnt: int 
 def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
                    threshold: float = 0.0, k: int | None = None, *, path: str | None = None,
                    config: dict | None = None, out: Tensor | None = None,
-                   group: tuple[tuple[int, ...], tuple[float, ...]] | None = None) -> Tensor:
+                   group: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
+                   sparsity_hint: float = 0.0) -> Tensor:
     """Shared body of the launchers; ``path``/``config`` override the dispatch (tests, benchmarks).
+    ``sparsity_hint``: the sparsity the rule was calibrated for (it picks the M = 1 kernel).
 
     ``group`` = (sizes, thresholds): weight_t holds len(sizes) linears side by side, score
     is (len(sizes), K) and the threshold rule of linear g is thresholds[g]."""
@@ -181,7 +187,7 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
     # A rule that keeps every channel (threshold -inf, as calibrated for sparsity 0, or
     # k >= K) is the dense linear, bit for bit what the reference computes: plain cuBLAS.
     keep_all = all(t == -math.inf for t in thresholds) if k is None else k >= K
-    path = path or ("dense" if keep_all else _choose_path(M))
+    path = path or ("dense" if keep_all else _choose_path(M, sparsity_hint))
     sms = _num_sms(x.device)
     has_bias = bias is not None
     if path == "dense":
@@ -205,8 +211,8 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         return out.reshape(*lead, N)
     if path not in _CONFIGS:
         raise ValueError(f"unknown path {path!r}; choose from {', '.join(_CONFIGS)}, dense")
-    if group is not None and path != "gemv_masked":
-        raise ValueError(f"a group of linears runs on path 'gemv_masked' or 'dense', not {path!r}")
+    if group is not None and path == "gemm":
+        raise ValueError("a group of linears runs on path 'gemv_masked', 'gemv' or 'dense', not 'gemm'")
 
     cfg = {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}
     split, tickets = cfg["SPLIT_K"], cfg["TICKETS"]
@@ -226,18 +232,17 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         (a, cnt), mode = _prep(x2, score, threshold, k, n_cnt), kern.KEEP_NONZERO
     part = _empty((split, M, N) if split > 1 else (1,), torch.float32, x.device)
     args = [a, weight_t, bias if has_bias else out, score, out, part, cnt]
-    if path == "gemv":
-        cfg.setdefault("BLOCK_KS", max(256, min(triton.next_power_of_2(k_per), 4096)))
-        args.append(_empty((M * split * grid[0] * k_per,), torch.int32, x.device))  # kept-id scratch
-        args += [M, N, K, a.stride(0), out.stride(0), float(threshold), k_per]
-        _launch(kern._gemv_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, **cfg)
-    elif path == "gemv_masked":
+    if path in ("gemv", "gemv_masked"):
         more = [float(t) for t in thresholds[1:]] + [0.0, 0.0]
         end0, end1 = (ends + [N])[:2]
+        segments = dict(END0=end0, END1=end1, THRESHOLD1=more[0], THRESHOLD2=more[1], GROUPS=len(sizes),
+                        ENDS_ALIGNED=end0 % 16 == 0 and end1 % 16 == 0)
+        if path == "gemv":
+            cfg.setdefault("BLOCK_KS", max(256, min(triton.next_power_of_2(k_per), 4096)))
+            args.append(_empty((M * split * grid[0] * k_per,), torch.int32, x.device))  # kept-id scratch
         args += [M, N, K, a.stride(0), out.stride(0), float(thresholds[0]), k_per]
-        _launch(kern._gemv_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, END0=end0, END1=end1,
-                THRESHOLD1=more[0], THRESHOLD2=more[1], GROUPS=len(sizes),
-                ENDS_ALIGNED=end0 % 16 == 0 and end1 % 16 == 0, **cfg)
+        kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
+        _launch(kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, **segments, **cfg)
     else:
         args += [M, N, K, a.stride(0), out.stride(0), float(threshold)]
         _launch(kern._gemm_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias,
@@ -250,13 +255,14 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
 
 
 def threshold_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
-                     threshold: float) -> Tensor:
+                     threshold: float, sparsity_hint: float = 0.0) -> Tensor:
     """y = (x * m) @ weight_t + bias with m_i = |x_i| * score_i > threshold, decided in-kernel.
 
     x (M, K) fp16/bf16/fp32; weight_t (K, N) contiguous; bias (N,) or None; score (K,)
-    float32.  Returns (M, N) in x's dtype; accumulation in float32.
+    float32.  Returns (M, N) in x's dtype; accumulation in float32.  ``sparsity_hint``:
+    the share of channels the threshold was calibrated to drop; it only picks the kernel.
     """
-    return _sparse_linear(x, weight_t, bias, score, threshold=threshold)
+    return _sparse_linear(x, weight_t, bias, score, threshold=threshold, sparsity_hint=sparsity_hint)
 
 
 def topk_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor, k: int) -> Tensor:
@@ -270,14 +276,16 @@ def topk_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
 
 
 def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, scores: Tensor,
-                           thresholds: list[float], sizes: list[int]) -> Tensor:
+                           thresholds: list[float], sizes: list[int], sparsity_hint: float = 0.0) -> Tensor:
     """Up to 3 threshold linears sharing the input x, in one launch at M = 1.
 
     weight_t (K, sum(sizes)) holds their transposed weights side by side, bias their
     biases (or None), scores (G, K) their score rows; linear g keeps the channels with
     |x_i| * scores[g, i] > thresholds[g].  Returns (M, sum(sizes)): their outputs side
-    by side, as ``reference.threshold_linear_group``.
+    by side, as ``reference.threshold_linear_group``.  ``sparsity_hint``: the lowest
+    calibrated sparsity among them (it only picks the kernel).
     """
     if len(sizes) == 1:
-        return _sparse_linear(x, weight_t, bias, scores[0], threshold=thresholds[0])
-    return _sparse_linear(x, weight_t, bias, scores, group=(tuple(sizes), tuple(thresholds)))
+        return _sparse_linear(x, weight_t, bias, scores[0], threshold=thresholds[0], sparsity_hint=sparsity_hint)
+    return _sparse_linear(x, weight_t, bias, scores, group=(tuple(sizes), tuple(thresholds)),
+                          sparsity_hint=sparsity_hint)

@@ -158,8 +158,10 @@ def _gemv_kernel(
     M, N, K, stride_xm, stride_om, threshold, K_PER_SPLIT, SPLIT_K: tl.constexpr,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
+    END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
 ):
     """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
+    Groups of linears (GROUPS, END0, ...) as in _gemv_masked_kernel.
 
     Program (n, s, m) owns output columns [n BLOCK_N, (n+1) BLOCK_N) of token m and input
     channels [s K_PER_SPLIT, (s+1) K_PER_SPLIT).  It decides the keep mask of its
@@ -177,6 +179,13 @@ def _gemv_kernel(
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     scr = scr_ptr + ((m * SPLIT_K + pid_k) * tl.num_programs(0) + pid_n) * K_PER_SPLIT
+    col0 = pid_n * BLOCK_N
+    n_end = N
+    if GROUPS > 1:
+        col0, n_end, score_ptr, threshold = _segment(pid_n, col0, N, K, END0, END1, score_ptr, threshold,
+                                                     THRESHOLD1, THRESHOLD2, GROUPS, BLOCK_N)
+        if ENDS_ALIGNED:
+            col0 = tl.multiple_of(col0, 16)
     n_keep = tl.full([], 0, tl.int32)
     for c in range(k_lo, k_hi, BLOCK_KS):
         offs = c + tl.arange(0, BLOCK_KS)
@@ -187,8 +196,8 @@ def _gemv_kernel(
         n_keep += tl.sum(keep, axis=0)
     tl.debug_barrier()  # the scratch row is complete before any thread reads it
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    nmask = offs_n < n_end
     acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
     if n_keep == k_hi - k_lo:  # every channel of the range kept (dense input): no indirection
         for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
@@ -201,7 +210,7 @@ def _gemv_kernel(
             rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
             acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, offs_n, nmask, N)
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
-            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS, N)
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS, n_end)
 
 
 @triton.jit

@@ -20,11 +20,14 @@ from .graph_utils import add_constant, first_non_placeholder
 
 @dataclasses.dataclass
 class Gate:
-    """How one linear keeps channels: top-k (``k``) or a threshold on |x_i| * score_i."""
+    """How one linear keeps channels: top-k (``k``) or a threshold on |x_i| * score_i.
+    ``sparsity``: the share of channels the threshold was calibrated to drop, if known;
+    it only picks the kernel."""
 
     score: torch.Tensor  # (K,) float32
     k: int | None = None
     threshold: float | None = None
+    sparsity: float | None = None
 
     def __post_init__(self):
         if (self.k is None) == (self.threshold is None):
@@ -62,10 +65,10 @@ def gate_linears(
         weight_t_node = _transposed_weight(gm, site, weight_node, before=node)
         with gm.graph.inserting_before(node):
             if gate.k is not None:
-                op, rule = torch.ops.wina.topk_linear.default, gate.k
+                op, rule = torch.ops.wina.topk_linear.default, (gate.k,)
             else:
-                op, rule = torch.ops.wina.threshold_linear.default, float(gate.threshold)
-            sparse = gm.graph.call_function(op, (site.input, weight_t_node, bias_node, score_node, rule))
+                op, rule = torch.ops.wina.threshold_linear.default, (float(gate.threshold), float(gate.sparsity or 0.0))
+            sparse = gm.graph.call_function(op, (site.input, weight_t_node, bias_node, score_node, *rule))
         sparse.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         node.replace_all_uses_with(sparse)
         gm.graph.erase_node(node)

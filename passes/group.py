@@ -35,6 +35,7 @@ class _Member:
     bias: torch.Tensor | None
     score: torch.Tensor  # (K,)
     threshold: float
+    sparsity_hint: float
 
 
 def group_sibling_linears(gm: fx.GraphModule, example_inputs=()) -> list[list[fx.Node]]:
@@ -89,12 +90,13 @@ class _ConstantValues:
 
 
 def _member(node: fx.Node, values: _ConstantValues) -> _Member | None:
-    _x, weight_t_node, bias_node, score_node, threshold = node.args
+    _x, weight_t_node, bias_node, score_node, threshold, *hint = node.args
     weight_t, score = values(weight_t_node), values(score_node)
     bias = values(bias_node) if bias_node is not None else None
     if weight_t is None or score is None or (bias_node is not None and bias is None):
         return None
-    return _Member(node, weight_t.detach(), None if bias is None else bias.detach(), score, float(threshold))
+    return _Member(node, weight_t.detach(), None if bias is None else bias.detach(), score, float(threshold),
+                   float(hint[0]) if hint else 0.0)
 
 
 def _compatible(chunk: list[_Member]) -> bool:
@@ -118,7 +120,8 @@ def _merge(gm: fx.GraphModule, chunk: list[_Member]) -> None:
     with gm.graph.inserting_before(first):
         grouped = gm.graph.call_function(
             torch.ops.wina.threshold_linear_group.default,
-            (first.args[0], weight_node, bias_node, scores_node, [m.threshold for m in chunk], sizes))
+            (first.args[0], weight_node, bias_node, scores_node, [m.threshold for m in chunk], sizes,
+             min(m.sparsity_hint for m in chunk)))
     start = 0
     for member, size in zip(chunk, sizes):
         with gm.graph.inserting_after(grouped):

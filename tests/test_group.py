@@ -42,7 +42,8 @@ def _thresholds(module, x, gm, sites, sparsity):
     for i, site in enumerate(sites):
         score = channel_scores("wina", site.weight)
         imp = reference.importance(inputs[site.name], score).flatten()
-        gates[i] = Gate(score, threshold=imp.quantile(sparsity).item() if sparsity > 0 else -float("inf"))
+        gates[i] = Gate(score, threshold=imp.quantile(sparsity).item() if sparsity > 0 else -float("inf"),
+                        sparsity=sparsity + 0.01 * i)  # distinct hints: the group takes the lowest
     return gates
 
 
@@ -60,6 +61,8 @@ def test_grouping_keeps_every_output(seed, sparsity, lead):
     assert [len(g) for g in groups] == [3, 2]  # q/k/v-like (4th member left alone: at most 3), gate/up
     ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.wina.threshold_linear_group.default) == 2
+    hints = [n.args[-1] for n in gm.graph.nodes if n.target is torch.ops.wina.threshold_linear_group.default]
+    assert hints == [sparsity, sparsity + 0.04]  # sites 0-2 (q/k/v-like), then 4-5 (gate/up)
     assert ops.count(torch.ops.wina.threshold_linear.default) == 2  # the 4th on x, and alone
     with torch.no_grad():
         torch.testing.assert_close(gm(x), separate(x), rtol=1e-5, atol=1e-5)

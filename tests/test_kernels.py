@@ -329,6 +329,9 @@ def test_group_split_k_and_forced_paths():
     ref = ref_group(x, w, b, scores, thr, sizes)
     wt = w.t().contiguous()
     for path, cfg in [("gemv_masked", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=3, STAGES=1, num_warps=4)),
+                      ("gemv", dict(BLOCK_N=16, BLOCK_R=16, SPLIT_K=3, STAGES=1, TICKETS=False, num_warps=4)),
+                      ("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=2, STAGES=2, BLOCK_KS=64, num_warps=4)),
+                      ("gemv", None),
                       ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=1, STAGES=2, num_warps=4)),
                       ("gemv_masked", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, STAGES=1, num_warps=4)),
                       ("dense", None)]:
@@ -339,7 +342,26 @@ def test_group_split_k_and_forced_paths():
     with pytest.raises(ValueError, match="score must be"):
         sl.threshold_linear_group(x, wt, b, scores[:2], thr, list(sizes))
     with pytest.raises(ValueError, match="a group"):
-        sl._sparse_linear(x, wt, b, scores, path="gemv", group=(sizes, tuple(thr)))
+        sl._sparse_linear(x, wt, b, scores, path="gemm", group=(sizes, tuple(thr)))
+
+
+def test_sparsity_hint_picks_the_compacted_kernel(monkeypatch):
+    """A calibrated sparsity >= COMPACT_FROM sends one token to the compacted-rows kernel
+    (single linears and groups); the result is the same either way."""
+    launched = []
+    real = sl._launch
+    monkeypatch.setattr(sl, "_launch", lambda kernel, *a, **k: (launched.append(kernel), real(kernel, *a, **k)))
+    sizes, K = (33, 17, 40), 100
+    x, w, b, scores = make_group(1, K, sizes, torch.float32, seed=9)
+    thr = group_thresholds(x, scores, (0.8, 0.85, 0.9))
+    ref = ref_group(x, w, b, scores, thr, sizes)
+    for hint, kernel in [(0.0, kern._gemv_masked_kernel), (sl.COMPACT_FROM, kern._gemv_kernel)]:
+        launched.clear()
+        out = sl.threshold_linear_group(x, w.t().contiguous(), b, scores, thr, list(sizes), hint)
+        assert rel_err(out, ref) < TOL[torch.float32] and launched[0] is kernel, hint
+        launched.clear()
+        out = sl.threshold_linear(x, w[:33].t().contiguous(), b[:33], scores[0], thr[0], hint)
+        assert rel_err(out, ref[:, :33]) < TOL[torch.float32] and launched[0] is kernel, hint
 
 
 # ---------------------------------------------------------------- CUDA only (compiled kernels)

@@ -73,7 +73,7 @@ def _plan_scored(config: WinaConfig, sites: list[LinearSite]) -> Plan:
             if config.selection == "topk":
                 gates[index] = Gate(score, k=keep_count(site.in_features, target))
             else:
-                gates[index] = Gate(score, threshold=config.calibration.threshold(site.name, target))
+                gates[index] = Gate(score, threshold=config.calibration.threshold(site.name, target), sparsity=target)
         rows.append(_row(site, reason, target))
     return Plan(gates, rows)
 

@@ -41,20 +41,22 @@ def topk_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
 
 
 @_define("wina::threshold_linear")
-def threshold_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor, threshold: float) -> Tensor:
-    """y = (x * m) @ weight_t + b, m keeping the channels with |x_i| * score_i > threshold."""
+def threshold_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor, threshold: float,
+                     sparsity_hint: float = 0.0) -> Tensor:
+    """y = (x * m) @ weight_t + b, m keeping the channels with |x_i| * score_i > threshold.
+    ``sparsity_hint`` (the calibrated sparsity) picks the CUDA kernel; results do not depend on it."""
     if x.is_cuda:
-        return _launchers().threshold_linear(x, weight_t, bias, score, threshold)
+        return _launchers().threshold_linear(x, weight_t, bias, score, threshold, sparsity_hint)
     return reference.threshold_linear(x, weight_t.t(), bias, score, threshold)
 
 
 @_define("wina::threshold_linear_group")
 def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, scores: Tensor,
-                           thresholds: list[float], sizes: list[int]) -> Tensor:
+                           thresholds: list[float], sizes: list[int], sparsity_hint: float = 0.0) -> Tensor:
     """Threshold linears sharing x, side by side: weight_t (K, sum(sizes)), scores (G, K);
     linear g keeps |x_i| * scores[g, i] > thresholds[g]. One launch on CUDA at one token."""
     if x.is_cuda:
-        return _launchers().threshold_linear_group(x, weight_t, bias, scores, thresholds, sizes)
+        return _launchers().threshold_linear_group(x, weight_t, bias, scores, thresholds, sizes, sparsity_hint)
     return reference.threshold_linear_group(x, weight_t.t(), bias, scores, thresholds, sizes)
 
 
@@ -78,12 +80,12 @@ def _(x, weight_t, bias, score, k):
 
 
 @threshold_linear.register_fake
-def _(x, weight_t, bias, score, threshold):
+def _(x, weight_t, bias, score, threshold, sparsity_hint=0.0):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
 @threshold_linear_group.register_fake
-def _(x, weight_t, bias, scores, thresholds, sizes):
+def _(x, weight_t, bias, scores, thresholds, sizes, sparsity_hint=0.0):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
