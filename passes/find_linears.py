@@ -59,7 +59,9 @@ def module_name_of(node: fx.Node) -> str | None:
 def _normalise_module_path(path: str) -> str:
     # dynamo writes e.g. "L['self'].model.layers[0].mlp" or
     # "L['self']._modules['model']"; named_modules() writes "model.layers.0.mlp".
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    # The root is "L['args'][0]" when forward is wrapped by a decorator taking *args
+    # (transformers >= 5.24 does this).
+    path = re.sub(r"^L\['[^']*'\](?:\[\d+\])?\.?", "", path)
     path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
     path = re.sub(r"\[(?:'([^']*)'|(\d+))\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     path = re.sub(r"getattr\(([^,]*), '([^']*)'\)", r"\1.\2", path)
@@ -69,7 +71,7 @@ def _normalise_module_path(path: str) -> str:
 def _parameter_name(node: fx.Node) -> str:
     # "l_self_modules_model_modules_layers_modules_0_..._parameters_weight_" -> readable
     name = node.target if node.op == "get_attr" else node.name
-    name = re.sub(r"^l_(self|fn)_", "", str(name))
+    name = re.sub(r"^l_(self|fn|args_0)_", "", str(name))
     return name.replace("_modules_", ".").replace("_parameters_", ".").strip("_")
 
 
