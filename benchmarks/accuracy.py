@@ -18,7 +18,6 @@ calibration refuses are listed under "skipped" with the reason, and tried again 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -41,12 +40,6 @@ SPARSITIES = (0.5, 0.65, 0.4, 0.25)  # run order: the most telling first
 # (method, orthogonalize) in run order
 VARIANTS = (("wina", False), ("teal", False), ("wina", "full"), ("rsparse", False), ("cats", False))
 TASKS = ("wordnet_gloss", "wordnet_example", "quiz_facts", "mmlu_cloze")
-
-
-def greedy_supported() -> bool:
-    from wina_fx.calibration import calibrate
-
-    return "allocation_targets" in inspect.signature(calibrate).parameters
 
 
 def grid(allocations) -> list[EvalConfig]:
@@ -97,11 +90,9 @@ def run(args) -> None:
         sys.exit(f"{path} holds results on other data ({ {k: old.get(k) for k in SAME_DATA} }); "
                  f"use --out elsewhere or delete it")
     done = {record_key(r) for r in results["records"]}
-    allocations = ["uniform"] + (["greedy"] if greedy_supported() and not args.no_greedy else [])
-    if "greedy" not in allocations:
-        note = "greedy allocation not run: wina_fx.calibrate has no allocation_targets yet" if not args.no_greedy \
-            else "greedy allocation not run (--no-greedy)"
-        results["header"]["notes"] = sorted(set(results["header"].get("notes", [])) | {note})
+    allocations = ["uniform"] if args.no_greedy else ["uniform", "greedy"]
+    if args.no_greedy:
+        results["header"]["notes"] = sorted(set(results["header"].get("notes", [])) | {"greedy allocation not run (--no-greedy)"})
     targets = list(SPARSITIES)
     calibrations: dict = {}
     results["skipped"] = []
