@@ -71,8 +71,8 @@ def _normalise_module_path(path: str) -> str:
 def _parameter_name(node: fx.Node) -> str:
     # "l_self_modules_model_modules_layers_modules_0_..._parameters_weight_" -> readable
     name = node.target if node.op == "get_attr" else node.name
-    name = re.sub(r"^l_(self|fn|args_0)_", "", str(name))
-    return name.replace("_modules_", ".").replace("_parameters_", ".").strip("_")
+    name = re.sub(r"^l_(self|fn|args_0)_", "_", str(name))
+    return name.replace("_modules_", ".").replace("_parameters_", ".").strip("_.")
 
 
 def resolve_tensor(gm: fx.GraphModule, node: fx.Node, example_inputs) -> torch.Tensor | None:

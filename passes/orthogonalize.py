@@ -885,7 +885,7 @@ def _plan(gm, example_inputs, variant, spec, report) -> _Plan:
         if changed and versions > 1:
             t = tensor(node)
             report.untied_bytes += (versions - 1) * t.numel() * t.element_size()
-            report.tied.append(_readable(node))
+            report.tied.append(_parameter_name(node))
     return _Plan(structure, weights, shortcuts, input_rotations,
                  [g.norm for g in structure.groups if folds(g) and g.norm is not None and g.norm.weight_node is not None])
 
@@ -896,9 +896,6 @@ def _value_dtype(node: fx.Node, default: torch.dtype) -> torch.dtype:
     return value.dtype if isinstance(value, torch.Tensor) else default
 
 
-def _readable(node: fx.Node) -> str:
-    name = _parameter_name(node)
-    return name[len("modules_"):] if name.startswith("modules_") else name
 
 
 def _describe(report, structure, chosen, roles, by_node, sites, variant, q_compute, input_rotations):

@@ -67,3 +67,16 @@ def test_gate_pass_computes_masked_linears_and_keeps_other_nodes(seed, keep, lea
     torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
     if keep == 12:  # keeping every channel is the original function
         torch.testing.assert_close(gm(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_names_read_the_same_whatever_local_dynamo_roots_them_at():
+    # transformers >= 5.24 wraps forward in a decorator taking *args, so dynamo roots the
+    # model at L['args'][0] instead of L['self']; the names must not change with it.
+    from wina_fx.passes.find_linears import _normalise_module_path, _parameter_name
+
+    for root in ("L['self']", "L['args'][0]", "L['fn']"):
+        assert _normalise_module_path(f"{root}.model.layers[3].mlp") == "model.layers.3.mlp"
+        assert _normalise_module_path(f"{root}._modules['model']._modules['layers']['3']") == "model.layers.3"
+    for root in ("l_self", "l_args_0", "l_fn"):
+        node = fx.Graph().placeholder(f"{root}_modules_model_modules_layers_modules_3_modules_mlp_parameters_weight_")
+        assert _parameter_name(node) == "model.layers.3.mlp.weight"
