@@ -92,7 +92,8 @@ def run(args) -> None:
     done = {record_key(r) for r in results["records"]}
     allocations = ["uniform"] if args.no_greedy else ["uniform", "greedy"]
     if args.no_greedy:
-        results["header"]["notes"] = sorted(set(results["header"].get("notes", [])) | {"greedy allocation not run (--no-greedy)"})
+        notes = set(results["header"].get("notes", [])) | {"greedy allocation not run (--no-greedy)"}
+        results["header"]["notes"] = sorted(notes)
     targets = list(SPARSITIES)
     calibrations: dict = {}
     results["skipped"] = []

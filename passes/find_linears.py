@@ -69,9 +69,11 @@ def _normalise_module_path(path: str) -> str:
 
 
 def _parameter_name(node: fx.Node) -> str:
-    # "l_self_modules_model_modules_layers_modules_0_..._parameters_weight_" -> readable
+    # "l_self_modules_model_modules_layers_modules_0_..._parameters_weight_" -> readable.
+    # As in _normalise_module_path, the root local ("self", "fn", "args_0", ...) is
+    # whatever precedes the first "_modules_" or "_parameters_".
     name = node.target if node.op == "get_attr" else node.name
-    name = re.sub(r"^l_(self|fn|args_0)_", "_", str(name))
+    name = re.sub(r"^l_\w*?(?=_(?:modules|parameters)_)", "", str(name))
     return name.replace("_modules_", ".").replace("_parameters_", ".").strip("_.")
 
 

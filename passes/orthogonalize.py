@@ -896,8 +896,6 @@ def _value_dtype(node: fx.Node, default: torch.dtype) -> torch.dtype:
     return value.dtype if isinstance(value, torch.Tensor) else default
 
 
-
-
 def _describe(report, structure, chosen, roles, by_node, sites, variant, q_compute, input_rotations):
     local_rotated = {id(group) for group, _ in input_rotations}
     for group, role in zip(structure.groups, roles):
