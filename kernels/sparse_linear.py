@@ -79,7 +79,7 @@ def _gemv_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
     3 % and worst 12 % above the per-case best; GEMV_CANDIDATES in benchmarks/kernels.py)."""
     block_n = 128 if dtype.itemsize == 2 else 64
     split = max(1, min(triton.cdiv(sms, triton.cdiv(N, block_n) * M), K // 256, 64))
-    return dict(BLOCK_N=block_n, BLOCK_R=64, SPLIT_K=split, STAGES=3, TICKETS=False, num_warps=4)
+    return dict(BLOCK_N=block_n, BLOCK_R=64, SPLIT_K=split, STAGES=3, REDUCE=0, num_warps=4)
 
 
 def _gemv_masked_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
@@ -90,7 +90,7 @@ def _gemv_masked_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) ->
     ticket buffer must be zeroed each call, which under Inductor is one more kernel anyway."""
     block_n, block_k = (64, 128) if N >= 16384 else (32, 256)
     split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(N, block_n) * M), K // 256, 32))
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=3, TICKETS=False, num_warps=4)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=3, REDUCE=0, num_warps=4)
 
 
 def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
@@ -99,7 +99,7 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
     block_k = 64 if dtype.itemsize == 2 else 32
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     split = max(1, min(triton.cdiv(sms, tiles), triton.cdiv(K, 4 * block_k), 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, TICKETS=True,
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, REDUCE=1,
                 num_warps=4, num_stages=4 if dtype.itemsize == 2 else 2)
 
 
@@ -124,11 +124,14 @@ def _torch_mask(x: Tensor, score: Tensor, threshold: float) -> Tensor:
     return torch.where(x.abs().float() * score > threshold, x, torch.zeros_like(x))
 
 
-def _prep(x: Tensor, score: Tensor, threshold: float, k: int | None, n_cnt: int = 0):
-    """x * mask by _prep_kernel (threshold, or exact top-k when k is given); zeroes n_cnt tickets."""
+def _prep(x: Tensor, score: Tensor, threshold: float, k: int | None, cnt: Tensor | None = None):
+    """x * mask by _prep_kernel (threshold, or exact top-k when k is given); zeroes ``cnt``
+    (the split-K tickets of the kernel launched next) when given."""
     M, K = x.shape
     xm = _empty((M, K), x.dtype, x.device)
-    cnt = _empty((max(n_cnt, 1),), torch.int32, x.device)  # zeroed by the kernel
+    n_cnt = 0 if cnt is None else cnt.numel()
+    if cnt is None:
+        cnt = xm  # not written: n_cnt = 0
     if k is not None:
         if K > TOPK_MAX_K:
             raise NotImplementedError(f"topk_linear supports K <= {TOPK_MAX_K}, got K={K}")
@@ -139,16 +142,42 @@ def _prep(x: Tensor, score: Tensor, threshold: float, k: int | None, n_cnt: int 
     _launch(kern._prep_kernel, (M, triton.cdiv(K, block_k)), x, score, xm, cnt,
             M, K, n_cnt, x.stride(0), float(threshold), 0 if k is None else int(k),
             TOPK=k is not None, BLOCK_K=block_k, num_warps=warps)
-    return xm, cnt
+    return xm
+
+
+def workspace_size(n_out: int, max_tokens: int = GEMV_MAX_M) -> int:
+    """int32 elements of a workspace serving every sparse linear with at most n_out outputs
+    at up to max_tokens tokens: split-K tickets (one per output tile; tiles have >= 16
+    columns) and the float32 accumulators of REDUCE = 2."""
+    return max_tokens * (triton.cdiv(n_out, 16) + n_out)
+
+
+def _split_workspace(workspace: Tensor | None, n_cnt: int, n_acc: int, device, zeroed_by_prep: bool):
+    """(tickets, float32 accumulators) of one launch.  From ``workspace`` (int32, all zeros,
+    kept zero by the kernels that use it) when given; else freshly zeroed buffers (one
+    memset per call: correct, slower), or for the tickets of a top-k launch, a buffer
+    that ``_prep_kernel`` zeroes."""
+    if workspace is not None:
+        if workspace.dtype != torch.int32 or workspace.numel() < n_cnt + n_acc:
+            raise ValueError(f"workspace must be int32 with at least {n_cnt + n_acc} elements, got "
+                             f"{workspace.dtype} with {workspace.numel()}")
+        return workspace[:max(n_cnt, 1)], workspace[n_cnt:n_cnt + n_acc].view(torch.float32)
+    if zeroed_by_prep:
+        cnt = _empty((max(n_cnt, 1),), torch.int32, device)
+    else:
+        cnt = torch.zeros((max(n_cnt, 1),), dtype=torch.int32, device=device)
+    return cnt, torch.zeros((n_acc,), dtype=torch.float32, device=device)
 
 
 def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
                    threshold: float = 0.0, k: int | None = None, *, path: str | None = None,
                    config: dict | None = None, out: Tensor | None = None,
                    group: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
-                   sparsity_hint: float = 0.0) -> Tensor:
+                   sparsity_hint: float = 0.0, workspace: Tensor | None = None) -> Tensor:
     """Shared body of the launchers; ``path``/``config`` override the dispatch (tests, benchmarks).
     ``sparsity_hint``: the sparsity the rule was calibrated for (it picks the M = 1 kernel).
+    ``workspace``: int32 zeros of at least ``workspace_size(N, M)`` elements, reused across
+    calls (the kernels leave it zero); without it each split-K call zeroes its own.
 
     ``group`` = (sizes, thresholds): weight_t holds len(sizes) linears side by side, score
     is (len(sizes), K) and the threshold rule of linear g is thresholds[g]."""
@@ -169,7 +198,8 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    weight_t = weight_t.contiguous()
+    if weight_t.stride(1) != 1 or weight_t.stride(0) < N:
+        weight_t = weight_t.contiguous()
     score = score.to(device=x.device, dtype=torch.float32).contiguous()
     if bias is not None:
         bias = bias.contiguous()
@@ -194,12 +224,12 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         if keep_all:
             xms = [x2]
         elif group is not None:  # one masked copy of x per linear of the group
-            mask = _torch_mask if _traced(x2) else lambda x, s, t: _prep(x, s, t, None)[0]
+            mask = _torch_mask if _traced(x2) else lambda x, s, t: _prep(x, s, t, None)
             xms = [mask(x2, score[g], t) for g, t in enumerate(thresholds)]
         elif k is None and _traced(x2):
             xms = [_torch_mask(x2, score, threshold)]
         else:
-            xms = [_prep(x2, score, threshold, k)[0]]
+            xms = [_prep(x2, score, threshold, k)]
         if len(xms) > 1:
             parts = [xm @ weight_t[:, end - size:end] for xm, end, size in zip(xms, ends, sizes)]
             y = torch.cat(parts, dim=1)
@@ -215,7 +245,7 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         raise ValueError("a group of linears runs on path 'gemv_masked', 'gemv' or 'dense', not 'gemm'")
 
     cfg = {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}
-    split, tickets = cfg["SPLIT_K"], cfg["TICKETS"]
+    split, reduce = cfg["SPLIT_K"], cfg["REDUCE"]
     if path == "gemm":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
         n_tiles = grid[0] * grid[1]
@@ -224,13 +254,17 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         n_tiles = grid[0] * M
         step = cfg["BLOCK_K"] if path == "gemv_masked" else 16
         k_per = triton.cdiv(triton.cdiv(K, split), step) * step
-    n_cnt = n_tiles if split > 1 and tickets else 0  # one split-K ticket per output tile
-    if k is None:  # threshold: the kernel applies the rule; tickets zeroed here (if any)
+    reduce = reduce if split > 1 else 0
+    n_cnt = n_tiles if reduce else 0  # one split-K ticket per output tile
+    cnt, acc_ws = _split_workspace(workspace, n_cnt, M * N if reduce == 2 else 0, x.device, zeroed_by_prep=k is not None)
+    if k is None:  # threshold: the kernel applies the rule
         a, mode = x2, kern.KEEP_THRESHOLD
-        cnt = torch.zeros((n_cnt,), dtype=torch.int32, device=x.device) if n_cnt else _empty((1,), torch.int32, x.device)
-    else:  # top-k: the prep writes x * mask (exact k) and zeroes the tickets
-        (a, cnt), mode = _prep(x2, score, threshold, k, n_cnt), kern.KEEP_NONZERO
-    part = _empty((split, M, N) if split > 1 else (1,), torch.float32, x.device)
+    else:  # top-k: the prep writes x * mask (exact k), and zeroes the tickets when it owns them
+        a, mode = _prep(x2, score, threshold, k, cnt=cnt if workspace is None else None), kern.KEEP_NONZERO
+    if reduce == 2:
+        part = acc_ws
+    else:
+        part = _empty((split, M, N) if split > 1 else (1,), torch.float32, x.device)
     args = [a, weight_t, bias if has_bias else out, score, out, part, cnt]
     if path in ("gemv", "gemv_masked"):
         more = [float(t) for t in thresholds[1:]] + [0.0, 0.0]
@@ -240,14 +274,14 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         if path == "gemv":
             cfg.setdefault("BLOCK_KS", max(256, min(triton.next_power_of_2(k_per), 4096)))
             args.append(_empty((M * split * grid[0] * k_per,), torch.int32, x.device))  # kept-id scratch
-        args += [M, N, K, a.stride(0), out.stride(0), float(thresholds[0]), k_per]
+        args += [M, N, K, a.stride(0), weight_t.stride(0), out.stride(0), float(thresholds[0]), k_per]
         kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
-        _launch(kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, **segments, **cfg)
+        _launch(kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, **segments, **{**cfg, "REDUCE": reduce})
     else:
-        args += [M, N, K, a.stride(0), out.stride(0), float(threshold)]
+        args += [M, N, K, a.stride(0), weight_t.stride(0), out.stride(0), float(threshold)]
         _launch(kern._gemm_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias,
-                IEEE=x.dtype == torch.float32, **cfg)
-    if split > 1 and not tickets:  # partials only: sum them in a second launch
+                IEEE=x.dtype == torch.float32, **{**cfg, "REDUCE": reduce})
+    if split > 1 and reduce == 0:  # partials only: sum them in a second launch
         _launch(kern._splitk_reduce_kernel, (triton.cdiv(N, 256), M), part, bias if has_bias else out, out,
                 M, N, out.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split),
                 HAS_BIAS=has_bias, BLOCK_N=256, num_warps=4)

@@ -3,18 +3,27 @@
 Layouts shared by every kernel:
 
 * ``x``      (M, K), row stride ``stride_xm``, unit column stride; fp16, bf16 or fp32.
-* ``wt``     (K, N) contiguous: the weight transposed, so input channel i is the
-             contiguous row ``wt[i, :]`` and skipping channel i skips one whole row.
+* ``wt``     (K, N), row stride ``stride_wk`` >= N, unit column stride: the weight
+             transposed, so input channel i is the contiguous row ``wt[i, :]`` and
+             skipping channel i skips one whole row.
 * ``score``  (K,) float32; importance_i = |x_i| * score_i computed in float32,
              exactly as ``kernels/reference.py`` does (WINA: column norms; TEAL: ones).
 * ``out``    (M, N), row stride ``stride_om``, x's dtype; accumulation is float32.
-* split-K:   ``part`` (SPLIT_K, M, N) float32 partial sums.  With TICKETS, ``cnt`` holds
-             int32 tickets zeroed before the launch: each program stores its partial,
-             then takes a ticket; the program that draws the last ticket of its output
-             tile sums the SPLIT_K partials in a fixed order (deterministic), adds the
-             bias, casts and stores (one launch, no atomics on data, no host sync).
-             Without, ``_splitk_reduce_kernel`` does that sum in a second launch (no
-             zeroed buffer at all).
+* split-K:   SPLIT_K programs share an output tile, each summing a range of K, and
+             ``REDUCE`` says how their float32 partial sums meet:
+             0  each stores its partial in ``part`` (SPLIT_K, M, N); ``_splitk_reduce_kernel``
+                sums them in a second launch (fixed order; no zeroed buffer).
+             1  each stores its partial, then takes a ticket from ``cnt`` (int32, one per
+                output tile); the program drawing the last ticket sums the partials in a
+                fixed order (deterministic), adds the bias, casts, stores, and sets its
+                ticket back to 0.  One launch.
+             2  each adds its partial into ``acc_ws`` (float32 (M, N)) by atomics, then
+                takes a ticket; the last program swaps the tile's sums out of ``acc_ws``
+                for zeros, adds the bias, casts and stores.  One launch, no ``part``
+                traffic; the float32 summation order varies run to run.
+             Modes 1 and 2 leave ``cnt`` (and ``acc_ws``) all zeros as they found them, so a
+             zeroed workspace allocated once serves every later launch on the stream (no
+             memset per call, which under Inductor is one more kernel).
 
 Keep rules (``MODE``): 0 keeps importance > threshold (``threshold_linear``); 1 keeps
 x != 0, used on an input that ``_prep_kernel`` already masked (``topk_linear``).
@@ -50,28 +59,36 @@ def _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIA
 
 @triton.jit
 def _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr, ticket,
-            pid_k, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr, n_end):
+            pid_k, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, n_end):
     """Write the (BM, BN) fp32 tile acc, reducing over split-K programs when SPLIT_K > 1.
 
     Columns at or past n_end are not written (N: the row length of out and part).
-
-    TICKETS: the last program of the tile sums the partials here (cnt zeroed before the
-    launch); otherwise only the partial is stored and ``_splitk_reduce_kernel`` follows.
-    SPLIT_K is a constexpr so that the fixup's loads are unrolled and issued together
-    (a run-time loop waits one L2 round trip per split)."""
+    ``REDUCE`` as in the module docstring; with 2, part_ptr is the float32 accumulator
+    workspace (M, N).  SPLIT_K is a constexpr so that the fixup's loads are unrolled and
+    issued together (a run-time loop waits one L2 round trip per split)."""
     if SPLIT_K == 1:
         _store_tile(acc, offs_m, offs_n, M, n_end, out_ptr, stride_om, bias_ptr, HAS_BIAS)
     else:
         omask = (offs_m < M)[:, None] & (offs_n < n_end)[None, :]
         parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(parts + pid_k * M * N, acc, mask=omask)
-        if TICKETS:
-            tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        if REDUCE == 2:
+            tl.atomic_add(parts, acc, mask=omask, sem="relaxed")
+        else:
+            tl.store(parts + pid_k * M * N, acc, mask=omask)
+        if REDUCE != 0:
+            tl.debug_barrier()  # every thread's partial is out before the ticket is taken
             if tl.atomic_add(cnt_ptr + ticket, 1, sem="acq_rel") == SPLIT_K - 1:
-                total = tl.load(parts, mask=omask, other=0.0, cache_modifier=".cg")
-                for s in tl.static_range(1, SPLIT_K):
-                    total += tl.load(parts + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
+                if REDUCE == 2:
+                    # swap the sums out for zeros (as int32 bits: the interpreter has no float xchg)
+                    bits = tl.atomic_xchg(parts.to(tl.pointer_type(tl.int32)), tl.zeros_like(acc).to(tl.int32),
+                                          mask=omask, sem="relaxed")
+                    total = bits.to(tl.float32, bitcast=True)
+                else:
+                    total = tl.load(parts, mask=omask, other=0.0, cache_modifier=".cg")
+                    for s in tl.static_range(1, SPLIT_K):
+                        total += tl.load(parts + s * M * N, mask=omask, other=0.0, cache_modifier=".cg")
                 _store_tile(total, offs_m, offs_n, M, n_end, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+                tl.atomic_xchg(cnt_ptr + ticket, 0, sem="relaxed")  # ready for the next launch
 
 
 @triton.jit
@@ -145,9 +162,10 @@ def _prep_kernel(
 
 
 @triton.jit
-def _fma_rows(acc, rows, jmask, x_row, wt_ptr, offs_n, nmask, N):
+def _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask):
     """acc (BLOCK_R, BLOCK_N) += wt[rows, offs_n] * x[rows] in float32."""
-    w = tl.load(wt_ptr + rows[:, None] * N + offs_n[None, :], mask=jmask[:, None] & nmask[None, :], other=0.0)
+    w = tl.load(wt_ptr + rows[:, None] * stride_wk + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
+                other=0.0, eviction_policy="evict_first")
     xg = tl.load(x_row + rows, mask=jmask, other=0.0)
     return acc + w.to(tl.float32) * xg.to(tl.float32)[:, None]
 
@@ -155,8 +173,8 @@ def _fma_rows(acc, rows, jmask, x_row, wt_ptr, offs_n, nmask, N):
 @triton.jit
 def _gemv_kernel(
     x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr, scr_ptr,
-    M, N, K, stride_xm, stride_om, threshold, K_PER_SPLIT, SPLIT_K: tl.constexpr,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, K, stride_xm, stride_wk, stride_om, threshold, K_PER_SPLIT, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
 ):
@@ -202,22 +220,22 @@ def _gemv_kernel(
     if n_keep == k_hi - k_lo:  # every channel of the range kept (dense input): no indirection
         for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
             offs_j = j + tl.arange(0, BLOCK_R)
-            acc = _fma_rows(acc, k_lo + offs_j, offs_j < n_keep, x_row, wt_ptr, offs_n, nmask, N)
+            acc = _fma_rows(acc, k_lo + offs_j, offs_j < n_keep, x_row, wt_ptr, stride_wk, offs_n, nmask)
     else:
         for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
             offs_j = j + tl.arange(0, BLOCK_R)
             jmask = offs_j < n_keep
             rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
-            acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, offs_n, nmask, N)
+            acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask)
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
-            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS, n_end)
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, REDUCE, n_end)
 
 
 @triton.jit
 def _gemv_masked_kernel(
     x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_om, threshold, K_PER_SPLIT, SPLIT_K: tl.constexpr,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, K, stride_xm, stride_wk, stride_om, threshold, K_PER_SPLIT, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
 ):
@@ -259,11 +277,12 @@ def _gemv_masked_kernel(
         valid = offs < k_hi
         xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
         keep = _keep(xf, score_ptr, offs, valid, threshold, MODE)
-        w = tl.load(wt_ptr + offs[:, None] * N + offs_n[None, :], mask=keep[:, None] & nmask[None, :], other=0.0)
+        w = tl.load(wt_ptr + offs[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & nmask[None, :],
+                    other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None]  # where: a dropped NaN never reaches y
     # n_end: a tile ending inside its linear stores nothing into the next one's columns
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
-            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS, n_end)
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, REDUCE, n_end)
 
 
 @triton.jit
@@ -290,8 +309,8 @@ def _segment(pid_n, col0, N, K, END0, END1, score_ptr, threshold, THRESHOLD1, TH
 @triton.jit
 def _gemm_masked_kernel(
     x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_om, threshold, SPLIT_K: tl.constexpr,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, TICKETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, K, stride_xm, stride_wk, stride_om, threshold, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Batched GEMM with the keep mask applied to x in-kernel.  Grid (cdiv(N, BN), cdiv(M, BM), SPLIT_K).
@@ -318,10 +337,11 @@ def _gemm_masked_kernel(
         inb = mmask[:, None] & kmask[None, :]
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=inb, other=0.0)
         a = tl.where(_keep(a.to(tl.float32), score_ptr, offs_k[None, :], inb, threshold, MODE), a, tl.zeros_like(a))
-        w = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)
         if IEEE:
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
     _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr,
-            pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, TICKETS, N)
+            pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, REDUCE, N)

@@ -204,7 +204,7 @@ def test_topk_keeps_exactly_k_with_ties(path):
     for k in [0, 1, 7, 50, 99, 100]:
         ref, mask = ref_topk_stable(x, w, None, score, k)
         assert rel_err(run(x, w, None, score, k=k, path=path), ref) < TOL[torch.float32], k
-        xm, _ = sl._prep(x, score, 0.0, k)
+        xm = sl._prep(x, score, 0.0, k)
         assert torch.equal(xm, x * mask), k  # x has no zeros: xm != 0 is the mask
 
 
@@ -212,14 +212,15 @@ def test_torch_mask_matches_prep():
     """The batched path's mask in torch ops (used when Inductor traces the op) == _prep's."""
     x, _, _, score = make(5, 300, 1, torch.bfloat16)
     for thr in [-1.0, 0.3, 1.5, float("inf")]:
-        assert torch.equal(sl._torch_mask(x, score, thr), sl._prep(x, score, thr, None)[0])
+        assert torch.equal(sl._torch_mask(x, score, thr), sl._prep(x, score, thr, None))
 
 
 def test_prep_threshold_masks_x():
     M, K = 4, 2100  # several chunks per row
     x, _, _, score = make(M, K, 1, torch.float16)
     for thr in [-1.0, 0.3, 1.5, float("inf")]:
-        xm, cnt = sl._prep(x, score, thr, None, n_cnt=300)
+        cnt = torch.full((300,), 7, dtype=torch.int32, device=DEVICE)
+        xm = sl._prep(x, score, thr, None, cnt=cnt)
         assert torch.equal(xm, x * reference.threshold_mask(x, score, thr))
         assert (cnt == 0).all()  # the split-K tickets of the next kernel
 
@@ -232,17 +233,63 @@ def test_split_k_fixup_with_empty_splits(dtype):
     x, w, b, score = make(M, K, N, dtype)
     cfgs = [("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=7, STAGES=1, num_warps=4)),
             ("gemv", dict(BLOCK_N=64, BLOCK_R=32, SPLIT_K=2, STAGES=2, BLOCK_KS=16, num_warps=4)),
-            ("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=5, STAGES=1, TICKETS=False, num_warps=4)),
+            ("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=5, STAGES=1, REDUCE=0, num_warps=4)),
             ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=7, STAGES=1, num_warps=4)),  # 7th split empty
-            ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, STAGES=2, TICKETS=False, num_warps=4)),
+            ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, STAGES=2, REDUCE=0, num_warps=4)),
             ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=512, SPLIT_K=1, STAGES=1, num_warps=4)),
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=2)),  # 4th split empty
-            ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, TICKETS=False, num_warps=4, num_stages=2))]
+            ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, REDUCE=0, num_warps=4, num_stages=2))]
+    cfgs += [(path, dict(cfg, REDUCE=reduce)) for path, cfg in cfgs[:6] for reduce in (1, 2)]
     for sparsity in [0.0, 0.995]:
         thr = threshold_for(x, score, sparsity)
         ref = ref_threshold(x, w, b, score, thr)
         for path, cfg in cfgs:
             assert rel_err(run(x, w, b, score, thr=thr, path=path, config=cfg), ref) < TOL[dtype], (path, sparsity)
+
+
+@pytest.mark.parametrize("reduce", [1, 2])
+def test_workspace_is_left_zero_and_reused(reduce):
+    """REDUCE 1 and 2 take tickets (and, for 2, float32 sums) from a caller's workspace and
+    leave it all zeros, so one zeroed buffer serves every later call without a memset:
+    calls of several shapes, groups, top-k and one-program-per-step splits in a row."""
+    ws = torch.zeros(sl.workspace_size(200, 3), dtype=torch.int32, device=DEVICE)
+    for i, (M, K, N, sizes) in enumerate([(1, 257, 130, None), (3, 100, 200, None), (1, 300, 90, (33, 17, 40)),
+                                          (2, 64, 200, (150, 50))]):
+        x, w, b, score = make(M, K, N, torch.float32, seed=20 + i)
+        for split, block in [(3, 32), (triton.cdiv(K, 16), 16)]:
+            cfg = dict(BLOCK_N=32, BLOCK_K=block, SPLIT_K=split, STAGES=1, REDUCE=reduce, num_warps=4)
+            if sizes is None:
+                thr = threshold_for(x, score, 0.6)
+                out = sl._sparse_linear(x, w.t().contiguous(), b, score, thr, path="gemv_masked", config=cfg,
+                                        workspace=ws)
+                assert rel_err(out, ref_threshold(x, w, b, score, thr)) < 1e-5, (i, split)
+                out = sl._sparse_linear(x, w.t().contiguous(), b, score, k=K // 3, path="gemv_masked", config=cfg,
+                                        workspace=ws)
+                ref = reference.topk_linear(x.double(), w.double(), b.double(), score, K // 3)
+                assert rel_err(out, ref) < 1e-5, (i, split)
+            else:
+                scores = torch.rand(len(sizes), K, device=DEVICE) + 0.5
+                thr = group_thresholds(x, scores, (0.5, 0.8, 0.3)[:len(sizes)])
+                out = sl._sparse_linear(x, w.t().contiguous(), b, scores, path="gemv_masked", config=cfg,
+                                        group=(sizes, tuple(thr)), workspace=ws)
+                assert rel_err(out, ref_group(x, w, b, scores, thr, sizes)) < 1e-5, (i, split)
+            assert not ws.any(), (i, split)
+    with pytest.raises(ValueError, match="workspace"):
+        sl._sparse_linear(x, w.t().contiguous(), b, score, 0.0, path="gemv_masked", workspace=ws[:3],
+                          config=dict(SPLIT_K=4, REDUCE=reduce))
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemv_masked", "gemm", "dense"])
+def test_weight_rows_with_a_wider_stride(path):
+    """weight_t may be a column slice of a wider (K, N') buffer (a linear stored beside its
+    siblings): the kernels read it in place through its row stride."""
+    M, K, N = 1, 257, 70
+    x, w, b, score = make(M, K, N + 50, torch.float16, seed=4)
+    wt = w.t().contiguous()[:, 20:20 + N]
+    assert wt.stride(0) == N + 50
+    thr = threshold_for(x, score, 0.5)
+    out = sl._sparse_linear(x, wt, b[20:20 + N], score, thr, path=path)
+    assert rel_err(out, ref_threshold(x, w[20:20 + N], b[20:20 + N], score, thr)) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("path", [None, "gemv", "gemv_masked"])
@@ -329,7 +376,7 @@ def test_group_split_k_and_forced_paths():
     ref = ref_group(x, w, b, scores, thr, sizes)
     wt = w.t().contiguous()
     for path, cfg in [("gemv_masked", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=3, STAGES=1, num_warps=4)),
-                      ("gemv", dict(BLOCK_N=16, BLOCK_R=16, SPLIT_K=3, STAGES=1, TICKETS=False, num_warps=4)),
+                      ("gemv", dict(BLOCK_N=16, BLOCK_R=16, SPLIT_K=3, STAGES=1, REDUCE=0, num_warps=4)),
                       ("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=2, STAGES=2, BLOCK_KS=64, num_warps=4)),
                       ("gemv", None),
                       ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=1, STAGES=2, num_warps=4)),
