@@ -148,8 +148,9 @@ def _prep(x: Tensor, score: Tensor, threshold: float, k: int | None, cnt: Tensor
 def workspace_size(n_out: int, max_tokens: int = GEMV_MAX_M) -> int:
     """int32 elements of a workspace serving every sparse linear with at most n_out outputs
     at up to max_tokens tokens: split-K tickets (one per output tile; tiles have >= 16
-    columns) and the float32 accumulators of REDUCE = 2."""
-    return max_tokens * (triton.cdiv(n_out, 16) + n_out)
+    columns, and each of a group's <= 3 linears may end in a partial one) and the float32
+    accumulators of REDUCE = 2."""
+    return max_tokens * (triton.cdiv(n_out, 16) + 3 + n_out)
 
 
 def _split_workspace(workspace: Tensor | None, n_cnt: int, n_acc: int, device, zeroed_by_prep: bool):

@@ -1,0 +1,184 @@
+"""Batch-1 sparse GEMV on this GPU: candidate kernels and tiles beside cuBLAS and TEAL's kernel.
+
+    python benchmarks/tune_gemv.py --teal /path/to/TEAL/kernels/sparse_gemv.py [--quick]
+
+The measurement behind the M = 1 dispatch rule of ``kernels/sparse_linear.py``.  For the
+Llama-3-8B linears, the q/k/v and gate/up groups and the 5120x17920 GEMV of TEAL's
+Figure 4 (fp16, batch 1), at 0-90 % sparsity, it times in one process and one harness
+(``benchmarks/kernels.py``: CUDA graphs, rotated weight buffers, do_bench median):
+cuBLAS, TEAL's kernel (FasterDecoding/TEAL ``kernels/sparse_gemv.py``, loaded from the
+given path, never copied here; autotuned by its own autotuner before capture), the
+launcher's dispatch, and the candidate configurations below.  Every output is checked
+against the float64 reference first.  Writes ``kernels_<gpu>_tune.json`` to $OUT (else
+benchmarks/results/) and prints, per case, the best candidate beside TEAL and the floor.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+import triton
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("wina_bench_kernels", os.path.join(HERE, "kernels.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)  # puts the source tree on sys.path
+from kernels import reference, sparse_linear as sl  # noqa: E402
+
+CASES = {  # name: (K, output sizes of the linears sharing x)
+    "5120x17920": (5120, (17920,)),
+    "4096x14336": (4096, (14336,)),
+    "14336x4096": (14336, (4096,)),
+    "4096x4096": (4096, (4096,)),
+    "4096x1024": (4096, (1024,)),
+    "qkv": (4096, (4096, 1024, 1024)),
+    "gate_up": (4096, (14336, 14336)),
+}
+SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
+
+
+def one_shot(block_k, block_n, warps, steps=1, reduce=2):
+    """Masked GEMV whose programs each cover `steps` BLOCK_K-row steps (TEAL's shape: many
+    short programs), split-K sums met by float32 atomics (2) or tickets (1)."""
+    def cfg(K, sizes, s):
+        return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=triton.cdiv(K, steps * block_k),
+                    STAGES=min(steps, 3), REDUCE=reduce, num_warps=warps)
+    return "gemv_masked", cfg
+
+
+def looped(reduce, per_sm=2):
+    """The masked GEMV as dispatched today (about per_sm programs per SM, each looping)."""
+    def cfg(K, sizes, s):
+        c = sl._gemv_masked_config(1, sum(sizes), K, torch.float16, bench.num_sms())
+        tiles = sum(triton.cdiv(n, c["BLOCK_N"]) for n in sizes)
+        split = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // 256, 32))
+        return dict(c, SPLIT_K=split, REDUCE=reduce)
+    return "gemv_masked", cfg
+
+
+def compacted(times_split, reduce):
+    def cfg(K, sizes, s):
+        c = sl._gemv_config(1, sum(sizes), K, torch.float16, bench.num_sms())
+        tiles = sum(triton.cdiv(n, c["BLOCK_N"]) for n in sizes)
+        split = max(1, min(triton.cdiv(times_split * bench.num_sms(), tiles), K // 64, 128))
+        return dict(c, SPLIT_K=split, REDUCE=reduce if split > 1 else 0)
+    return "gemv", cfg
+
+
+CANDIDATES = {
+    "dispatched": (None, None),
+    "loop_r0": looped(0), "loop_r1": looped(1), "loop_r2": looped(2), "loop4_r2": looped(2, per_sm=4),
+    "os16x256w4": one_shot(16, 256, 4), "os16x512w4": one_shot(16, 512, 4), "os32x256w4": one_shot(32, 256, 4),
+    "os32x128w4": one_shot(32, 128, 4), "os64x128w4": one_shot(64, 128, 4), "os64x64w4": one_shot(64, 64, 4),
+    "os128x64w4": one_shot(128, 64, 4), "os128x128w8": one_shot(128, 128, 8), "os256x32w4": one_shot(256, 32, 4),
+    "os256x64w8": one_shot(256, 64, 8), "os32x512w8": one_shot(32, 512, 8),
+    "two64x128w4": one_shot(64, 128, 4, steps=2), "two128x64w4": one_shot(128, 64, 4, steps=2),
+    "four64x64w4": one_shot(64, 64, 4, steps=4),
+    "cmp_r0": compacted(1, 0), "cmp2_r1": compacted(2, 1), "cmp4_r2": compacted(4, 2), "cmp8_r2": compacted(8, 2),
+}
+QUICK = ["dispatched", "loop_r2", "os32x256w4", "os64x128w4", "cmp4_r2"]
+
+
+def load_teal(path: str):
+    """TEAL's kernels/sparse_gemv.py as a module.  Its tail imports ``compile_wrapper`` only
+    for torch.compile wrapper classes that this benchmark does not use: a stand-in base
+    class lets the file import; the Triton kernels are TEAL's, unchanged."""
+    sys.modules.setdefault("compile_wrapper", types.SimpleNamespace(BaseKernel=object))
+    spec = importlib.util.spec_from_file_location("teal_sparse_gemv", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teal", help="path to TEAL's kernels/sparse_gemv.py")
+    ap.add_argument("--quick", action="store_true", help="5 candidates, 2 cases")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--candidates", default=None, help="comma-separated names (default: all)")
+    args = ap.parse_args()
+    teal = load_teal(args.teal) if args.teal else None
+    names = args.candidates.split(",") if args.candidates else (QUICK if args.quick else list(CANDIDATES))
+    cases = ["5120x17920", "qkv"] if args.quick else args.cases.split(",")
+    bw = bench.copy_bandwidth()
+    header = bench.device_header(bw)
+    out_path = os.path.join(bench.out_dir(), f"kernels_{bench.gpu_tag()}_tune.json")
+    print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
+    records = []
+    ws = torch.zeros(sl.workspace_size(max(sum(s) for _, s in CASES.values())), dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t0 = time.time()
+    for case in cases:
+        K, sizes = CASES[case]
+        N = sum(sizes)
+        copies = min(16, max(bench.NBUF_MIN, -(-int(bench.ROTATE_BYTES) // (K * N * 2))))
+        ws_t = [(torch.randn(K, N, device="cuda", generator=g) * K**-0.5).half() for _ in range(copies)]
+        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+        scores = torch.stack([ws_t[0][:, e - n:e].float().norm(dim=1) for e, n in zip(ends, sizes)])
+        x = torch.randn(1, K, device="cuda", generator=g).half()
+        dense = bench.time_us([lambda w=w: x @ w for w in ws_t])  # cuBLAS on W^T (K, N): as F.linear on W.t()
+        dense_f = bench.time_us([lambda w=w: F.linear(x, w.t()) for w in ws_t])
+        for s in SPARSITIES:
+            thr = [reference.importance(x, sc).quantile(s).item() if s > 0 else -1.0 for sc in scores]
+            masks = [reference.threshold_mask(x, sc, t)[0] for sc, t in zip(scores, thr)]
+            kept_bytes = sum(int(m.sum()) * n * 2 for m, n in zip(masks, sizes))
+            floor = (kept_bytes + 4 * K + 2 * N) / bw * 1e6
+            ref = reference.threshold_linear_group(x.double(), ws_t[0].t().double(), None, scores, thr, sizes)
+            rec = dict(case=case, K=K, sizes=list(sizes), sparsity=s, floor_us=floor, cublas_us=dense,
+                       cublas_flinear_us=dense_f, us={}, err={})
+            group = (tuple(sizes), tuple(thr)) if len(sizes) > 1 else None
+            score_arg = scores if group else scores[0]
+            for name in names:
+                path, cfg_fn = CANDIDATES[name]
+                cfg = cfg_fn(K, sizes, s) if cfg_fn else None
+
+                def fn(w, path=path, cfg=cfg):
+                    return sl._sparse_linear(x, w, None, score_arg, threshold=thr[0], group=group, path=path,
+                                             config=cfg, sparsity_hint=s, workspace=ws)
+                try:
+                    err = bench.rel_err(fn(ws_t[0]), ref)
+                    if not err < 2e-2:
+                        raise AssertionError(f"rel err {err}")
+                    rec["us"][name] = bench.time_us([lambda w=w: fn(w) for w in ws_t])
+                    rec["err"][name] = err
+                    assert not ws.any(), "workspace left dirty"
+                except Exception as e:  # a candidate that fails is recorded, never timed
+                    rec["err"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+                    print(f"  {case} s={s} {name}: {rec['err'][name]}", flush=True)
+            if teal is not None:
+                tthr = [(x.abs().float().quantile(s).item() if s > 0 else -1.0)] * len(sizes)
+                tmask = x.abs()[0] > tthr[0]
+                tref = ws_t[0].t().double() @ (x[0].double() * tmask)
+                sbin = int(s * 10)
+                if case == "qkv":
+                    tfn = lambda w: teal.qkv_gemv(x.view(1, 1, K), w.t(), *tthr, sbin, sizes[1])
+                else:
+                    tfn = lambda w: teal.splitk_sparse_gemv(x.view(1, 1, K), w.t(), tthr[0], sbin)
+                y = tfn(ws_t[0])  # autotunes here, outside any capture
+                rec["err"]["teal"] = bench.rel_err(y.view(-1), tref)
+                rec["us"]["teal"] = bench.time_us([lambda w=w: tfn(w) for w in ws_t])
+            records.append(rec)
+            best = min(rec["us"].items(), key=lambda kv: kv[1] if kv[0] != "teal" else math.inf)
+            t = rec["us"].get("teal")
+            print(f"{case:10s} s={s:.2f} cublas {dense:6.1f} floor {floor:6.1f} | teal {dense / t if t else 0:4.2f}x "
+                  f"disp {dense / rec['us'].get('dispatched', math.inf):4.2f}x best {best[0]} "
+                  f"{dense / best[1]:4.2f}x ({best[1]:6.1f} us) | " +
+                  " ".join(f"{k}={v:.1f}" for k, v in sorted(rec["us"].items(), key=lambda kv: kv[1])[:6]),
+                  flush=True)
+            with open(out_path, "w") as f:
+                json.dump(dict(header=header, records=records), f, indent=1)
+        del ws_t
+        torch.cuda.empty_cache()
+    print(f"done in {time.time() - t0:.0f} s -> {out_path}")
+
+
+if __name__ == "__main__":
+    main()
