@@ -103,7 +103,13 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
                 num_warps=4, num_stages=4 if dtype.itemsize == 2 else 2)
 
 
-_CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _gemm_config}
+def _stream_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
+    """Tiles of _gemv_stream_kernel; PER_SM programs per SM share the work evenly."""
+    return dict(BLOCK_N=64, BLOCK_K=128, BLOCK_R=64, STAGES=3, PER_SM=2, COMPACT=False, num_warps=4)
+
+
+_CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _gemm_config,
+            "stream": _stream_config}
 
 
 def _choose_path(M: int, sparsity_hint: float = 0.0) -> str:
@@ -246,6 +252,11 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         raise ValueError("a group of linears runs on path 'gemv_masked', 'gemv' or 'dense', not 'gemm'")
 
     cfg = {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}
+    segments = _segments(ends, thresholds)
+    if path == "stream":
+        a, mode = (x2, kern.KEEP_THRESHOLD) if k is None else (_prep(x2, score, threshold, k), kern.KEEP_NONZERO)
+        _launch_stream(a, weight_t, bias, score, out, workspace, cfg, segments, sizes, sms, mode, float(thresholds[0]))
+        return out.reshape(*lead, N)
     split, reduce = cfg["SPLIT_K"], cfg["REDUCE"]
     if path == "gemm":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
@@ -268,10 +279,6 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         part = _empty((split, M, N) if split > 1 else (1,), torch.float32, x.device)
     args = [a, weight_t, bias if has_bias else out, score, out, part, cnt]
     if path in ("gemv", "gemv_masked"):
-        more = [float(t) for t in thresholds[1:]] + [0.0, 0.0]
-        end0, end1 = (ends + [N])[:2]
-        segments = dict(END0=end0, END1=end1, THRESHOLD1=more[0], THRESHOLD2=more[1], GROUPS=len(sizes),
-                        ENDS_ALIGNED=end0 % 16 == 0 and end1 % 16 == 0)
         if path == "gemv":
             cfg.setdefault("BLOCK_KS", max(256, min(triton.next_power_of_2(k_per), 4096)))
             args.append(_empty((M * split * grid[0] * k_per,), torch.int32, x.device))  # kept-id scratch
@@ -287,6 +294,34 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
                 M, N, out.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split),
                 HAS_BIAS=has_bias, BLOCK_N=256, num_warps=4)
     return out.reshape(*lead, N)
+
+
+def _segments(ends: list[int], thresholds) -> dict:
+    """The group arguments of the GEMV kernels: column ends and thresholds of linears 1 and 2."""
+    more = [float(t) for t in thresholds[1:]] + [0.0, 0.0]
+    end0, end1 = (ends + [ends[-1]])[:2]
+    return dict(END0=end0, END1=end1, THRESHOLD1=more[0], THRESHOLD2=more[1], GROUPS=len(ends),
+                ENDS_ALIGNED=end0 % 16 == 0 and end1 % 16 == 0)
+
+
+def _launch_stream(a, weight_t, bias, score, out, workspace, cfg, segments, sizes, sms, mode, threshold):
+    """One launch of _gemv_stream_kernel: P = PER_SM programs per SM (at most one per unit)."""
+    cfg = dict(cfg)
+    M, K = a.shape
+    N = out.shape[1]
+    per_sm, block_k = cfg.pop("PER_SM"), cfg["BLOCK_K"]
+    tiles = sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in sizes)
+    steps = triton.cdiv(K, block_k)
+    programs = max(1, min(per_sm * sms, tiles * steps))
+    parts = triton.cdiv(programs, tiles) + 1  # most programs that can share one tile
+    cnt, _ = _split_workspace(workspace, M * tiles, 0, a.device, zeroed_by_prep=False)
+    part = _empty((parts, M, N), torch.float32, a.device)
+    scr_per_program = min(steps, triton.cdiv(tiles * steps, programs) + 1) * block_k if cfg["COMPACT"] else 1
+    scr = _empty((M * programs * scr_per_program,), torch.int32, a.device)
+    has_bias = bias is not None
+    _launch(kern._gemv_stream_kernel, (programs, M), a, weight_t, bias if has_bias else out, score, out, part, cnt,
+            scr, M, N, K, a.stride(0), weight_t.stride(0), out.stride(0), threshold, tiles, steps, scr_per_program,
+            MODE=mode, HAS_BIAS=has_bias, PARTS_P2=triton.next_power_of_2(parts), **segments, **cfg)
 
 
 def threshold_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,

@@ -345,3 +345,106 @@ def _gemm_masked_kernel(
             acc = tl.dot(a, w, acc)
     _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr,
             pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, REDUCE, N)
+
+
+@triton.jit
+def _gemv_stream_kernel(
+    x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr, scr_ptr,
+    M, N, K, stride_xm, stride_wk, stride_om, threshold, TILES, STEPS, SCR_PER_PROGRAM,
+    COMPACT: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PARTS_P2: tl.constexpr, STAGES: tl.constexpr,
+    END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
+):
+    """Sparse GEMV with an even share of the work per program (stream-K).  Grid (P, M).
+
+    The work of token m is TILES column tiles x STEPS steps of BLOCK_K input channels,
+    U = TILES * STEPS units in tile-major order; program p takes units [p U / P, (p+1) U / P),
+    so every program moves the same number of weight rows (up to one step) whatever the
+    shape, and no SM idles while another finishes a second program (the cost of a grid of
+    independent split-K programs whose count is not a multiple of the SM count).  A
+    program walks its range one tile segment at a time: a segment that is a whole tile is
+    stored directly; otherwise its float32 partial goes to ``part`` (slot p minus the tile's
+    first program), and the last of the tile's programs to take a ticket sums the slots in
+    one 2D load, adds the bias, stores, and resets the ticket (``cnt``, zero before and after).
+
+    Segment body: COMPACT=False loads the kept weight rows of each step by masked loads;
+    COMPACT=True first writes the segment's kept channel ids, compacted, to the program's
+    scratch row and then streams full BLOCK_R-row tiles of kept rows only (faster at high
+    sparsity: dropped rows cost no step at all).  Groups (GROUPS, END0, ...) as in
+    _gemv_masked_kernel: a tile belongs to one linear and applies its rule.
+    """
+    p = tl.program_id(0).to(tl.int64)
+    P = tl.num_programs(0).to(tl.int64)
+    m = tl.program_id(1)
+    x_row = x_ptr + m * stride_xm
+    U = TILES.to(tl.int64) * STEPS
+    u = p * U // P
+    u_end = (p + 1) * U // P
+    scr = scr_ptr + (m * P + p) * SCR_PER_PROGRAM
+    while u < u_end:
+        tile = (u // STEPS).to(tl.int32)
+        s0 = u - tile * STEPS
+        s1 = tl.minimum(STEPS, s0 + (u_end - u))
+        k_lo = (s0 * BLOCK_K).to(tl.int32)
+        k_hi = tl.minimum(s1 * BLOCK_K, K).to(tl.int32)
+        col0 = tile * BLOCK_N
+        n_end = N
+        seg_score, seg_threshold = score_ptr, threshold
+        if GROUPS > 1:
+            col0, n_end, seg_score, seg_threshold = _segment(tile, col0, N, K, END0, END1, score_ptr, threshold,
+                                                             THRESHOLD1, THRESHOLD2, GROUPS, BLOCK_N)
+            if ENDS_ALIGNED:
+                col0 = tl.multiple_of(col0, 16)
+        offs_n = col0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < n_end
+        if COMPACT:
+            n_keep = tl.full([], 0, tl.int32)
+            for c in range(k_lo, k_hi, BLOCK_K):
+                offs = c + tl.arange(0, BLOCK_K)
+                valid = offs < k_hi
+                keep = _keep(tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32), seg_score, offs, valid,
+                             seg_threshold, MODE).to(tl.int32)
+                tl.store(scr + n_keep + tl.cumsum(keep, axis=0) - 1, offs, mask=keep != 0)
+                n_keep += tl.sum(keep, axis=0)
+            tl.debug_barrier()  # the kept ids are written before any thread reads them
+            acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+            for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
+                offs_j = j + tl.arange(0, BLOCK_R)
+                jmask = offs_j < n_keep
+                rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
+                acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask)
+            tl.debug_barrier()  # every read of the ids is done before the next segment rewrites them
+            y = tl.sum(acc, axis=0)[None, :]
+        else:
+            acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+            for c in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+                offs = c + tl.arange(0, BLOCK_K)
+                valid = offs < k_hi
+                xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
+                keep = _keep(xf, seg_score, offs, valid, seg_threshold, MODE)
+                w = tl.load(wt_ptr + offs[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & nmask[None, :],
+                            other=0.0, eviction_policy="evict_first")
+                acc += w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None]
+            y = tl.sum(acc, axis=0)[None, :]
+        offs_m = m + tl.arange(0, 1)
+        # programs sharing this tile: the first and last whose unit range meets it
+        first = ((tile.to(tl.int64) * STEPS + 1) * P + U - 1) // U - 1
+        last = (((tile.to(tl.int64) + 1) * STEPS) * P + U - 1) // U - 1
+        n_parts = (last - first + 1).to(tl.int32)
+        if n_parts == 1:
+            _store_tile(y, offs_m, offs_n, M, n_end, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+        else:
+            omask = (offs_m < M)[:, None] & nmask[None, :]
+            slot = (p - first).to(tl.int32)
+            tl.store(part_ptr + (slot * M + offs_m[:, None]) * N + offs_n[None, :], y, mask=omask)
+            tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+            ticket = cnt_ptr + m * TILES + tile
+            if tl.atomic_add(ticket, 1, sem="acq_rel") == n_parts - 1:
+                offs_j = tl.arange(0, PARTS_P2)
+                pmask = (offs_j < n_parts)[:, None] & nmask[None, :]
+                parts = tl.load(part_ptr + (offs_j[:, None] * M + m) * N + offs_n[None, :], mask=pmask, other=0.0,
+                                cache_modifier=".cg")
+                _store_tile(tl.sum(parts, axis=0)[None, :], offs_m, offs_n, M, n_end, out_ptr, stride_om, bias_ptr,
+                            HAS_BIAS)
+                tl.atomic_xchg(ticket, 0, sem="relaxed")  # ready for the next launch
+        u += s1 - s0

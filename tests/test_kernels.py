@@ -162,7 +162,8 @@ def run(x, w, b, score, *, thr=None, k=None, path=None, config=None):
 # (M, K, N): every K in {1, 17, 100, 257}, N in {1, 33, 130}, M in {1, 3, 16, 70} appears.
 SHAPES = [(1, 100, 33), (1, 257, 130), (1, 17, 1), (3, 257, 33), (3, 1, 130), (16, 100, 130),
           (16, 17, 33), (70, 257, 130), (70, 1, 1)]
-PATHS = {1: ["gemv", "gemv_masked", "gemm", "dense"], 3: ["gemv", "gemv_masked", "gemm"], 16: ["gemm"]}
+PATHS = {1: ["gemv", "gemv_masked", "stream", "gemm", "dense"], 3: ["gemv", "gemv_masked", "stream", "gemm"],
+         16: ["gemm"]}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -240,11 +241,19 @@ def test_split_k_fixup_with_empty_splits(dtype):
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=2)),  # 4th split empty
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, REDUCE=0, num_warps=4, num_stages=2))]
     cfgs += [(path, dict(cfg, REDUCE=reduce)) for path, cfg in cfgs[:6] for reduce in (1, 2)]
+    cfgs += STREAM_CONFIGS
     for sparsity in [0.0, 0.995]:
         thr = threshold_for(x, score, sparsity)
         ref = ref_threshold(x, w, b, score, thr)
         for path, cfg in cfgs:
             assert rel_err(run(x, w, b, score, thr=thr, path=path, config=cfg), ref) < TOL[dtype], (path, sparsity)
+
+
+# stream-K tiles whose program ranges start and end inside tiles, share tiles 2..n ways,
+# cover several tiles, or (PER_SM large) hold a single step each; masked and compacted bodies
+STREAM_CONFIGS = [("stream", dict(BLOCK_N=32, BLOCK_K=16, BLOCK_R=16, STAGES=s, PER_SM=per_sm, COMPACT=c, num_warps=4))
+                  for per_sm, s, c in [(1, 1, False), (1, 2, True), (3, 2, False), (200, 1, True), (7, 3, False),
+                                       (7, 1, True)]]
 
 
 @pytest.mark.parametrize("reduce", [1, 2])
@@ -258,19 +267,23 @@ def test_workspace_is_left_zero_and_reused(reduce):
         x, w, b, score = make(M, K, N, torch.float32, seed=20 + i)
         for split, block in [(3, 32), (triton.cdiv(K, 16), 16)]:
             cfg = dict(BLOCK_N=32, BLOCK_K=block, SPLIT_K=split, STAGES=1, REDUCE=reduce, num_warps=4)
+            path = "gemv_masked"
+            if reduce == 2:  # the stream-K kernel's tickets come from the same workspace
+                path, cfg = "stream", dict(BLOCK_N=32, BLOCK_K=block, BLOCK_R=16, STAGES=1, PER_SM=split // 2 + 1,
+                                           COMPACT=split > 3, num_warps=4)
             if sizes is None:
                 thr = threshold_for(x, score, 0.6)
-                out = sl._sparse_linear(x, w.t().contiguous(), b, score, thr, path="gemv_masked", config=cfg,
+                out = sl._sparse_linear(x, w.t().contiguous(), b, score, thr, path=path, config=cfg,
                                         workspace=ws)
                 assert rel_err(out, ref_threshold(x, w, b, score, thr)) < 1e-5, (i, split)
-                out = sl._sparse_linear(x, w.t().contiguous(), b, score, k=K // 3, path="gemv_masked", config=cfg,
+                out = sl._sparse_linear(x, w.t().contiguous(), b, score, k=K // 3, path=path, config=cfg,
                                         workspace=ws)
                 ref = reference.topk_linear(x.double(), w.double(), b.double(), score, K // 3)
                 assert rel_err(out, ref) < 1e-5, (i, split)
             else:
                 scores = torch.rand(len(sizes), K, device=DEVICE) + 0.5
                 thr = group_thresholds(x, scores, (0.5, 0.8, 0.3)[:len(sizes)])
-                out = sl._sparse_linear(x, w.t().contiguous(), b, scores, path="gemv_masked", config=cfg,
+                out = sl._sparse_linear(x, w.t().contiguous(), b, scores, path=path, config=cfg,
                                         group=(sizes, tuple(thr)), workspace=ws)
                 assert rel_err(out, ref_group(x, w, b, scores, thr, sizes)) < 1e-5, (i, split)
             assert not ws.any(), (i, split)
@@ -279,7 +292,7 @@ def test_workspace_is_left_zero_and_reused(reduce):
                           config=dict(SPLIT_K=4, REDUCE=reduce))
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemv_masked", "gemm", "dense"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_masked", "stream", "gemm", "dense"])
 def test_weight_rows_with_a_wider_stride(path):
     """weight_t may be a column slice of a wider (K, N') buffer (a linear stored beside its
     siblings): the kernels read it in place through its row stride."""
@@ -381,7 +394,7 @@ def test_group_split_k_and_forced_paths():
                       ("gemv", None),
                       ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=1, STAGES=2, num_warps=4)),
                       ("gemv_masked", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, STAGES=1, num_warps=4)),
-                      ("dense", None)]:
+                      ("dense", None)] + STREAM_CONFIGS:
         out = sl._sparse_linear(x, wt, b, scores, path=path, config=cfg, group=(sizes, tuple(thr)))
         assert rel_err(out, ref) < TOL[torch.float32], (path, cfg)
     with pytest.raises(ValueError, match="sizes summing"):
