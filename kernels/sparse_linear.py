@@ -2,20 +2,21 @@
 
 ``threshold_linear`` and ``topk_linear`` compute what their namesakes in
 ``kernels/reference.py`` compute, but take the weight transposed: ``weight_t`` is
-(K, N) contiguous, so a dropped input channel is one skipped contiguous row.
+(K, N) with unit column stride (any row stride >= N: a linear stored beside its siblings
+is read in place), so a dropped input channel is one skipped contiguous row.
 
-Paths, picked from the number of tokens M and the rule alone (shapes and Python
-constants: no host sync, no data-dependent Python, so the launchers can be captured in
-CUDA graphs):
+Paths, picked from the number of tokens M, the shape and the calibrated sparsity
+(shapes and Python constants: no host sync, no data-dependent Python, so the launchers
+can be captured in CUDA graphs):
 
 * keep-all (threshold -inf, what calibration gives for sparsity 0, or k >= K): cuBLAS,
   nothing else.
-* ``gemv_masked`` (M = 1, the default): ``_gemv_masked_kernel`` decides the mask and
-  loads only the kept weight rows by masked loads; split-K partials summed by
-  ``_splitk_reduce_kernel``.  Best at 0-65 % sparsity.
-* ``gemv``: ``_gemv_kernel`` compacts the kept channel ids first, then streams full
-  tiles of kept rows: slower below ~65 %, up to 1.9x faster at 80-90 %.  Dispatched at
-  M = 1 when the caller's ``sparsity_hint`` (the calibrated sparsity) is >= COMPACT_FROM.
+* M = 1: ``_gemv_choice`` picks the kernel and tiles measured best on an H200:
+  ``gemv_masked`` (``_gemv_masked_kernel``: decides the mask and loads only the kept
+  weight rows by masked loads) below the shape's crossover sparsity, ``gemv``
+  (``_gemv_kernel``: compacts the kept channel ids, then streams full tiles of kept rows)
+  from it.  Split-K partial sums meet through self-resetting tickets in a workspace
+  allocated once per device (``wina_fx.ops`` passes it), so one launch per linear.
 * ``gemm``: ``_gemm_masked_kernel`` masks x in-kernel and reads all of the weight (a
   measured alternative for M >= 2; never dispatched).
 * ``dense`` (M >= 2): x * mask, then cuBLAS.  The mask is ``_prep_kernel`` eagerly and
@@ -48,11 +49,6 @@ from . import sparse_linear_kernels as kern
 # GEMV, 1.09-24 for a 16-token kept-row gather, and, for M <= 8, 0.40 (90 % sparse) to 3.8
 # (dense) for one sparse GEMV per token.  So M >= 2 falls back to cuBLAS.
 GEMV_MAX_M = 1      # tokens handled by the sparse GEMV
-GEMV_PATH = "gemv_masked"  # M = 1 kernel: "gemv_masked" (TEAL-style) or "gemv" (compacted kept ids)
-# M = 1 linears whose calibrated sparsity (the launchers' sparsity_hint) is at least this run
-# the compacted-rows kernel: on an H100 it beat the masked one on the large shapes from
-# 65 % and on all five from 80 % (up to 1.9x at 90 %; kernels_h100.json).
-COMPACT_FROM = 0.75
 SPARSE_MAX_M = 1    # up to this many tokens: in-kernel masking (gemm); above: dense fallback
 TOPK_MAX_K = 32768  # the top-k prep holds a token's row in registers
 
@@ -103,19 +99,38 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
                 num_warps=4, num_stages=4 if dtype.itemsize == 2 else 2)
 
 
-def _stream_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
-    """Tiles of _gemv_stream_kernel; PER_SM programs per SM share the work evenly."""
-    return dict(BLOCK_N=64, BLOCK_K=128, BLOCK_R=64, STAGES=3, PER_SM=2, COMPACT=False, num_warps=4)
+_CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _gemm_config}
 
 
-_CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _gemm_config,
-            "stream": _stream_config}
+def _compact_from(N: int, K: int) -> float:
+    """Sparsity from which the compacted-rows kernel beats the masked one at one token.
+
+    Measured on an H200 (benchmarks/results/kernels_h200_tune_run*.json, fp16, ratios
+    N / K of the Llama-3-8B and 5120x17920 shapes): wide outputs (N / K 2.5 to 5: 5120x17920,
+    4096x14336) gain from 40 %, the gate/up group (N / K = 7) from 50 %, square and tall
+    ones (q/k/v, o, down) only from 80 %."""
+    ratio = N / K
+    return 0.4 if 2.5 <= ratio <= 5 else 0.5 if ratio > 5 else 0.75
 
 
-def _choose_path(M: int, sparsity_hint: float = 0.0) -> str:
-    if M <= GEMV_MAX_M:
-        return "gemv" if sparsity_hint >= COMPACT_FROM else GEMV_PATH
-    return "gemm" if M <= SPARSE_MAX_M else "dense"
+def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: float) -> tuple[str, dict]:
+    """(path, config) at one token, from the shape and the calibrated sparsity (H200 runs):
+
+    * N <= 2048 (k/v projections alone): masked loads, one 256-row step per program, split-K
+      sums by float32 atomics (16 x 1024 atomics are cheap; 1.02-1.08x the looped kernel).
+    * sparsity >= _compact_from(N, K): compacted rows, about two programs per SM (split-K
+      sums by the last program's ticket).
+    * else masked loads, about two programs per SM, split-K sums by the last ticket.
+    """
+    if N <= 2048:
+        return "gemv_masked", dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=triton.cdiv(K, 256), STAGES=1, REDUCE=2,
+                                   num_warps=4)
+    if sparsity_hint >= _compact_from(N, K):
+        cfg = _gemv_config(1, N, K, dtype, sms)
+        tiles = triton.cdiv(N, cfg["BLOCK_N"])
+        split = max(1, min(round(2 * sms / tiles), K // 64, 16))
+        return "gemv", dict(cfg, SPLIT_K=split, REDUCE=1)
+    return "gemv_masked", dict(_gemv_masked_config(1, N, K, dtype, sms), REDUCE=1)
 
 
 def _traced(x: Tensor) -> bool:
@@ -224,8 +239,11 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
     # A rule that keeps every channel (threshold -inf, as calibrated for sparsity 0, or
     # k >= K) is the dense linear, bit for bit what the reference computes: plain cuBLAS.
     keep_all = all(t == -math.inf for t in thresholds) if k is None else k >= K
-    path = path or ("dense" if keep_all else _choose_path(M, sparsity_hint))
     sms = _num_sms(x.device)
+    if path is None and not keep_all and M <= GEMV_MAX_M:
+        chosen, tiles = _gemv_choice(N, K, x.dtype, sms, 1 - k / K if k is not None else sparsity_hint)
+        path, config = chosen, {**tiles, **(config or {})}
+    path = path or ("dense" if keep_all or M > SPARSE_MAX_M else "gemm")
     has_bias = bias is not None
     if path == "dense":
         if keep_all:
@@ -253,10 +271,6 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
 
     cfg = {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}
     segments = _segments(ends, thresholds)
-    if path == "stream":
-        a, mode = (x2, kern.KEEP_THRESHOLD) if k is None else (_prep(x2, score, threshold, k), kern.KEEP_NONZERO)
-        _launch_stream(a, weight_t, bias, score, out, workspace, cfg, segments, sizes, sms, mode, float(thresholds[0]))
-        return out.reshape(*lead, N)
     split, reduce = cfg["SPLIT_K"], cfg["REDUCE"]
     if path == "gemm":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
@@ -304,49 +318,33 @@ def _segments(ends: list[int], thresholds) -> dict:
                 ENDS_ALIGNED=end0 % 16 == 0 and end1 % 16 == 0)
 
 
-def _launch_stream(a, weight_t, bias, score, out, workspace, cfg, segments, sizes, sms, mode, threshold):
-    """One launch of _gemv_stream_kernel: P = PER_SM programs per SM (at most one per unit)."""
-    cfg = dict(cfg)
-    M, K = a.shape
-    N = out.shape[1]
-    per_sm, block_k = cfg.pop("PER_SM"), cfg["BLOCK_K"]
-    tiles = sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in sizes)
-    steps = triton.cdiv(K, block_k)
-    programs = max(1, min(per_sm * sms, tiles * steps))
-    parts = triton.cdiv(programs, tiles) + 1  # most programs that can share one tile
-    cnt, _ = _split_workspace(workspace, M * tiles, 0, a.device, zeroed_by_prep=False)
-    part = _empty((parts, M, N), torch.float32, a.device)
-    scr_per_program = min(steps, triton.cdiv(tiles * steps, programs) + 1) * block_k if cfg["COMPACT"] else 1
-    scr = _empty((M * programs * scr_per_program,), torch.int32, a.device)
-    has_bias = bias is not None
-    _launch(kern._gemv_stream_kernel, (programs, M), a, weight_t, bias if has_bias else out, score, out, part, cnt,
-            scr, M, N, K, a.stride(0), weight_t.stride(0), out.stride(0), threshold, tiles, steps, scr_per_program,
-            MODE=mode, HAS_BIAS=has_bias, PARTS_P2=triton.next_power_of_2(parts), **segments, **cfg)
-
-
 def threshold_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
-                     threshold: float, sparsity_hint: float = 0.0) -> Tensor:
+                     threshold: float, sparsity_hint: float = 0.0, workspace: Tensor | None = None) -> Tensor:
     """y = (x * m) @ weight_t + bias with m_i = |x_i| * score_i > threshold, decided in-kernel.
 
     x (M, K) fp16/bf16/fp32; weight_t (K, N) contiguous; bias (N,) or None; score (K,)
     float32.  Returns (M, N) in x's dtype; accumulation in float32.  ``sparsity_hint``:
     the share of channels the threshold was calibrated to drop; it only picks the kernel.
+    ``workspace``: see ``_sparse_linear``.
     """
-    return _sparse_linear(x, weight_t, bias, score, threshold=threshold, sparsity_hint=sparsity_hint)
+    return _sparse_linear(x, weight_t, bias, score, threshold=threshold, sparsity_hint=sparsity_hint,
+                          workspace=workspace)
 
 
-def topk_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor, k: int) -> Tensor:
+def topk_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor, k: int,
+                workspace: Tensor | None = None) -> Tensor:
     """y = (x * m) @ weight_t + bias, m keeping per token exactly k channels of largest |x_i| * score_i.
 
     The k-th largest importance is found in-kernel by bisection on its float bits (no
     sort); among channels tied at it, the lowest indices are kept, so exactly
     min(max(k, 0), K) channels are kept per token.
     """
-    return _sparse_linear(x, weight_t, bias, score, k=k)
+    return _sparse_linear(x, weight_t, bias, score, k=k, workspace=workspace)
 
 
 def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, scores: Tensor,
-                           thresholds: list[float], sizes: list[int], sparsity_hint: float = 0.0) -> Tensor:
+                           thresholds: list[float], sizes: list[int], sparsity_hint: float = 0.0,
+                           workspace: Tensor | None = None) -> Tensor:
     """Up to 3 threshold linears sharing the input x, in one launch at M = 1.
 
     weight_t (K, sum(sizes)) holds their transposed weights side by side, bias their
@@ -356,6 +354,7 @@ def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, sco
     calibrated sparsity among them (it only picks the kernel).
     """
     if len(sizes) == 1:
-        return _sparse_linear(x, weight_t, bias, scores[0], threshold=thresholds[0], sparsity_hint=sparsity_hint)
+        return _sparse_linear(x, weight_t, bias, scores[0], threshold=thresholds[0], sparsity_hint=sparsity_hint,
+                              workspace=workspace)
     return _sparse_linear(x, weight_t, bias, scores, group=(tuple(sizes), tuple(thresholds)),
-                          sparsity_hint=sparsity_hint)
+                          sparsity_hint=sparsity_hint, workspace=workspace)

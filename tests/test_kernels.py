@@ -162,8 +162,7 @@ def run(x, w, b, score, *, thr=None, k=None, path=None, config=None):
 # (M, K, N): every K in {1, 17, 100, 257}, N in {1, 33, 130}, M in {1, 3, 16, 70} appears.
 SHAPES = [(1, 100, 33), (1, 257, 130), (1, 17, 1), (3, 257, 33), (3, 1, 130), (16, 100, 130),
           (16, 17, 33), (70, 257, 130), (70, 1, 1)]
-PATHS = {1: ["gemv", "gemv_masked", "stream", "gemm", "dense"], 3: ["gemv", "gemv_masked", "stream", "gemm"],
-         16: ["gemm"]}
+PATHS = {1: ["gemv", "gemv_masked", "gemm", "dense"], 3: ["gemv", "gemv_masked", "gemm"], 16: ["gemm"]}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -241,19 +240,11 @@ def test_split_k_fixup_with_empty_splits(dtype):
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=2)),  # 4th split empty
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, REDUCE=0, num_warps=4, num_stages=2))]
     cfgs += [(path, dict(cfg, REDUCE=reduce)) for path, cfg in cfgs[:6] for reduce in (1, 2)]
-    cfgs += STREAM_CONFIGS
     for sparsity in [0.0, 0.995]:
         thr = threshold_for(x, score, sparsity)
         ref = ref_threshold(x, w, b, score, thr)
         for path, cfg in cfgs:
             assert rel_err(run(x, w, b, score, thr=thr, path=path, config=cfg), ref) < TOL[dtype], (path, sparsity)
-
-
-# stream-K tiles whose program ranges start and end inside tiles, share tiles 2..n ways,
-# cover several tiles, or (PER_SM large) hold a single step each; masked and compacted bodies
-STREAM_CONFIGS = [("stream", dict(BLOCK_N=32, BLOCK_K=16, BLOCK_R=16, STAGES=s, PER_SM=per_sm, COMPACT=c, num_warps=4))
-                  for per_sm, s, c in [(1, 1, False), (1, 2, True), (3, 2, False), (200, 1, True), (7, 3, False),
-                                       (7, 1, True)]]
 
 
 @pytest.mark.parametrize("reduce", [1, 2])
@@ -267,23 +258,19 @@ def test_workspace_is_left_zero_and_reused(reduce):
         x, w, b, score = make(M, K, N, torch.float32, seed=20 + i)
         for split, block in [(3, 32), (triton.cdiv(K, 16), 16)]:
             cfg = dict(BLOCK_N=32, BLOCK_K=block, SPLIT_K=split, STAGES=1, REDUCE=reduce, num_warps=4)
-            path = "gemv_masked"
-            if reduce == 2:  # the stream-K kernel's tickets come from the same workspace
-                path, cfg = "stream", dict(BLOCK_N=32, BLOCK_K=block, BLOCK_R=16, STAGES=1, PER_SM=split // 2 + 1,
-                                           COMPACT=split > 3, num_warps=4)
             if sizes is None:
                 thr = threshold_for(x, score, 0.6)
-                out = sl._sparse_linear(x, w.t().contiguous(), b, score, thr, path=path, config=cfg,
+                out = sl._sparse_linear(x, w.t().contiguous(), b, score, thr, path="gemv_masked", config=cfg,
                                         workspace=ws)
                 assert rel_err(out, ref_threshold(x, w, b, score, thr)) < 1e-5, (i, split)
-                out = sl._sparse_linear(x, w.t().contiguous(), b, score, k=K // 3, path=path, config=cfg,
+                out = sl._sparse_linear(x, w.t().contiguous(), b, score, k=K // 3, path="gemv_masked", config=cfg,
                                         workspace=ws)
                 ref = reference.topk_linear(x.double(), w.double(), b.double(), score, K // 3)
                 assert rel_err(out, ref) < 1e-5, (i, split)
             else:
                 scores = torch.rand(len(sizes), K, device=DEVICE) + 0.5
                 thr = group_thresholds(x, scores, (0.5, 0.8, 0.3)[:len(sizes)])
-                out = sl._sparse_linear(x, w.t().contiguous(), b, scores, path=path, config=cfg,
+                out = sl._sparse_linear(x, w.t().contiguous(), b, scores, path="gemv_masked", config=cfg,
                                         group=(sizes, tuple(thr)), workspace=ws)
                 assert rel_err(out, ref_group(x, w, b, scores, thr, sizes)) < 1e-5, (i, split)
             assert not ws.any(), (i, split)
@@ -292,7 +279,7 @@ def test_workspace_is_left_zero_and_reused(reduce):
                           config=dict(SPLIT_K=4, REDUCE=reduce))
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemv_masked", "stream", "gemm", "dense"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_masked", "gemm", "dense"])
 def test_weight_rows_with_a_wider_stride(path):
     """weight_t may be a column slice of a wider (K, N') buffer (a linear stored beside its
     siblings): the kernels read it in place through its row stride."""
@@ -394,7 +381,7 @@ def test_group_split_k_and_forced_paths():
                       ("gemv", None),
                       ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=1, STAGES=2, num_warps=4)),
                       ("gemv_masked", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, STAGES=1, num_warps=4)),
-                      ("dense", None)] + STREAM_CONFIGS:
+                      ("dense", None)]:
         out = sl._sparse_linear(x, wt, b, scores, path=path, config=cfg, group=(sizes, tuple(thr)))
         assert rel_err(out, ref) < TOL[torch.float32], (path, cfg)
     with pytest.raises(ValueError, match="sizes summing"):
@@ -405,23 +392,40 @@ def test_group_split_k_and_forced_paths():
         sl._sparse_linear(x, wt, b, scores, path="gemm", group=(sizes, tuple(thr)))
 
 
-def test_sparsity_hint_picks_the_compacted_kernel(monkeypatch):
-    """A calibrated sparsity >= COMPACT_FROM sends one token to the compacted-rows kernel
-    (single linears and groups); the result is the same either way."""
+def test_dispatch_at_one_token(monkeypatch):
+    """_gemv_choice (the H200-measured rule): small outputs take one-step masked programs
+    with float32 atomics; from the shape's crossover sparsity the compacted-rows kernel,
+    below it the looped masked one, both with tickets.  The launcher follows it for single
+    linears, groups and top-k (whose sparsity is 1 - k / K), with the same results."""
+    fp16 = torch.float16
+    assert sl._gemv_choice(1024, 4096, fp16, 132, 0.9)[1]["REDUCE"] == 2
+    for (N, K), below, above in [((17920, 5120), 0.25, 0.4), ((14336, 4096), 0.25, 0.4), ((28672, 4096), 0.4, 0.5),
+                                 ((4096, 4096), 0.65, 0.8), ((6144, 4096), 0.65, 0.8), ((4096, 14336), 0.65, 0.8)]:
+        assert sl._gemv_choice(N, K, fp16, 132, below)[0] == "gemv_masked", (N, K)
+        path, cfg = sl._gemv_choice(N, K, fp16, 132, above)
+        assert path == "gemv" and cfg["REDUCE"] == 1 and cfg["SPLIT_K"] >= 1, (N, K)
+
     launched = []
     real = sl._launch
     monkeypatch.setattr(sl, "_launch", lambda kernel, *a, **k: (launched.append(kernel), real(kernel, *a, **k)))
-    sizes, K = (33, 17, 40), 100
+    sizes, K = (1500, 700, 100), 64  # N / K = 36: compacted from 50 %
     x, w, b, scores = make_group(1, K, sizes, torch.float32, seed=9)
-    thr = group_thresholds(x, scores, (0.8, 0.85, 0.9))
+    thr = group_thresholds(x, scores, (0.6, 0.7, 0.8))
     ref = ref_group(x, w, b, scores, thr, sizes)
-    for hint, kernel in [(0.0, kern._gemv_masked_kernel), (sl.COMPACT_FROM, kern._gemv_kernel)]:
+    for hint, kernel in [(0.3, kern._gemv_masked_kernel), (0.6, kern._gemv_kernel)]:
         launched.clear()
         out = sl.threshold_linear_group(x, w.t().contiguous(), b, scores, thr, list(sizes), hint)
-        assert rel_err(out, ref) < TOL[torch.float32] and launched[0] is kernel, hint
+        assert rel_err(out, ref) < TOL[torch.float32] and launched == [kernel], hint
         launched.clear()
-        out = sl.threshold_linear(x, w[:33].t().contiguous(), b[:33], scores[0], thr[0], hint)
-        assert rel_err(out, ref[:, :33]) < TOL[torch.float32] and launched[0] is kernel, hint
+        out = sl.threshold_linear(x, w[:2200].t().contiguous(), b[:2200], scores[0], thr[0], hint)
+        assert launched == [kernel], hint
+        launched.clear()
+        out = sl.topk_linear(x, w[:2200].t().contiguous(), b[:2200], scores[0], round((1 - hint) * K))
+        assert launched[-1] is kernel, hint
+    launched.clear()
+    out = sl.threshold_linear(x, w[:90].t().contiguous(), b[:90], scores[0], thr[0], 0.5)
+    assert rel_err(out, ref_threshold(x, w[:90], b[:90], scores[0], thr[0])) < TOL[torch.float32]
+    assert launched == [kern._gemv_masked_kernel]
 
 
 # ---------------------------------------------------------------- CUDA only (compiled kernels)

@@ -32,11 +32,38 @@ def _launchers():
     return sparse_linear
 
 
+_WORKSPACES: dict[torch.device, list[Tensor]] = {}
+
+
+@torch.library.custom_op("wina::workspace", mutates_args=())
+def workspace(device: torch.device, numel: int) -> Tensor:
+    """int32 zeros (at least ``numel``) shared by the sparse GEMV launches on ``device``.
+
+    The split-K tickets of the CUDA kernels live here: each launch leaves it all zeros as
+    it found it, so one buffer allocated once serves every later launch with no memset
+    (under Inductor a memset would be one more kernel per linear).  Launches on one
+    device must not run concurrently on different streams (decode runs them in order on
+    one).  Buffers outgrown are kept: a captured CUDA graph may still point at them."""
+    buffers = _WORKSPACES.setdefault(torch.device(device), [])
+    if not buffers or buffers[-1].numel() < numel:
+        buffers.append(torch.zeros(max(numel, 1 << 16), dtype=torch.int32, device=device))
+    return buffers[-1]
+
+
+@workspace.register_fake
+def _(device, numel):
+    return torch.empty(max(numel, 1 << 16), dtype=torch.int32, device=device)
+
+
+def _workspace(x: Tensor, n_out: int) -> Tensor:
+    return torch.ops.wina.workspace(x.device, _launchers().workspace_size(n_out))
+
+
 @_define("wina::topk_linear")
 def topk_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor, k: int) -> Tensor:
     """y = (x * m) @ weight_t + b, m keeping per token the k channels of largest |x_i| * score_i."""
     if x.is_cuda:
-        return _launchers().topk_linear(x, weight_t, bias, score, k)
+        return _launchers().topk_linear(x, weight_t, bias, score, k, _workspace(x, weight_t.shape[1]))
     return reference.topk_linear(x, weight_t.t(), bias, score, k)
 
 
@@ -46,7 +73,8 @@ def threshold_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Te
     """y = (x * m) @ weight_t + b, m keeping the channels with |x_i| * score_i > threshold.
     ``sparsity_hint`` (the calibrated sparsity) picks the CUDA kernel; results do not depend on it."""
     if x.is_cuda:
-        return _launchers().threshold_linear(x, weight_t, bias, score, threshold, sparsity_hint)
+        return _launchers().threshold_linear(x, weight_t, bias, score, threshold, sparsity_hint,
+                                             _workspace(x, weight_t.shape[1]))
     return reference.threshold_linear(x, weight_t.t(), bias, score, threshold)
 
 
@@ -56,7 +84,8 @@ def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, sco
     """Threshold linears sharing x, side by side: weight_t (K, sum(sizes)), scores (G, K);
     linear g keeps |x_i| * scores[g, i] > thresholds[g]. One launch on CUDA at one token."""
     if x.is_cuda:
-        return _launchers().threshold_linear_group(x, weight_t, bias, scores, thresholds, sizes, sparsity_hint)
+        return _launchers().threshold_linear_group(x, weight_t, bias, scores, thresholds, sizes, sparsity_hint,
+                                                   _workspace(x, weight_t.shape[1]))
     return reference.threshold_linear_group(x, weight_t.t(), bias, scores, thresholds, sizes)
 
 
