@@ -16,6 +16,7 @@ import wina_fx.ops  # noqa: F401  (registers torch.ops.wina)
 
 from .find_linears import LinearSite
 from .graph_utils import add_constant, first_non_placeholder
+from . import weight_layout
 
 
 @dataclasses.dataclass
@@ -89,14 +90,15 @@ def gate_linears(
 def _transposed_weight(gm: fx.GraphModule, site: LinearSite, weight_node: fx.Node, before: fx.Node) -> fx.Node:
     """A node holding W^T (K, N), the layout in which a kept channel is one contiguous row.
 
-    On the CPU a view is enough (the torch reference reads it as it is). On CUDA the
-    Triton kernels need the rows contiguous: a transposed copy becomes a constant of the
-    graph, so the compiled graph holds one extra copy of each sparse weight; the
-    user's parameter is not touched.
+    A view of the user's weight wherever that serves: the torch reference reads any
+    layout, and the CUDA kernels read W^T in place once ``passes/weight_layout.py`` has
+    stored it so.  Only a CUDA weight still stored row-major (the backend re-lays weights
+    out before it gates them, so a caller of this pass alone) gets a transposed copy as a
+    constant of the graph; the user's parameter is not touched.
     """
-    if site.weight.is_cuda:
+    if site.weight_is_transposed:  # x @ W with W stored (K, N): already W^T
+        return weight_node
+    if weight_layout.kernels_read_rows(site.weight) and not weight_layout.has_row_layout(site.weight):
         return add_constant(gm, "wina_weight_t", site.weight.detach().t().contiguous(), before=before)
     with gm.graph.inserting_before(before):
-        if site.weight_is_transposed:  # x @ W with W stored (K, N): already W^T
-            return weight_node
         return gm.graph.call_method("t", (weight_node,))

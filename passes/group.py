@@ -10,9 +10,10 @@ Invariant: every merged linear keeps its own keep rule (its score row and thresh
 and its own weight and bias, so each slice computes W_g (x * m_g) + b_g as the node it
 replaces did, up to the order of the float sums.  Nodes of other kinds, top-k linears,
 and linears whose weight, score or bias is not a constant of the graph are left as they
-are.  The grouped weight is a new buffer of the graph; each member's transposed weight
-buffer is dropped as soon as nothing reads it (they are the graph's own copies, never
-the user's parameters).
+are.  The grouped weight is a view of the members' weights when they are stored side by
+side in one buffer (``passes/weight_layout.py`` arranges that); otherwise a new buffer of
+the graph holding a copy.  Each member's transposed weight node is dropped as soon as
+nothing reads it (a copy among them is the graph's own, never the user's parameter).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import torch.fx as fx
 import wina_fx.ops  # noqa: F401  (registers torch.ops.wina)
 
 from .graph_utils import add_constant
+from .weight_layout import MAX_SIDE_BY_SIDE, side_by_side
 
-MAX_GROUP = 3  # the kernel's segment table: q/k/v
+MAX_GROUP = MAX_SIDE_BY_SIDE  # the kernel's segment table: q/k/v
 
 
 @dataclasses.dataclass
@@ -107,7 +109,10 @@ def _compatible(chunk: list[_Member]) -> bool:
 
 def _merge(gm: fx.GraphModule, chunk: list[_Member]) -> None:
     first = chunk[0].node  # earliest in graph order: x is defined before it
-    weight_t = torch.cat([m.weight_t for m in chunk], dim=1).contiguous()
+    # The members' weights stored side by side (passes/weight_layout.py): read in place.
+    weight_t = side_by_side([m.weight_t for m in chunk])
+    if weight_t is None:
+        weight_t = torch.cat([m.weight_t for m in chunk], dim=1).contiguous()
     sizes = [m.weight_t.shape[1] for m in chunk]
     bias = None
     if any(m.bias is not None for m in chunk):

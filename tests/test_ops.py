@@ -80,3 +80,34 @@ def test_ops_under_inductor_match_eager():
     out = torch.compile(f, backend="inductor", fullgraph=True)(x, w, counts)
     assert _rel_err(out, expected) < 1e-5
     assert counts.tolist() == eager_counts.tolist() == [[4 * 9 * 8, 4 * 9 * 32]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_one_token_step_is_the_gemv_kernel_alone():
+    """Compiled at one token, a split-K sparse linear is its GEMV launch and nothing else:
+    the partial sums meet through the tickets of the shared workspace, which the kernels
+    leave zero (no zero-fill, copy or reduce kernel in Inductor's code), and repeated calls
+    with fresh inputs stay right."""
+    from torch._inductor.utils import run_and_get_code
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(4096, 4096, device="cuda", generator=g) / 64).half()
+    score = w.float().norm(dim=0)
+    x = torch.randn(1, 4096, device="cuda", generator=g).half()
+    threshold = (x.abs().float() * score).quantile(0.5).item()
+
+    def f(x, w):
+        return torch.ops.wina.threshold_linear(x, w.t(), None, score, threshold, 0.5)
+
+    compiled = torch.compile(f, fullgraph=True)
+    _, codes = run_and_get_code(compiled, x, w)
+    code = "\n".join(codes)
+    assert "_gemv_masked_kernel" in code
+    for unwanted in ("_splitk_reduce_kernel", "triton_poi", "clone", "copy_", "fill"):
+        assert unwanted not in code, unwanted
+    for _ in range(3):
+        x = torch.randn(1, 4096, device="cuda", generator=g).half()
+        mask = (x.abs().float() * score) > threshold
+        expected = (x.double() * mask) @ w.double().t()
+        assert _rel_err(compiled(x, w), expected) < 2e-2
+        assert _rel_err(f(x, w), expected) < 2e-2

@@ -1,8 +1,9 @@
 """The ``backend="wina"`` torch.compile backend.
 
 dynamo graph -> [orthogonalize] -> find linears -> plan per method (a keep rule per linear,
-and for cats / rsparse a graph rewrite the gates rely on) -> [rewrite] -> gate pass ->
-[group siblings, CUDA] -> Inductor.
+and for cats / rsparse a graph rewrite the gates rely on) -> [CUDA: weights not yet stored
+as W^T: re-lay them out on the first call, compile at the next] -> [rewrite] -> gate pass
+-> [group siblings, CUDA] -> Inductor.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from wina_fx.passes.gate import Gate, gate_linears
 from wina_fx.passes.group import group_sibling_linears
 from wina_fx.passes.low_rank import LowRankSplit, split_low_rank
 from wina_fx.passes.orthogonalize import orthogonalize
+from wina_fx.passes import weight_layout
 
 from . import rsparse
 from .config import WinaConfig
@@ -216,6 +218,29 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
     if (config.selection == "threshold" or searched or greedy) and config.method != "dense":
         config.calibration.check_model(sites)
     result = plan(config, sites)
+    on_kernels = bool(result.gates) and weight_layout.kernels_read_rows(sites[next(iter(result.gates))].weight)
+    grouped = {i for i, g in result.gates.items() if g.k is None} if config.group and on_kernels else set()
+    sets = weight_layout.sibling_sets(sites, grouped, set(result.gates))
+    lifted = [s for s in sets if any(_is_input(sites[i]) for i in s)]
+    weight_layout.relayout(weight_layout.pending(sites, [s for s in sets if s not in lifted]))  # graph constants: now
+
+    def rewrite():
+        _rewrite(gm, example_inputs, config, prepass, sites, result, on_kernels, grouped)
+
+    todo = weight_layout.pending(sites, lifted)  # the model's parameters: once dynamo's guards are built
+    if todo:
+        return weight_layout.RelayoutFirst(todo, rewrite, gm, lambda: compile_graph(gm, example_inputs, config, mode))
+    rewrite()
+    return compile_graph(gm, example_inputs, config, mode)
+
+
+def _is_input(site: LinearSite) -> bool:
+    return site.weight_node is not None and site.weight_node.op == "placeholder"
+
+
+def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Plan, on_kernels: bool,
+             grouped: set[int]) -> None:
+    """Apply ``result`` (rewrite, gates, groups) to gm and record the report."""
     gates, rows = result.gates, result.rows
     counts = None
     if config.measure and gates:
@@ -228,13 +253,16 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
         result.rewrite(gm)
     notes = list(prepass.notes if prepass is not None else []) + result.notes
     if gates:
+        copied = [sites[i].name for i in gates if on_kernels and not weight_layout.has_row_layout(sites[i].weight)
+                  and not sites[i].weight_is_transposed]
         gate_linears(gm, gates, sites, counts)
-        # On CUDA the gate pass made a transposed copy of each weight, which grouping
-        # replaces by one copy per group; on the CPU it would add a copy, and gain nothing.
-        if config.group and next(iter(gates.values())).score.is_cuda:
+        if on_kernels:
+            notes.append("weights: read in place as W^T (one copy)" if not copied else
+                         f"weights: {len(copied)} sparse linears read a transposed copy (" + ", ".join(copied[:3]) + ")")
+        # Grouping pays where the kernels run; on the CPU it would only add a concatenation.
+        if grouped:
             groups = group_sibling_linears(gm, example_inputs)
             if groups:
                 notes.append(f"group: {sum(map(len, groups))} threshold linears sharing an input run as "
                              f"{len(groups)} launches")
     record(Report(rows, config.method, config.selection, list(notes), orthogonalize=prepass))
-    return compile_graph(gm, example_inputs, config, mode)

@@ -1,0 +1,141 @@
+"""Store each sparse weight the way the CUDA kernels read it, in place: one copy of the weights.
+
+A sparse linear skips the columns W[:, i] of the input channels it drops.  The kernels
+read W^T (K, N), whose row i is that column, so a dropped channel is one skipped
+contiguous row; ``torch.nn.Linear`` stores W (N, K) row-major, where column i is strided.
+Keeping a transposed copy beside the user's parameter doubles the memory of the
+model, so instead the parameter's storage is changed in place: its values stay
+bit-identical, the tensor becomes a transposed view (W.t() contiguous, strides (1, ld)),
+and linears that read the same input (q/k/v, gate/up) are stored side by side in one
+buffer, so that one launch reads them all (``passes/group.py``).  Dense code using the
+module keeps working as before: cuBLAS reads the transposed layout directly.
+
+Changing a parameter's strides changes what dynamo guards on, so the backend cannot
+do it while it compiles: ``RelayoutFirst`` does it on the first call and runs that call
+as traced; dynamo then retraces once and the backend compiles against the new layout.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+
+from .find_linears import LinearSite
+
+MAX_SIDE_BY_SIDE = 3  # what one grouped launch takes (q/k/v)
+
+
+def kernels_read_rows(weight: torch.Tensor) -> bool:
+    """True where the sparse ops run the Triton kernels, which need W^T rows contiguous."""
+    return weight.is_cuda
+
+
+def has_row_layout(weight: torch.Tensor) -> bool:
+    """W (N, K) is stored as W^T with unit column stride: input channel i is a contiguous row."""
+    n, k = weight.shape
+    wt = weight.t()
+    return (wt.stride(1) == 1 or n == 1) and (wt.stride(0) >= n or k == 1)
+
+
+def side_by_side(weights_t: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (K, sum N_g) view holding the W_g^T given, when they are adjacent column ranges
+    of one buffer in this order; None otherwise."""
+    first = weights_t[0]
+    ld, offset, cols = first.stride(0), first.storage_offset(), 0
+    for wt in weights_t:
+        same_buffer = wt.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not same_buffer or wt.dtype != first.dtype or wt.shape[0] != first.shape[0] or wt.stride() != (ld, 1):
+            return None
+        if wt.storage_offset() != offset + cols:
+            return None
+        cols += wt.shape[1]
+    if cols > ld:
+        return None
+    return first.as_strided((first.shape[0], cols), (ld, 1), offset)
+
+
+def sibling_sets(sites: list[LinearSite], grouped: set[int], alone: set[int]) -> list[list[int]]:
+    """Indices of ``sites`` whose weights share one buffer: linears of ``grouped`` reading
+    the same input, in graph order, up to MAX_SIDE_BY_SIDE at a time (what the group pass
+    merges); every index of ``alone`` on its own."""
+    by_input: dict[fx.Node, list[int]] = {}
+    for index in sorted(grouped):
+        by_input.setdefault(sites[index].input, []).append(index)
+    sets = [[i] for i in sorted(alone - grouped)]
+    for members in by_input.values():
+        for start in range(0, len(members), MAX_SIDE_BY_SIDE):
+            chunk = members[start:start + MAX_SIDE_BY_SIDE]
+            same_k = {(sites[i].in_features, sites[i].weight.dtype, sites[i].weight.device) for i in chunk}
+            sets.extend([chunk] if len(same_k) == 1 else [[i] for i in chunk])
+    return sets
+
+
+def pending(sites: list[LinearSite], sets: list[list[int]]) -> list[list[torch.Tensor]]:
+    """The weights of the sets not yet stored as the kernels read them (each weight once)."""
+    todo, seen = [], set()
+    for indices in sets:
+        weights = []
+        for i in indices:
+            w = sites[i].weight
+            if id(w) not in seen and not sites[i].weight_is_transposed:
+                seen.add(id(w))
+                weights.append(w)
+        if not weights or not kernels_read_rows(weights[0]):
+            continue
+        if all(has_row_layout(w) for w in weights) and side_by_side([w.t() for w in weights]) is not None:
+            continue
+        todo.append(weights)
+    return todo
+
+
+def relayout(sets: list[list[torch.Tensor]]) -> int:
+    """Store each set's weights side by side as W^T in one new buffer, in place (``.data``),
+    one set at a time (the old storage is freed as soon as nothing else holds it).
+    Values are copied bit for bit.  Returns the bytes re-laid out."""
+    moved = 0
+    with torch.no_grad():
+        for weights in sets:
+            k = weights[0].shape[1]
+            buffer = torch.empty(k, sum(w.shape[0] for w in weights), dtype=weights[0].dtype,
+                                 device=weights[0].device)
+            col = 0
+            for w in weights:
+                n = w.shape[0]
+                buffer[:, col:col + n].copy_(w.t())
+                w.data = buffer[:, col:col + n].t()
+                col += n
+            moved += buffer.numel() * buffer.element_size()
+    return moved
+
+
+class RelayoutFirst:
+    """The callable the backend returns when the model's weights must be re-laid out first.
+
+    First call: re-lay the weights out in place (saying so once), rewrite the graph into
+    its sparse ops (``rewrite``) and run it op by op: the first result is already the
+    sparse model's.  The weights' strides no longer match dynamo's guards, so the next
+    call retraces and the backend compiles against the new layout.  Should dynamo not
+    retrace (weights it does not guard), the second call compiles the rewritten graph here.
+    """
+
+    def __init__(self, sets: list[list[torch.Tensor]], rewrite, gm: fx.GraphModule, compile_graph):
+        self.sets, self.rewrite, self.gm, self.compile_graph = sets, rewrite, gm, compile_graph
+        self.compiled = None
+
+    def __call__(self, *args):
+        if self.sets is not None:
+            moved = relayout(self.sets)
+            warnings.warn(
+                f"wina: stored the weights of {sum(map(len, self.sets))} sparse linears transposed, in place "
+                f"({moved / 2**20:.0f} MiB; values unchanged, q/k/v and gate/up side by side) so that the "
+                "compiled model holds one copy of them; dense use of the module is unaffected, but the "
+                "tensors are no longer contiguous (call .contiguous() before saving with safetensors). "
+                "This call runs op by op; dynamo recompiles at the next one.",
+                stacklevel=2)
+            self.sets = None
+            self.rewrite()
+            return self.gm(*args)
+        if self.compiled is None:
+            self.compiled = self.compile_graph()
+        return self.compiled(*args)
