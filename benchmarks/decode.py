@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -101,18 +102,36 @@ def kernel_profile(model, step, prompt, steps: int = 4, top: int = 14) -> dict:
             rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": us / steps})
     rows.sort(key=lambda r: -r["us_per_step"])
     total = sum(r["us_per_step"] for r in rows)
-    return {"gpu_us_per_step": total, "launches_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:top]}
+    return {"gpu_us_per_step": total, "launches_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:top],
+            "all": rows}
 
 
-def profiled(model, step, prompt):
+SPARSE_KERNELS = ("_gemv", "_splitk_reduce", "_prep_kernel")  # the wina launches
+
+
+def breakdown(prof: dict, tokens_per_s: float) -> dict:
+    """GPU time per step in the sparse linears' kernels and in everything else, and the
+    time between kernels (wall time per step minus GPU time)."""
+    sparse = sum(r["us_per_step"] for r in prof["all"] if any(k in r["kernel"] for k in SPARSE_KERNELS))
+    wall = 1e6 / tokens_per_s
+    return {"wall_us": wall, "sparse_linears_us": sparse, "dense_parts_us": prof["gpu_us_per_step"] - sparse,
+            "gaps_us": wall - prof["gpu_us_per_step"]}
+
+
+def profiled(model, step, prompt, tokens_per_s):
     try:
         prof = kernel_profile(model, step, prompt)
+        prof["breakdown"] = breakdown(prof, tokens_per_s)
+        prof.pop("all")
     except Exception as e:  # the profile is an extra; never lose the timing for it
         print(f"profile failed: {type(e).__name__}: {e}")
         return None
     print(f"  GPU {prof['gpu_us_per_step']:.0f} us/step in {prof['launches_per_step']:.0f} kernels; top: " +
           "; ".join(f"{r['kernel'][:50]} x{r['calls_per_step']:.0f} {r['us_per_step']:.0f} us" for r in prof["top"][:8]),
           flush=True)
+    b = prof["breakdown"]
+    print(f"  per step: wall {b['wall_us']:.0f} us = sparse linears {b['sparse_linears_us']:.0f} + dense parts "
+          f"{b['dense_parts_us']:.0f} + gaps {b['gaps_us']:.0f}", flush=True)
     return prof
 
 
@@ -154,6 +173,19 @@ def main():
         "model": "tiny Llama" if args.tiny else "Llama-3-8B shape, random bf16 weights",
         "batch": 1, "selection": args.selection, "prompt_len": args.prompt_len, "tokens": args.tokens, "mode": mode,
     }
+    def fresh():  # no compiled graph, cache or pool of an earlier configuration stays alive
+        torch._dynamo.reset()
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak() -> dict:  # what the configuration held at most: weights, caches, graphs, pools
+        if device != "cuda":
+            return {"peak_memory_bytes": 0}
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(),
+                "resident_bytes": torch.cuda.memory_allocated()}
+
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
 
@@ -161,21 +193,30 @@ def main():
         with open(os.path.join(out_dir, f"decode_{gpu}{args.suffix}.json"), "w") as f:
             json.dump({"header": header, "records": records}, f, indent=1)
 
-    torch._dynamo.reset()
-    step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
-    dense = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
-    records.append({"impl": "dense", "sparsity": 0.0, "measured_sparsity": 0.0, "tokens_per_s": dense, "speedup_vs_dense": 1.0})
-    print(f"dense: {dense:.1f} tokens/s", flush=True)
-    if args.profile:
-        records[-1]["profile"] = profiled(model, step, prompt)
-    save()
+    def dense_run(impl):
+        fresh()
+        step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+        rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
+        records.append({"impl": impl, "sparsity": 0.0, "measured_sparsity": 0.0, "tokens_per_s": rate,
+                        "speedup_vs_dense": rate / records[0]["tokens_per_s"] if records else 1.0, **peak()})
+        print(f"{impl}: {rate:.1f} tokens/s, peak {records[-1]['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+        if args.profile:
+            records[-1]["profile"] = profiled(model, step, prompt, rate)
+        save()
+        return rate
+
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    header["weights_bytes"] = weights_bytes
+    dense = dense_run("dense")
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        torch._dynamo.reset()
+        fresh()
         options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration}
         wina_mode = {"mode": mode} if mode else {}
         step = torch.compile(model, backend="wina", options={**options, **wina_mode}, fullgraph=True, dynamic=False)
         rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
-        prof = profiled(model, step, prompt) if args.profile else None
+        memory = peak()
+        notes = wina_fx.last_report().notes
+        prof = profiled(model, step, prompt, rate) if args.profile else None
         # measured sparsity from a separate, eager run with counters (counters cost time); at
         # sparsity 0 the calibrated threshold is -inf, which keeps every channel by definition
         measured = [0.0]
@@ -186,13 +227,15 @@ def main():
             measured = [r.measured_sparsity for r in wina_fx.last_report().sparse_rows]
         records.append({
             "impl": "wina", "sparsity": sparsity, "measured_sparsity": sum(measured) / len(measured),
-            "tokens_per_s": rate, "speedup_vs_dense": rate / dense, "notes": wina_fx.last_report().notes,
+            "tokens_per_s": rate, "speedup_vs_dense": rate / dense, "notes": notes, **memory,
+            "peak_memory_vs_dense": memory["peak_memory_bytes"] / max(records[0]["peak_memory_bytes"], 1),
         })
         if prof:
             records[-1]["profile"] = prof
         save()
         print(f"wina {sparsity:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense, "
-              f"measured sparsity {records[-1]['measured_sparsity']:.3f}", flush=True)
+              f"measured sparsity {records[-1]['measured_sparsity']:.3f}, peak memory "
+              f"{records[-1]['peak_memory_vs_dense']:.3f}x dense", flush=True)
         variants = {"separate": ({"group": False}, None)} if args.separate else {}
         variants.update({name: ({}, tiles) for name, tiles in json.loads(args.tiles or "{}").items()})
         for name, (extra, tiles) in variants.items():  # the same sparsity, another option or kernel tiles
@@ -207,6 +250,8 @@ def main():
             save()
             print(f"wina {sparsity:.0%}, {name}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense", flush=True)
 
+    if not args.tiny and any(r["impl"] == "wina" for r in records):
+        dense_run("dense_after_relayout")  # the same dense compile, weights now stored as W^T
     save()
     plot(records, header, os.path.join(out_dir, f"decode_{gpu}{args.suffix}.png"))
     print(json.dumps([{k: v for k, v in r.items() if k != "profile"} for r in records], indent=1))

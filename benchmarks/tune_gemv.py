@@ -104,13 +104,17 @@ def main():
     ap.add_argument("--quick", action="store_true", help="5 candidates, 2 cases")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--candidates", default=None, help="comma-separated names (default: all)")
+    ap.add_argument("--final", action="store_true",
+                    help="the dispatched kernel only, beside cuBLAS and TEAL: kernels_<gpu>.json and .png")
     args = ap.parse_args()
     teal = load_teal(args.teal) if args.teal else None
     names = args.candidates.split(",") if args.candidates else (QUICK if args.quick else list(CANDIDATES))
+    if args.final:
+        names = ["dispatched"]
     cases = ["5120x17920", "qkv"] if args.quick else args.cases.split(",")
     bw = bench.copy_bandwidth()
     header = bench.device_header(bw)
-    out_path = os.path.join(bench.out_dir(), f"kernels_{bench.gpu_tag()}_tune.json")
+    out_path = os.path.join(bench.out_dir(), f"kernels_{bench.gpu_tag()}{'' if args.final else '_tune'}.json")
     print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
     records = []
     ws = torch.zeros(sl.workspace_size(max(sum(s) for _, s in CASES.values())), dtype=torch.int32, device="cuda")
@@ -177,7 +181,40 @@ def main():
                 json.dump(dict(header=header, records=records), f, indent=1)
         del ws_t
         torch.cuda.empty_cache()
+    plot(records, header, out_path.replace(".json", ".png"))
     print(f"done in {time.time() - t0:.0f} s -> {out_path}")
+
+
+def plot(records, header, path):
+    """Speedup over cuBLAS by sparsity, one panel per case: the dispatched kernel, TEAL's,
+    and the floor of the kept bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    cols = (len(cases) + 1) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(3 * cols, 6), squeeze=False)
+    for ax in axes.flat[len(cases):]:
+        ax.axis("off")
+    for ax, case in zip(axes.flat, cases):
+        rows = sorted((r for r in records if r["case"] == case), key=lambda r: r["sparsity"])
+        s = [r["sparsity"] for r in rows]
+        ax.plot(s, [r["cublas_us"] / r["floor_us"] for r in rows], "k--", lw=0.8, label="floor (kept bytes)")
+        for impl, style in [("dispatched", "o-"), ("teal", "s-")]:
+            pts = [(r["sparsity"], r["cublas_us"] / r["us"][impl]) for r in rows if impl in r["us"]]
+            if pts:
+                ax.plot(*zip(*pts), style, ms=3, label="wina-fx" if impl == "dispatched" else "TEAL kernel")
+        ax.set_title(case, fontsize=8)
+        ax.set_xlabel("sparsity", fontsize=7)
+        ax.set_ylim(0, 4)
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("speedup over cuBLAS", fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"batch 1, fp16, {header['gpu']}, torch {header['torch']}, triton {header['triton']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_cuda_compiled_one_token_step_is_the_gemv_kernel_alone():
     from torch._inductor.utils import run_and_get_code
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    w = (torch.randn(4096, 4096, device="cuda", generator=g) / 64).half()
+    w = (torch.randn(4096, 4096, device="cuda", generator=g) / 64).half().t()  # stored as W^T, as the backend does
     score = w.float().norm(dim=0)
     x = torch.randn(1, 4096, device="cuda", generator=g).half()
     threshold = (x.abs().float() * score).quantile(0.5).item()
