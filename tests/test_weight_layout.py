@@ -73,7 +73,10 @@ def test_backend_stores_weights_in_place_then_compiles(monkeypatch, selection):
             warnings.simplefilter("error")  # said once
             second = compiled(ids).logits
             third = compiled(ids).logits
-    assert len(calls) == 2  # the first trace, and the retrace against the new layout
+    # torch 2.13's dynamo guards the weights' strides: it retraces once and the backend
+    # compiles against the new layout; 2.11's does not, and the second call compiles the
+    # rewritten graph inside RelayoutFirst.  Either way, one backend rewrite per layout.
+    assert len(calls) in (1, 2)
     report = wina_fx.last_report()
     assert "weights: read in place as W^T (one copy)" in report.notes
     if selection == "threshold":

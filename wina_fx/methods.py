@@ -15,10 +15,20 @@ def channel_scores(method: str, weight: torch.Tensor) -> torch.Tensor:
     activated gate |act(gate(x))_i| alone, for the down projection W it feeds.
     """
     if method in ("wina", "rsparse"):
-        return weight.detach().float().norm(dim=0)
+        return column_norms(weight)
     if method in ("teal", "cats"):
         return torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
     raise ValueError(f"no channel scores for method {method!r}; valid: {', '.join(SCORED_METHODS)}")
+
+
+def column_norms(weight: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """||W[:, i]||_2 in float32, summed over blocks of rows: never a float32 copy of the
+    whole weight (for an 8B model's largest matrix that copy would be 235 MB of memory
+    the compile holds only to read it once)."""
+    squares = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+    for block in weight.detach().split(rows, dim=0):
+        squares += block.float().square().sum(dim=0)
+    return squares.sqrt()
 
 
 def keep_count(num_channels: int, sparsity: float) -> int:
