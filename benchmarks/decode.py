@@ -316,8 +316,30 @@ def merge(paths, out):
     plot(records, header, out.replace(".json", ".png"))
 
 
+def table(path):
+    """Markdown table of a result file: speed, measured sparsity, memory, per-step breakdown."""
+    data = json.load(open(path))
+    h = data["header"]
+    print(f"{h['model']}, batch {h['batch']}, {h['gpu']}, torch {h['torch']}, Triton {h['triton']}, "
+          f"transformers {h['transformers']}, {h['mode']}\n")
+    print("| impl | target sparsity | measured | tokens/s | vs dense | peak memory vs dense | resident GiB | "
+          "us/step: wall = sparse linears + dense parts + gaps | kernels/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in data["records"]:
+        b = (r.get("profile") or {}).get("breakdown")
+        split = (f"{b['wall_us']:.0f} = {b['sparse_linears_us']:.0f} + {b['dense_parts_us']:.0f} + "
+                 f"{b['gaps_us']:.0f}") if b else "-"
+        peak = r.get("peak_memory_vs_dense")
+        print(f"| {r['impl']} | {r['sparsity']:.0%} | {r['measured_sparsity']:.3f} | {r['tokens_per_s']:.1f} | "
+              f"{r['speedup_vs_dense']:.2f} | {f'{peak:.3f}' if peak else '1 (reference)' if r['impl'] == 'dense' else '-'} | "
+              f"{r.get('resident_bytes', 0) / 2**30:.2f} | {split} | "
+              f"{(r.get('profile') or {}).get('launches_per_step', 0):.0f} |")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--merge"]:  # decode.py --merge OUT.json IN.json ...
         merge(sys.argv[3:], sys.argv[2])
+    elif sys.argv[1:2] == ["--table"]:  # decode.py --table decode_NVIDIA_H200.json
+        table(sys.argv[2])
     else:
         main()

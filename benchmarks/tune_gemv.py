@@ -217,5 +217,29 @@ def plot(records, header, path):
     fig.savefig(path, dpi=120)
 
 
+def table(path: str) -> None:
+    """Markdown tables of a --final file: speedup over cuBLAS of wina-fx, TEAL and the floor."""
+    data = json.load(open(path))
+    h = data["header"]
+    print(f"{h['gpu']}, torch {h['torch']}, Triton {h['triton']}, copy {h['copy_bandwidth_Bps'] / 1e12:.2f} TB/s, "
+          "batch 1, fp16; speedup over cuBLAS\n")
+    sparsities = sorted({r["sparsity"] for r in data["records"]})
+    print("| case | impl | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
+    print("|---|---|" + "---|" * len(sparsities))
+    for case in dict.fromkeys(r["case"] for r in data["records"]):
+        rows = {r["sparsity"]: r for r in data["records"] if r["case"] == case}
+        for impl, label in [("dispatched", "wina-fx"), ("teal", "TEAL"), (None, "floor")]:
+            cells = []
+            for s in sparsities:
+                r = rows[s]
+                us = r["floor_us"] if impl is None else r["us"].get(impl)
+                cells.append(f"{r['cublas_us'] / us:.2f}" if us else "-")
+            name = f"{case} (cuBLAS {rows[sparsities[0]]['cublas_us']:.1f} us)" if impl == "dispatched" else ""
+            print(f"| {name} | {label} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--table"]:  # tune_gemv.py --table kernels_h200.json
+        table(sys.argv[2])
+    else:
+        main()
