@@ -219,7 +219,11 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
         config.calibration.check_model(sites)
     result = plan(config, sites)
     on_kernels = bool(result.gates) and weight_layout.kernels_read_rows(sites[next(iter(result.gates))].weight)
-    grouped = {i for i, g in result.gates.items() if g.k is None} if config.group and on_kernels else set()
+    # A graph that backpropagates into the weights reads each one on its own: a grouped
+    # op's weight is a view of several parameters, through which no gradient would flow.
+    training = torch.is_grad_enabled() and any(sites[i].weight.requires_grad for i in result.gates)
+    grouped = ({i for i, g in result.gates.items() if g.k is None}
+               if config.group and on_kernels and not training else set())
     sets = weight_layout.sibling_sets(sites, grouped, set(result.gates))
     lifted = [s for s in sets if any(_is_input(sites[i]) for i in s)]
     weight_layout.relayout(weight_layout.pending(sites, [s for s in sets if s not in lifted]))  # graph constants: now

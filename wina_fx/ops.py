@@ -121,3 +121,78 @@ def _(x, weight_t, bias, scores, thresholds, sizes, sparsity_hint=0.0):
 @count_kept.register_fake
 def _(counts, slot, x, score, k, threshold):
     return None
+
+
+# ---------------------------------------------------------------- autograd
+# The gradient of the masked function with the mask held constant (straight-through on
+# the mask): y = (x * m) @ W^T + b gives dx = m * (g @ W), dW^T = (x * m)^T g, db = sum g.
+# The mask is recomputed from the saved x by the same rule (torch ops: they run, and
+# fuse, on any device); the kernels break top-k ties by lowest index, the reference by
+# torch.topk, which only differs on exactly tied importances.
+
+
+def _save(ctx, x, weight_t, bias, score, rule):
+    ctx.save_for_backward(x, weight_t, score)
+    ctx.rule, ctx.has_bias = rule, bias is not None
+
+
+def _masked_grads(ctx, grad, masks_and_columns):
+    """(dx, dweight_t, dbias) for linears side by side: masks_and_columns[g] = (mask of x
+    for linear g, its column slice of weight_t and of grad)."""
+    x, weight_t, _ = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad = grad.to(x.dtype)
+    dx = torch.zeros_like(x) if need_x else None
+    parts = []
+    for mask, cols in masks_and_columns:
+        g = grad[..., cols]
+        m = mask.to(x.dtype)
+        if need_x:
+            dx = dx + (g @ weight_t[:, cols].t()) * m
+        if need_w:
+            parts.append((x * m).reshape(-1, x.shape[-1]).t() @ g.reshape(-1, g.shape[-1]))
+    dw = torch.cat(parts, dim=1) if need_w else None
+    db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need_b else None
+    return dx, dw, db
+
+
+def _topk_setup(ctx, inputs, output):
+    x, weight_t, bias, score, k = inputs
+    _save(ctx, x, weight_t, bias, score, k)
+
+
+def _topk_backward(ctx, grad):
+    x, weight_t, score = ctx.saved_tensors
+    mask = reference.topk_mask(x, score, ctx.rule)
+    return (*_masked_grads(ctx, grad, [(mask, slice(None))]), None, None)
+
+
+def _threshold_setup(ctx, inputs, output):
+    x, weight_t, bias, score, threshold, *_ = inputs
+    _save(ctx, x, weight_t, bias, score, threshold)
+
+
+def _threshold_backward(ctx, grad):
+    x, weight_t, score = ctx.saved_tensors
+    mask = reference.threshold_mask(x, score, ctx.rule)
+    return (*_masked_grads(ctx, grad, [(mask, slice(None))]), None, None, None)
+
+
+def _group_setup(ctx, inputs, output):
+    x, weight_t, bias, scores, thresholds, sizes, *_ = inputs
+    _save(ctx, x, weight_t, bias, scores, (list(thresholds), list(sizes)))
+
+
+def _group_backward(ctx, grad):
+    x, weight_t, scores = ctx.saved_tensors
+    thresholds, sizes = ctx.rule
+    pieces, start = [], 0
+    for score, threshold, size in zip(scores, thresholds, sizes):
+        pieces.append((reference.threshold_mask(x, score, threshold), slice(start, start + size)))
+        start += size
+    return (*_masked_grads(ctx, grad, pieces), None, None, None, None)
+
+
+torch.library.register_autograd("wina::topk_linear", _topk_backward, setup_context=_topk_setup)
+torch.library.register_autograd("wina::threshold_linear", _threshold_backward, setup_context=_threshold_setup)
+torch.library.register_autograd("wina::threshold_linear_group", _group_backward, setup_context=_group_setup)
