@@ -218,6 +218,8 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
     if (config.selection == "threshold" or searched or greedy) and config.method != "dense":
         config.calibration.check_model(sites)
     result = plan(config, sites)
+    if config.prefill == "dense" and result.gates:
+        result = _dense_prefill(result, sites)
     on_kernels = bool(result.gates) and weight_layout.kernels_read_rows(sites[next(iter(result.gates))].weight)
     # A graph that backpropagates into the weights reads each one on its own: a grouped
     # op's weight is a view of several parameters, through which no gradient would flow.
@@ -236,6 +238,31 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
         return weight_layout.RelayoutFirst(todo, rewrite, gm, lambda: compile_graph(gm, example_inputs, config, mode))
     rewrite()
     return compile_graph(gm, example_inputs, config, mode)
+
+
+def new_tokens(node: fx.Node) -> int | None:
+    """Tokens per sequence in a linear's input (B, T, K) as traced: T, or None when
+    symbolic.  Dynamo specializes sizes 0 and 1, so a symbolic T means T >= 2.  A 2-D
+    input (tokens, K) counts its rows (a batch of single tokens flattened looks like a
+    prefill: it stays dense under prefill='dense')."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    shape = getattr(value, "shape", None)
+    if shape is None or len(shape) < 2:
+        return None
+    tokens = shape[-2]
+    return tokens if isinstance(tokens, int) else None
+
+
+def _dense_prefill(result: Plan, sites: list[LinearSite]) -> Plan:
+    """prefill='dense': a graph whose steps carry more than one new token per sequence keeps
+    every linear dense (no gate, no rewrite); a one-token step keeps its plan."""
+    tokens = new_tokens(sites[next(iter(result.gates))].input)
+    if tokens == 1:
+        return dataclasses.replace(result, notes=result.notes + ["prefill='dense': a one-token step, sparse"])
+    reason = f"prefill step ({tokens or '>= 2'} tokens per sequence; option prefill='dense')"
+    rows = [dataclasses.replace(row, status=f"dense: {reason}", target_sparsity=None) if i in result.gates else row
+            for i, row in enumerate(result.rows)]
+    return Plan({}, rows, None, result.notes + [f"prefill='dense': {reason}: every linear dense"])
 
 
 def _is_input(site: LinearSite) -> bool:

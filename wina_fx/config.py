@@ -15,6 +15,7 @@ from typing import Any
 METHODS = ("wina", "teal", "cats", "rsparse", "dense")
 SELECTIONS = ("topk", "threshold")
 ALLOCATIONS = ("uniform", "greedy")
+PREFILLS = ("sparse", "dense")
 # Variants of the weight-orthogonalization prepass (passes/orthogonalize.py); True = "full".
 ORTHOGONALIZE = ("full", "local", "shared")
 # Inductor modes; torch.compile refuses mode= together with options=, so ours is an option.
@@ -83,6 +84,9 @@ class WinaConfig:
     group:       on CUDA, run threshold linears that read the same input (q/k/v, gate/up)
                  as one kernel launch over their weights side by side (True), or one
                  launch each (False).  Outputs are the same either way.
+    prefill:     "sparse" (every step sparse, as the papers evaluate) or "dense": a graph
+                 whose steps carry more than one new token per sequence (prefill) runs
+                 its linears dense, exactly; one-token decode steps run sparse.
     """
 
     method: str = "wina"
@@ -96,6 +100,7 @@ class WinaConfig:
     sparsity_allocation: str = "uniform"
     rsparse_share: str | float = "search"
     group: bool = True
+    prefill: str = "sparse"
 
     def sparsity_for(self, module_name: str) -> float | None:
         """Target sparsity of one linear, or None when no pattern covers it."""
@@ -137,6 +142,8 @@ class WinaConfig:
             object.__setattr__(self, "sparsity", _check_sparsity_value("option 'sparsity'", self.sparsity))
         if not isinstance(self.selection, str) or self.selection not in SELECTIONS:
             _fail(f"option 'selection' must be one of {', '.join(map(repr, SELECTIONS))}, got {self.selection!r}")
+        if not isinstance(self.prefill, str) or self.prefill not in PREFILLS:
+            _fail(f"option 'prefill' must be one of {', '.join(map(repr, PREFILLS))}, got {self.prefill!r}")
         if not isinstance(self.mode, str) or self.mode not in MODES:
             _fail(f"option 'mode' must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}")
         for flag in ("measure", "inductor", "group"):

@@ -1,0 +1,58 @@
+"""Option prefill='dense': multi-token steps dense, one-token decode steps sparse."""
+import pytest
+import torch
+import transformers
+
+import wina_fx
+import wina_fx.backend
+from test_autograd import _hooked_reference
+from tiny_models import tiny_model
+
+
+def _cache(model, length):
+    return transformers.StaticCache(config=model.config, max_cache_len=length)
+
+
+@torch.no_grad()
+def test_prefill_dense_then_sparse_decode_steps(monkeypatch):
+    """Prefill through the compiled model equals the dense model exactly; each decode step
+    equals the eager model whose linears mask their inputs (the sparse rule) reading the
+    same dense-prefilled cache; a static cache compiles prefill and decode once each."""
+    model, ids = tiny_model("llama", seed=4)
+    prompt = ids[:1, :9]
+    calls = []
+    real = wina_fx.backend.plan  # called once per backend call
+    monkeypatch.setattr(wina_fx.backend, "plan", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="wina",
+                                 options={"sparsity": 0.5, "prefill": "dense", "inductor": False}, dynamic=False)
+        cache, ref_cache = _cache(model, 16), _cache(model, 16)
+        position = torch.arange(prompt.shape[1])
+        logits = compiled(prompt, past_key_values=cache, cache_position=position).logits
+        report = wina_fx.last_report()
+        assert not report.sparse_rows and any("prefill='dense'" in n for n in report.notes)
+        assert all(r.status.startswith("dense:") for r in report.rows)
+        expected = model(prompt, past_key_values=ref_cache, cache_position=position).logits
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+        token = logits[:, -1:].argmax(-1)
+        for step in range(4):
+            position = position[-1:] + 1
+            out = compiled(token, past_key_values=cache, cache_position=position).logits
+            if step == 0:
+                assert len(wina_fx.last_report().sparse_rows) == 14  # 2 layers x 7, lm_head dense
+            hooks = _hooked_reference(model, 0.5)
+            ref = model(token, past_key_values=ref_cache, cache_position=position).logits
+            for h in hooks:
+                h.remove()
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            token = out[:, -1:].argmax(-1)
+        assert len(calls) == 2  # one prefill graph, one decode graph
+    finally:
+        torch._dynamo.reset()
+
+
+def test_prefill_option_is_checked():
+    with pytest.raises(ValueError, match="option 'prefill' must be one of 'sparse', 'dense'"):
+        wina_fx.WinaConfig.from_options({"prefill": "off"})
