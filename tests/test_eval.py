@@ -157,6 +157,29 @@ def test_cli_argument_errors_are_clear(argv, message, capsys):
     assert __import__("re").search(message, err), err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "wona", "hi"], "invalid choice: 'wona' \\(choose from 'wina', 'teal', 'cats'\\)"),
+        (["--sparsity", "1.5", "hi"], r"\[0, 1\), got 1.5"),
+        (["--prefill", "half", "hi"], "invalid choice: 'half' \\(choose from 'sparse', 'dense'\\)"),
+        (["--new-tokens", "0", "hi"], "positive integer"),
+        ([], "the following arguments are required: prompt"),
+    ],
+)
+def test_generate_argument_errors_are_clear(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["generate", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(message, err), err
+
+
+def test_generate_parses():
+    args = cli.parse_args(["generate", "--method", "teal", "--sparsity", "0.4", "--prefill", "dense", "Hello?"])
+    assert (args.prompt, args.method, args.sparsity, args.prefill, args.inductor) == ("Hello?", "teal", 0.4, "dense", True)
+
+
 def test_cli_parses_a_full_grid():
     args = cli.parse_args(["eval", "--methods", "dense,wina,cats", "--sparsities", "0.25,0.5", "--allocation",
                            "uniform,greedy", "--orthogonalize", "false,true", "--tasks", "all", "--limit", "50"])

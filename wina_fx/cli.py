@@ -1,5 +1,11 @@
 """``wina-fx`` command line.
 
+    wina-fx generate [--model smollm2] [--method wina] [--sparsity 0.5] [--prefill sparse|dense]
+                     [--new-tokens 40] [--no-inductor] "prompt"
+
+Answers one prompt with model.generate() (KV cache), dense and under backend="wina", and
+prints both answers side by side with their tokens/s.
+
     wina-fx eval [--model smollm2] [--methods dense,wina,teal] [--sparsities 0.25,0.4,0.5,0.65]
                  [--selection topk] [--allocation uniform[,greedy]] [--orthogonalize false[,true]]
                  [--tasks wordnet_gloss,quiz_facts | all | none] [--limit 100] [--seed 0]
@@ -15,6 +21,7 @@ R-Sparse's search) get one from ``wina_fx/data/calibration.txt``, a different te
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -88,8 +95,15 @@ def grid(methods, sparsities, selection="topk", allocations=("uniform",), orthog
     return configs
 
 
+def _sparsity(text: str) -> float:
+    values = _floats(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one number in [0, 1), got {text!r}")
+    return values[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ALLOCATIONS, METHODS, SELECTIONS
+    from .config import ALLOCATIONS, METHODS, PREFILLS, SELECTIONS
     from .models import MODELS
     from .tasks import TASKS
 
@@ -119,12 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the header and records here as JSON")
     ev.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=False,
                     help="compile the rewritten graph with Inductor (same numbers; default: op by op, no compile time)")
+
+    gen = sub.add_parser("generate", help="answer one prompt dense and sparse, side by side, with tokens/s")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default="smollm2", choices=list(MODELS))
+    gen.add_argument("--method", default="wina", choices=[m for m in METHODS if m not in ("dense", "rsparse")],
+                     help="top-k selection; rsparse needs a calibration (use wina-fx eval)")
+    gen.add_argument("--sparsity", type=_sparsity, default=0.5, help="in [0, 1)")
+    gen.add_argument("--prefill", choices=PREFILLS, default="sparse")
+    gen.add_argument("--new-tokens", type=_positive, default=40)
+    gen.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=True,
+                     help="compile with Inductor (default) or run the rewritten graph op by op")
     return parser
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "eval":
+        return args
     if args.windows < 0:
         parser.error(f"argument --windows: must be >= 0, got {args.windows}")
     if args.windows == 0 and not args.tasks:
@@ -184,10 +211,60 @@ def summarize(record: dict) -> str:
     return ", ".join(parts)
 
 
+def run_generate(args) -> list[dict]:
+    """Load, compile and answer: dense (Inductor) then backend="wina"; a progress bar over
+    the slow part (loading, and each configuration's compilation on its first answer)."""
+    import textwrap
+
+    from tqdm import tqdm
+
+    from .models import load_model
+
+    stages = tqdm(total=3, desc="loading the model", unit="step", leave=False)
+    model, tokenizer = load_model(args.model)
+    stages.update()
+    chat = [{"role": "user", "content": args.prompt}]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    options = {"method": args.method, "sparsity": args.sparsity, "prefill": args.prefill, "inductor": args.inductor}
+    runs = [("dense", "inductor", None),
+            (f"{args.method} {args.sparsity:.0%}, prefill {args.prefill}", "wina", options)]
+    results = []
+    for label, backend, opts in runs:
+        stages.set_description(f"compiling {label}")
+        torch._dynamo.reset()
+        model.forward = torch.compile(type(model).forward.__get__(model), backend=backend, options=opts, dynamic=True)
+
+        def answer():
+            with torch.no_grad():
+                started = time.perf_counter()
+                out = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     do_sample=False, pad_token_id=tokenizer.eos_token_id)
+                return out, time.perf_counter() - started
+
+        answer()  # compiles
+        stages.update()
+        out, seconds = answer()
+        new = out.shape[1] - ids.shape[1]
+        results.append({"label": label, "answer": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True),
+                        "tokens_per_s": new / seconds})
+    stages.close()
+    del model.forward
+    width = 44
+    columns = [[r["label"], "-" * width, *textwrap.wrap(r["answer"].strip() or "(empty)", width), "",
+                f"{r['tokens_per_s']:.1f} tokens/s"] for r in results]
+    for left, right in itertools.zip_longest(*columns, fillvalue=""):
+        print(f"{left:<{width}} | {right}")
+    return results
+
+
 def main(argv=None) -> None:
     from .eval import markdown_table
 
     args = parse_args(argv)
+    if args.command == "generate":
+        run_generate(args)
+        return
     header, records = run_eval(args)
     print()
     print(markdown_table(records, "ppl" if args.windows else "acc_mean"))
