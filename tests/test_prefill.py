@@ -56,3 +56,18 @@ def test_prefill_dense_then_sparse_decode_steps(monkeypatch):
 def test_prefill_option_is_checked():
     with pytest.raises(ValueError, match="option 'prefill' must be one of 'sparse', 'dense'"):
         wina_fx.WinaConfig.from_options({"prefill": "off"})
+
+
+@torch.no_grad()
+def test_decode_perplexity_is_the_continuation_of_a_whole_window_pass():
+    """Dense: prefill + token-by-token decoding scores the continuation exactly as one
+    forward over the window does; prefill='dense' only changes the prompt's step."""
+    from wina_fx.eval import decode_perplexity
+
+    model, ids = tiny_model("llama", seed=6)
+    window = ids[:1, :12]
+    logits = model(window).logits[:, 4:-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 5:].reshape(-1))
+    assert abs(decode_perplexity(model, [window], 5) - float(nll.exp())) < 1e-4 * float(nll.exp())
+    with pytest.raises(ValueError, match="prompt_len"):
+        decode_perplexity(model, [window], 12)

@@ -54,6 +54,31 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:
     return math.exp(total_nll / total_tokens)
 
 
+@torch.no_grad()
+def decode_perplexity(model, windows: list[torch.Tensor], prompt_len: int) -> float:
+    """Perplexity of each window's continuation as a server computes it: tokens
+    0..prompt_len-1 in one prefill step, then one true token per decode step through the
+    KV cache.  (Under option prefill='dense' this is what separates the two settings; a
+    whole-window forward would be one prefill step.)  Predicts tokens prompt_len..T-1."""
+    total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
+    for ids in windows:
+        ids = ids.to(device)
+        if not 0 < prompt_len < ids.shape[1]:
+            raise ValueError(f"prompt_len must be in [1, {ids.shape[1] - 1}], got {prompt_len}")
+        out = model(ids[:, :prompt_len], use_cache=True)
+        logits = [out.logits[:, -1]]
+        for t in range(prompt_len, ids.shape[1] - 1):
+            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+        logits = torch.stack(logits, dim=1).float()
+        targets = ids[:, prompt_len:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        total_tokens += targets.numel()
+    return math.exp(total_nll / total_tokens)
+
+
 # ---------------------------------------------------------------- configurations
 
 
