@@ -11,13 +11,17 @@ Writes benchmarks/results/prefill_smollm2.json.
 import argparse
 import json
 import os
+import sys
 import time
 
-import torch
+# transformers probes for a package named "kernels"; this folder's kernels.py must not answer
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from wina_fx.data import text
-from wina_fx.eval import decode_perplexity, token_windows
-from wina_fx.models import load_smollm2
+import torch  # noqa: E402
+
+from wina_fx.data import text  # noqa: E402
+from wina_fx.eval import decode_perplexity, token_windows  # noqa: E402
+from wina_fx.models import load_smollm2  # noqa: E402
 
 
 def main():
