@@ -51,8 +51,10 @@ def gate_linears(
     counts_node = None
     if counts is not None:
         counts_node = add_constant(gm, "wina_counts", counts, before=first_non_placeholder(gm))
+    replaced: dict[fx.Node, fx.Node] = {}  # linear -> its sparse op (a linear may read another's output)
     for index, gate in gates.items():
         site = sites[index]
+        x = replaced.get(site.input, site.input)
         if site.problem is not None:
             raise ValueError(f"cannot gate {site.name}: {site.problem}")
         node = site.node
@@ -69,18 +71,19 @@ def gate_linears(
                 op, rule = torch.ops.wina.topk_linear.default, (gate.k,)
             else:
                 op, rule = torch.ops.wina.threshold_linear.default, (float(gate.threshold), float(gate.sparsity or 0.0))
-            sparse = gm.graph.call_function(op, (site.input, weight_t_node, bias_node, score_node, *rule))
+            sparse = gm.graph.call_function(op, (x, weight_t_node, bias_node, score_node, *rule))
         sparse.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         node.replace_all_uses_with(sparse)
         gm.graph.erase_node(node)
-        site.node = sparse
+        replaced[node] = sparse
+        site.node, site.input = sparse, x
         if counts_node is not None:
             k = gate.k if gate.k is not None else -1
             threshold = float(gate.threshold) if gate.threshold is not None else 0.0
             with gm.graph.inserting_after(sparse):
                 gm.graph.call_function(
                     torch.ops.wina.count_kept.default,
-                    (counts_node, index, site.input, score_node, k, threshold),
+                    (counts_node, index, x, score_node, k, threshold),
                 )
     gm.graph.lint()
     gm.recompile()

@@ -122,3 +122,18 @@ def test_inductor_backward_and_counts_with_grad_enabled():
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), plain)
     torch._dynamo.reset()
+
+
+def test_linears_reading_each_others_outputs():
+    """A linear whose input is another sparse linear's output (a stack of linears with
+    no activation between): each reads the sparse op that replaced the one before."""
+    torch.manual_seed(5)
+    stack = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(3)])
+    x = torch.randn(2, 4, 16)
+    out = torch.compile(stack, backend="wina", options={"sparsity": 0.5, "inductor": False})(x)
+    hooks = _hooked_reference(stack, 0.5)
+    expected = stack(x)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

@@ -71,3 +71,35 @@ def test_decode_perplexity_is_the_continuation_of_a_whole_window_pass():
     assert abs(decode_perplexity(model, [window], 5) - float(nll.exp())) < 1e-4 * float(nll.exp())
     with pytest.raises(ValueError, match="prompt_len"):
         decode_perplexity(model, [window], 12)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_on_the_compiled_forward(monkeypatch, cache):
+    """model.generate() with its KV cache on a forward compiled by backend="wina": at
+    sparsity 0 the tokens are eager's; at 50% with prefill='dense' a second generate()
+    compiles nothing new (no recompilation per decode step)."""
+    model, ids = tiny_model("llama", seed=2)
+    model.generation_config.pad_token_id = 0
+    prompt = ids[:1, :8]
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                  **({"cache_implementation": "static"} if cache == "static" else {}))
+    eager = model.generate(prompt, **kwargs)
+    calls = []
+    real = wina_fx.backend.plan
+    monkeypatch.setattr(wina_fx.backend, "plan", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    try:
+        for sparsity in (0.0, 0.5):
+            torch._dynamo.reset()
+            options = {"sparsity": sparsity, "prefill": "dense", "inductor": False}
+            model.forward = torch.compile(type(model).forward.__get__(model), backend="wina", options=options)
+            first = model.generate(prompt, **kwargs)
+            compiled = len(calls)
+            again = model.generate(prompt, **kwargs)
+            assert len(calls) == compiled and torch.equal(first, again)
+            if sparsity == 0:
+                assert torch.equal(first, eager)
+            del model.forward
+            calls.clear()
+    finally:
+        torch._dynamo.reset()
