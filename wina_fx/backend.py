@@ -220,6 +220,21 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
     result = plan(config, sites)
     if config.prefill == "dense" and result.gates:
         result = _dense_prefill(result, sites)
+    on_kernels, grouped, todo = _kernel_layout(config, sites, result)
+
+    def rewrite():
+        _rewrite(gm, example_inputs, config, prepass, sites, result, on_kernels, grouped)
+
+    if todo:  # the model's parameters: once dynamo's guards are built
+        return weight_layout.RelayoutFirst(todo, rewrite, gm, lambda: compile_graph(gm, example_inputs, config, mode))
+    rewrite()
+    return compile_graph(gm, example_inputs, config, mode)
+
+
+def _kernel_layout(config: WinaConfig, sites: list[LinearSite], result: Plan):
+    """(the kernels run, indices of the linears to group, the model's weights still to be
+    stored as the kernels read them).  The graph's own weight constants (the prepass's)
+    are re-laid out here and now; the model's parameters are left to ``RelayoutFirst``."""
     on_kernels = bool(result.gates) and weight_layout.kernels_read_rows(sites[next(iter(result.gates))].weight)
     # A graph that backpropagates into the weights reads each one on its own: a grouped
     # op's weight is a view of several parameters, through which no gradient would flow.
@@ -228,16 +243,8 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
                if config.group and on_kernels and not training else set())
     sets = weight_layout.sibling_sets(sites, grouped, set(result.gates))
     lifted = [s for s in sets if any(_is_input(sites[i]) for i in s)]
-    weight_layout.relayout(weight_layout.pending(sites, [s for s in sets if s not in lifted]))  # graph constants: now
-
-    def rewrite():
-        _rewrite(gm, example_inputs, config, prepass, sites, result, on_kernels, grouped)
-
-    todo = weight_layout.pending(sites, lifted)  # the model's parameters: once dynamo's guards are built
-    if todo:
-        return weight_layout.RelayoutFirst(todo, rewrite, gm, lambda: compile_graph(gm, example_inputs, config, mode))
-    rewrite()
-    return compile_graph(gm, example_inputs, config, mode)
+    weight_layout.relayout(weight_layout.pending(sites, [s for s in sets if s not in lifted]))
+    return on_kernels, grouped, weight_layout.pending(sites, lifted)
 
 
 def new_tokens(node: fx.Node) -> int | None:
