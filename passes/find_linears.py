@@ -1,7 +1,8 @@
 """Find the linear layers of an FX graph and tie each to its module and weight.
 
 This is an analysis: it reads the graph and changes nothing. It recognises
-``F.linear(x, W, b)`` and ``x @ W.t()`` / ``x @ W`` where W is a parameter, reached
+``F.linear(x, W, b)``, ``x @ W.t()`` / ``x @ W.T`` / ``x @ W`` (Falcon's linears) and
+``torch.addmm(b, x, W)`` (GPT-2's Conv1D, W stored (in, out)) where W is a parameter, reached
 either as a placeholder (dynamo lifts parameters to graph inputs; ``example_inputs``
 holds their real tensors) or as a ``get_attr`` (``torch.fx.symbolic_trace``).
 """
@@ -16,6 +17,7 @@ import torch.fx as fx
 
 _LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 _MATMUL_TARGETS = (torch.matmul, operator.matmul)
+_ADDMM_TARGETS = (torch.addmm,)
 _EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
 
 
@@ -99,6 +101,8 @@ def _is_transpose_of_2d(node: fx.Node) -> fx.Node | None:
         return node.args[0]
     if node.op == "call_function" and node.target is torch.t:
         return node.args[0]
+    if node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",)):
+        return node.args[0]
     if node.op in ("call_method", "call_function") and node.target in ("transpose", torch.transpose):
         if sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]:
             return node.args[0]
@@ -123,13 +127,21 @@ def _match_linear(node: fx.Node):
         args = list(node.args) + [None] * 3
         x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
         return x, w, b, False
-    if node.target in _MATMUL_TARGETS and len(node.args) == 2:
-        x, rhs = node.args
-        parameter = _is_transpose_of_2d(rhs)
-        if parameter is not None and parameter.op in ("placeholder", "get_attr"):
-            return x, parameter, None, False
-        if isinstance(rhs, fx.Node) and rhs.op in ("placeholder", "get_attr"):
-            return x, rhs, None, True
+    if node.target in _MATMUL_TARGETS and len(node.args) == 2 and not node.kwargs:
+        return _against_parameter(*node.args, bias=None)
+    if node.target in _ADDMM_TARGETS and len(node.args) == 3 and not node.kwargs:  # no beta / alpha
+        bias, x, rhs = node.args
+        return _against_parameter(x, rhs, bias)
+    return None
+
+
+def _against_parameter(x, rhs, bias):
+    """x @ rhs where rhs is a parameter W (stored (K, N)) or its transpose (W stored (N, K))."""
+    parameter = _is_transpose_of_2d(rhs)
+    if parameter is not None and parameter.op in ("placeholder", "get_attr"):
+        return x, parameter, bias, False
+    if isinstance(rhs, fx.Node) and rhs.op in ("placeholder", "get_attr"):
+        return x, rhs, bias, True
     return None
 
 

@@ -1,0 +1,63 @@
+"""Linears in other forms than F.linear: GPT-2's Conv1D (addmm, W stored (in, out)) and
+Falcon's ``x @ W.T``.  Each projection is found, named after its module, and sparsified."""
+import pytest
+import torch
+import transformers
+
+import wina_fx
+from wina_fx.kernels import reference
+from wina_fx.methods import keep_count
+
+
+def _model(family):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                       new_decoder_architecture=False)
+    return transformers.FalconForCausalLM(config).eval()
+
+
+def _hooks(model, sparsity):
+    """Eager reference: each projection's input masked by top-k on |x| * ||W[:, i]||
+    (the column norm of the weight as used, whatever its storage)."""
+    from transformers.pytorch_utils import Conv1D
+
+    hooks = []
+    for name, module in model.named_modules():
+        if name == "lm_head" or not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        used = module.weight.t() if isinstance(module, Conv1D) else module.weight  # (out, in)
+        score, k = used.float().norm(dim=0), keep_count(used.shape[1], sparsity)
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, args, score=score, k=k: (args[0] * reference.topk_mask(args[0], score, k).to(args[0].dtype),)))
+    return hooks
+
+
+@pytest.mark.parametrize("family, projections", [
+    ("gpt2", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
+    ("falcon", ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
+])
+@torch.no_grad()
+def test_every_projection_is_sparsified(family, projections):
+    model = _model(family)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    dense = model(ids).logits
+    for sparsity in (0.0, 0.5):
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="wina", options={"sparsity": sparsity, "inductor": False})(ids).logits
+        report = wina_fx.last_report()
+        prefix = "transformer.h"
+        assert sorted(r.name for r in report.sparse_rows) == sorted(
+            f"{prefix}.{layer}.{p}" for layer in range(2) for p in projections)
+        assert [r.status for r in report.rows if r.name == "lm_head"] == ["dense: output head (logits projection)"]
+        if sparsity == 0:
+            torch.testing.assert_close(out, dense, rtol=0, atol=0)
+        else:
+            hooks = _hooks(model, sparsity)
+            expected = model(ids).logits
+            for h in hooks:
+                h.remove()
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
