@@ -18,6 +18,9 @@ import torch.fx as fx
 _LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 _MATMUL_TARGETS = (torch.matmul, operator.matmul)
 _ADDMM_TARGETS = (torch.addmm,)
+_SOFTMAX = (torch.softmax, torch.nn.functional.softmax, "softmax")
+_SIGMOID = (torch.sigmoid, torch.nn.functional.sigmoid, "sigmoid")
+_SHAPE_OR_CAST = ("float", "to", "type", "view", "reshape", "contiguous", torch.reshape)
 _EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
 
 
@@ -37,6 +40,7 @@ class LinearSite:
     weight: torch.Tensor | None
     weight_is_transposed: bool = False
     is_output_head: bool = False
+    is_router: bool = False  # its output selects experts (top-k) or gates a shared expert (sigmoid, 1 output)
     problem: str | None = None
 
     @property
@@ -145,6 +149,23 @@ def _against_parameter(x, rhs, bias):
     return None
 
 
+def _decides_routing(node: fx.Node, out_features: int | None, hops: int = 4) -> bool:
+    """A mixture-of-experts router: the linear's output reaches a top-k (through softmax,
+    casts, views), or, with one output, a sigmoid (the gate of a shared expert)."""
+    frontier = [(node, 0)]
+    while frontier:
+        current, depth = frontier.pop()
+        for user in current.users:
+            target = user.target
+            if target is torch.topk or (user.op == "call_method" and target == "topk"):
+                return True
+            if target in _SIGMOID and out_features == 1:
+                return True
+            if depth < hops and (target in _SOFTMAX or target in _SHAPE_OR_CAST):
+                frontier.append((user, depth + 1))
+    return False
+
+
 def _submodule(node: fx.Node) -> torch.nn.Module | None:
     try:
         return node.graph.owning_module.get_submodule(node.target)
@@ -224,6 +245,7 @@ def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
         site.is_output_head = (
             node in last_linears and weight is not None and weight.shape[0] in vocabulary_sizes
         )
+        site.is_router = _decides_routing(node, site.out_features)
         sites.append(site)
     _make_names_unique(sites)
     return sites

@@ -61,3 +61,33 @@ def test_every_projection_is_sparsified(family, projections):
                 h.remove()
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def _moe(family):
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, num_experts_per_tok=2)
+    if family == "mixtral":
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, num_local_experts=4)).eval()
+    config = transformers.Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=64)
+    return transformers.Qwen2MoeForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family, routers", [
+    ("mixtral", ["model.layers.0.mlp.gate"]),
+    ("qwen2_moe", ["model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate"]),
+])
+@torch.no_grad()
+def test_routers_stay_dense(family, routers):
+    """A linear whose output selects experts (softmax -> top-k) or gates a shared expert
+    (one output -> sigmoid) stays dense with the reason 'router'; the rest are sparsified."""
+    model = _moe(family)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="wina", options={"sparsity": 0.0, "inductor": False})(ids).logits
+    torch.testing.assert_close(out, model(ids).logits, rtol=0, atol=0)
+    report = wina_fx.last_report()
+    assert sorted(r.name for r in report.rows if r.status.startswith("dense: router")) == sorted(routers)
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"} <= {r.name for r in report.sparse_rows}
+    torch._dynamo.reset()

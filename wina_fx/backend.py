@@ -172,6 +172,8 @@ def unsupported_reason(config: WinaConfig, site: LinearSite) -> str | None:
         return "method is 'dense'"
     if site.is_output_head:
         return "output head (logits projection)"
+    if site.is_router:
+        return "router (its output selects or gates experts; few bytes, and routing must not change)"
     return None
 
 
