@@ -251,6 +251,30 @@ def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
     return sites
 
 
+def unrecognized_weights(gm: fx.GraphModule, sites: list[LinearSite], example_inputs=None):
+    """Parameters of two or more dims that the graph reads other than as a found linear's
+    weight or an embedding table (mixture-of-experts weights read by a grouped matmul, a
+    convolution's kernel, ...): (name, shape, what reads them).  The backend reports each
+    as dense, so that no weight is left out of the report silently."""
+    known = {s.weight_node for s in sites if s.weight_node is not None}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _EMBEDDING_TARGETS:
+            known.add(node.args[1] if node.target is torch.nn.functional.embedding else node.args[0])
+    found = []
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "get_attr") or node in known or not node.users:
+            continue
+        value = resolve_tensor(gm, node, example_inputs)
+        if not isinstance(value, torch.nn.Parameter) or value.dim() < 2:
+            continue
+        reader = next(iter(node.users))
+        while reader.target in ("transpose", "t", "view", "reshape", "contiguous", "permute") and reader.users:
+            reader = next(iter(reader.users))
+        name = str(getattr(reader.target, "__name__", reader.target))
+        found.append((_parameter_name(node).removesuffix(".weight"), tuple(value.shape), name))
+    return found
+
+
 def _make_names_unique(sites: list[LinearSite]) -> None:
     # A module that calls its weight twice gives two sites of one name: number them.
     seen: dict[str, int] = {}

@@ -81,7 +81,8 @@ def _moe(family):
 @torch.no_grad()
 def test_routers_stay_dense(family, routers):
     """A linear whose output selects experts (softmax -> top-k) or gates a shared expert
-    (one output -> sigmoid) stays dense with the reason 'router'; the rest are sparsified."""
+    (one output -> sigmoid) stays dense with the reason 'router'; the rest are sparsified;
+    the expert weights, not rewritten yet, are reported dense."""
     model = _moe(family)
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
@@ -90,4 +91,12 @@ def test_routers_stay_dense(family, routers):
     report = wina_fx.last_report()
     assert sorted(r.name for r in report.rows if r.status.startswith("dense: router")) == sorted(routers)
     assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"} <= {r.name for r in report.sparse_rows}
+    # no silent gaps: the experts' 3-D weights (read by a grouped matmul) are rows too, dense
+    experts = [r for r in report.rows if ".experts." in r.name]
+    assert sorted(r.name for r in experts) == ["model.layers.0.mlp.experts.down_proj",
+                                               "model.layers.0.mlp.experts.gate_up_proj"]
+    assert all(r.status.startswith("dense: not a linear this backend rewrites (read by ") for r in experts)
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert sum(r.in_features * r.out_features for r in experts) == expert_params
+    assert "sparse linears hold" in report.summary()
     torch._dynamo.reset()

@@ -8,6 +8,7 @@ as W^T: re-lay them out on the first call, compile at the next] -> [rewrite] -> 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from wina_fx.passes.cats import CatsMask, mask_gated_mlps
-from wina_fx.passes.find_linears import LinearSite, find_linears
+from wina_fx.passes.find_linears import LinearSite, find_linears, unrecognized_weights
 from wina_fx.passes.find_mlps import find_gated_mlps
 from wina_fx.passes.gate import Gate, gate_linears
 from wina_fx.passes.group import group_sibling_linears
@@ -220,6 +221,9 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
     if (config.selection == "threshold" or searched or greedy) and config.method != "dense":
         config.calibration.check_model(sites)
     result = plan(config, sites)
+    for name, shape, reader in unrecognized_weights(gm, sites, example_inputs):
+        result.rows.append(ReportRow(name, f"dense: not a linear this backend rewrites (read by {reader})", None,
+                                     shape[-1], math.prod(shape) // shape[-1]))
     if config.prefill == "dense" and result.gates:
         result = _dense_prefill(result, sites)
     on_kernels, grouped, todo = _kernel_layout(config, sites, result)

@@ -71,6 +71,12 @@ class Report:
         ]
         for reason, count in sorted(dense_reasons.items()):
             lines.append(f"  {count} x {reason}")
+        sized = [r for r in self.rows if r.in_features is not None]
+        total = sum(r.in_features * r.out_features for r in sized)
+        if total:
+            sparse = sum(r.in_features * r.out_features for r in sized if r.status == "sparse")
+            lines.append(f"  sparse linears hold {sparse / total:.1%} of the weights read by matmuls "
+                         f"({sparse:,} of {total:,} elements)")
         target = self.weighted_sparsity()
         if target is not None:
             lines.append(f"  size-weighted sparsity of all linears: target {target:.3f}")
