@@ -143,6 +143,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--batches", default="1",
+                        help="comma-separated batch sizes; each above 1 times dense and wina at every sparsity "
+                             "(tokens/s counts every sequence's tokens)")
     parser.add_argument("--suffix", default="", help="appended to the result file names (split runs)")
     parser.add_argument("--profile", action="store_true", help="also record GPU time per step by kernel")
     parser.add_argument("--separate", action="store_true",
@@ -250,6 +253,26 @@ def main():
             save()
             print(f"wina {sparsity:.0%}, {name}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense", flush=True)
 
+    for batch in [int(b) for b in args.batches.split(",") if int(b) > 1]:
+        batch_prompt = torch.randint(0, vocab, (batch, args.prompt_len), device=device, generator=generator)
+        base = None
+        for sparsity in [None] + [float(s) for s in args.sparsities.split(",")]:
+            fresh()
+            if sparsity is None:
+                step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+            else:
+                options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration,
+                           **({"mode": mode} if mode else {})}
+                step = torch.compile(model, backend="wina", options=options, fullgraph=True, dynamic=False)
+            rate = batch * decode_tokens_per_s(model, step, batch_prompt, args.tokens, args.warmup)
+            base = base or rate
+            records.append({"impl": "dense" if sparsity is None else "wina", "batch": batch,
+                            "sparsity": sparsity or 0.0, "measured_sparsity": None, "tokens_per_s": rate,
+                            "speedup_vs_dense": rate / base, **peak()})
+            save()
+            print(f"batch {batch}, {records[-1]['impl']} {sparsity or 0:.0%}: {rate:.1f} tokens/s, "
+                  f"{rate / base:.2f}x dense", flush=True)
+
     if not args.tiny and any(r["impl"] == "wina" for r in records):
         dense_run("dense_after_relayout")  # the same dense compile, weights now stored as W^T
     save()
@@ -293,7 +316,7 @@ def plot(records, header, path):
         return
     plt.figure(figsize=(5, 3.5))
     for impl, label in [("wina", "wina / dense"), ("wina_separate", "wina, one launch per linear / dense")]:
-        rows = sorted((r for r in records if r["impl"] == impl), key=lambda r: r["sparsity"])
+        rows = sorted((r for r in records if r["impl"] == impl and r.get("batch", 1) == 1), key=lambda r: r["sparsity"])
         if rows:
             plt.plot([r["sparsity"] for r in rows], [r["speedup_vs_dense"] for r in rows], "o-", label=label)
     plt.plot([0.5, 0.65], [1.85, 2.3], "r*", label="issue targets")
@@ -322,15 +345,16 @@ def table(path):
     h = data["header"]
     print(f"{h['model']}, batch {h['batch']}, {h['gpu']}, torch {h['torch']}, Triton {h['triton']}, "
           f"transformers {h['transformers']}, {h['mode']}\n")
-    print("| impl | target sparsity | measured | tokens/s | vs dense | peak memory vs dense | resident GiB | "
+    print("| impl | batch | target sparsity | measured | tokens/s | vs dense | peak memory vs dense | resident GiB | "
           "us/step: wall = sparse linears + dense parts + gaps | kernels/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in data["records"]:
         b = (r.get("profile") or {}).get("breakdown")
         split = (f"{b['wall_us']:.0f} = {b['sparse_linears_us']:.0f} + {b['dense_parts_us']:.0f} + "
                  f"{b['gaps_us']:.0f}") if b else "-"
         peak = r.get("peak_memory_vs_dense")
-        print(f"| {r['impl']} | {r['sparsity']:.0%} | {r['measured_sparsity']:.3f} | {r['tokens_per_s']:.1f} | "
+        measured = "-" if r["measured_sparsity"] is None else f"{r['measured_sparsity']:.3f}"
+        print(f"| {r['impl']} | {r.get('batch', 1)} | {r['sparsity']:.0%} | {measured} | {r['tokens_per_s']:.1f} | "
               f"{r['speedup_vs_dense']:.2f} | {f'{peak:.3f}' if peak else '1 (reference)' if r['impl'] == 'dense' else '-'} | "
               f"{r.get('resident_bytes', 0) / 2**30:.2f} | {split} | "
               f"{(r.get('profile') or {}).get('launches_per_step', 0):.0f} |")
