@@ -364,31 +364,32 @@ def run_sweep(args, bw, sweep, log, save):
 
 
 # ----------------------------------------------------------------------------- M=1 variants
-# name: (path, BLOCK_N, BLOCK_K or BLOCK_R, programs per SM, STAGES, num_warps, TICKETS)
+# name: (path, BLOCK_N, BLOCK_K or BLOCK_R, programs per SM, STAGES, num_warps, REDUCE)
+# (REDUCE 1: the last ticket sums the split-K partials; 0: a second reduce launch)
 VARIANTS = {
-    "gemv_r": ("gemv", 128, 64, 1, 3, 4, False),
-    "gemv_r_n64": ("gemv", 64, 128, 2, 3, 4, False),
-    "gemv_r_n32": ("gemv", 32, 256, 2, 3, 4, False),
-    "m_n64k128_t": ("gemv_masked", 64, 128, 2, 3, 4, True),
-    "m_n64k128": ("gemv_masked", 64, 128, 2, 3, 4, False),
-    "m_n64k256": ("gemv_masked", 64, 256, 2, 3, 4, False),
-    "m_n32k128": ("gemv_masked", 32, 128, 2, 3, 4, False),
-    "m_n32k256": ("gemv_masked", 32, 256, 2, 3, 4, False),
-    "m_n32k256_s4": ("gemv_masked", 32, 256, 2, 4, 4, False),
-    "m_n32k256_s2": ("gemv_masked", 32, 256, 2, 2, 4, False),
-    "m_n32k256_3sm": ("gemv_masked", 32, 256, 3, 3, 4, False),
-    "m_n32k256_1sm": ("gemv_masked", 32, 256, 1, 3, 4, False),
-    "m_n32k512": ("gemv_masked", 32, 512, 2, 3, 4, False),
-    "m_n32k512_w8": ("gemv_masked", 32, 512, 2, 3, 8, False),
-    "m_n16k512": ("gemv_masked", 16, 512, 2, 3, 4, False),
+    "gemv_r": ("gemv", 128, 64, 1, 3, 4, 0),
+    "gemv_r_n64": ("gemv", 64, 128, 2, 3, 4, 0),
+    "gemv_r_n32": ("gemv", 32, 256, 2, 3, 4, 0),
+    "m_n64k128_t": ("gemv_masked", 64, 128, 2, 3, 4, 1),
+    "m_n64k128": ("gemv_masked", 64, 128, 2, 3, 4, 0),
+    "m_n64k256": ("gemv_masked", 64, 256, 2, 3, 4, 0),
+    "m_n32k128": ("gemv_masked", 32, 128, 2, 3, 4, 0),
+    "m_n32k256": ("gemv_masked", 32, 256, 2, 3, 4, 0),
+    "m_n32k256_s4": ("gemv_masked", 32, 256, 2, 4, 4, 0),
+    "m_n32k256_s2": ("gemv_masked", 32, 256, 2, 2, 4, 0),
+    "m_n32k256_3sm": ("gemv_masked", 32, 256, 3, 3, 4, 0),
+    "m_n32k256_1sm": ("gemv_masked", 32, 256, 1, 3, 4, 0),
+    "m_n32k512": ("gemv_masked", 32, 512, 2, 3, 4, 0),
+    "m_n32k512_w8": ("gemv_masked", 32, 512, 2, 3, 8, 0),
+    "m_n16k512": ("gemv_masked", 16, 512, 2, 3, 4, 0),
 }
 LAYER = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096)]
 
 
 def variant_cfg(name, K, N, sms, M=1):
-    path, bn, bk, per_sm, st, w, tickets = VARIANTS[name]
+    path, bn, bk, per_sm, st, w, reduce = VARIANTS[name]
     split = max(1, min(triton.cdiv(per_sm * sms, triton.cdiv(N, bn) * M), K // 256, 32))
-    cfg = dict(BLOCK_N=bn, SPLIT_K=split, STAGES=st, TICKETS=tickets, num_warps=w)
+    cfg = dict(BLOCK_N=bn, SPLIT_K=split, STAGES=st, REDUCE=reduce, num_warps=w)
     cfg["BLOCK_K" if path == "gemv_masked" else "BLOCK_R"] = bk
     return path, cfg
 

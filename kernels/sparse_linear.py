@@ -82,8 +82,8 @@ def _gemv_masked_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) ->
     """Tiles of _gemv_masked_kernel, the best of 12 candidates on an H100 over a chain of the 7
     linears of two Llama-3-8B layers at 25-65 % sparsity (VARIANTS in benchmarks/kernels.py):
     32 columns x 256 rows per step, about two programs per SM; wide outputs (5120x17920)
-    preferred 64 x 128.  Split-K partials are summed by a second kernel, not by tickets: a
-    ticket buffer must be zeroed each call, which under Inductor is one more kernel anyway."""
+    preferred 64 x 128.  REDUCE=0 (a second reduce launch) needs no zeroed buffer; the
+    dispatch (_gemv_choice) sets REDUCE=1, whose tickets live in the shared workspace."""
     block_n, block_k = (64, 128) if N >= 16384 else (32, 256)
     split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(N, block_n) * M), K // 256, 32))
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=3, REDUCE=0, num_warps=4)
@@ -125,12 +125,12 @@ def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: fl
     if N <= 2048:
         return "gemv_masked", dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=triton.cdiv(K, 256), STAGES=1, REDUCE=2,
                                    num_warps=4)
+    # through _CONFIGS, so that a benchmark overriding a path's tiles reaches the dispatch too
     if sparsity_hint >= _compact_from(N, K):
-        cfg = _gemv_config(1, N, K, dtype, sms)
+        cfg = _CONFIGS["gemv"](1, N, K, dtype, sms)
         tiles = triton.cdiv(N, cfg["BLOCK_N"])
-        split = max(1, min(round(2 * sms / tiles), K // 64, 16))
-        return "gemv", dict(cfg, SPLIT_K=split, REDUCE=1)
-    return "gemv_masked", dict(_gemv_masked_config(1, N, K, dtype, sms), REDUCE=1)
+        return "gemv", dict(cfg, SPLIT_K=max(1, min(round(2 * sms / tiles), K // 64, 16)), REDUCE=1)
+    return "gemv_masked", {**_CONFIGS["gemv_masked"](1, N, K, dtype, sms), "REDUCE": 1}
 
 
 def _traced(x: Tensor) -> bool:
