@@ -101,7 +101,7 @@ def _transposed_weight(gm: fx.GraphModule, site: LinearSite, weight_node: fx.Nod
     """
     if site.weight_is_transposed:  # x @ W with W stored (K, N): already W^T
         return weight_node
-    if weight_layout.kernels_read_rows(site.weight) and not weight_layout.has_row_layout(site.weight):
+    if weight_layout.needs_transposed_copy(site):
         return add_constant(gm, "wina_weight_t", site.weight.detach().t().contiguous(), before=before)
     with gm.graph.inserting_before(before):
         return gm.graph.call_method("t", (weight_node,))

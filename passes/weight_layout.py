@@ -38,6 +38,13 @@ def has_row_layout(weight: torch.Tensor) -> bool:
     return (wt.stride(1) == 1 or n == 1) and (wt.stride(0) >= n or k == 1)
 
 
+def needs_transposed_copy(site: LinearSite) -> bool:
+    """The kernels will read this linear's weight, and it is not stored as W^T: the gate
+    pass then reads a transposed copy (the backend re-lays weights out first, so only a
+    caller of the passes alone gets here)."""
+    return not site.weight_is_transposed and kernels_read_rows(site.weight) and not has_row_layout(site.weight)
+
+
 def side_by_side(weights_t: list[torch.Tensor]) -> torch.Tensor | None:
     """The (K, sum N_g) view holding the W_g^T given, when they are adjacent column ranges
     of one buffer in this order; None otherwise."""

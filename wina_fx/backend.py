@@ -297,8 +297,7 @@ def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Pla
         result.rewrite(gm)
     notes = list(prepass.notes if prepass is not None else []) + result.notes
     if gates:
-        copied = [sites[i].name for i in gates if on_kernels and not weight_layout.has_row_layout(sites[i].weight)
-                  and not sites[i].weight_is_transposed]
+        copied = [sites[i].name for i in gates if weight_layout.needs_transposed_copy(sites[i])]
         gate_linears(gm, gates, sites, counts)
         if on_kernels:
             notes.append("weights: read in place as W^T (one copy)" if not copied else
