@@ -7,9 +7,8 @@ import torch
 
 import wina_fx
 import wina_fx.ops  # noqa: F401  (registers torch.ops.wina)
-from tiny_models import tiny_model
+from tiny_models import masked_input_hooks, tiny_model
 from wina_fx.kernels import reference
-from wina_fx.methods import channel_scores, keep_count
 
 
 def _inputs(bias, seed=0):
@@ -48,25 +47,12 @@ def test_gradients_are_those_of_the_masked_linear():
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
-def _hooked_reference(model, sparsity):
-    """Eager: every linear but the output head masks its input (top-k on |x| * column norm,
-    norms of the weights as they are now, fixed from then on, as the compiled graph's are)."""
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            score = channel_scores("wina", module.weight).detach()
-            k = keep_count(module.in_features, sparsity)
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, score=score, k=k: (args[0] * reference.topk_mask(args[0], score, k).to(args[0].dtype),)))
-    return hooks
-
-
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_training_through_the_backend_matches_the_hooked_reference(family, device):
+def test_training_through_the_backend_matches_themasked_input_hooks(family, device):
     """A few SGD steps through backend="wina" (grad enabled, the default state of a model):
     the loss and the parameters follow the eager model whose linears mask their inputs.
     On CUDA the forward runs the Triton kernels (weights re-laid out in place, one launch
@@ -75,7 +61,7 @@ def test_training_through_the_backend_matches_the_hooked_reference(family, devic
     twin, _ = tiny_model(family, seed=11)
     twin.load_state_dict(model.state_dict())
     model, twin, ids = model.to(device), twin.to(device), ids.to(device)
-    hooks = _hooked_reference(twin, 0.5)
+    hooks = masked_input_hooks(twin, 0.5)
     compiled = torch.compile(model, backend="wina", options={"sparsity": 0.5, "inductor": device == "cuda"})
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, twin)]
     losses = []
@@ -111,7 +97,7 @@ def test_inductor_backward_and_counts_with_grad_enabled():
     mine = [p.grad.clone() for p in mlp.parameters()]
     assert all(0.45 < r.measured_sparsity < 0.55 for r in wina_fx.last_report().sparse_rows)
     mlp.zero_grad()
-    hooks = _hooked_reference(mlp, 0.5)
+    hooks = masked_input_hooks(mlp, 0.5)
     mlp(x).square().sum().backward()
     for h in hooks:
         h.remove()
@@ -131,7 +117,7 @@ def test_linears_reading_each_others_outputs():
     stack = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(3)])
     x = torch.randn(2, 4, 16)
     out = torch.compile(stack, backend="wina", options={"sparsity": 0.5, "inductor": False})(x)
-    hooks = _hooked_reference(stack, 0.5)
+    hooks = masked_input_hooks(stack, 0.5)
     expected = stack(x)
     for h in hooks:
         h.remove()

@@ -5,8 +5,7 @@ import torch
 import transformers
 
 import wina_fx
-from wina_fx.kernels import reference
-from wina_fx.methods import keep_count
+from tiny_models import masked_input_hooks
 
 
 def _model(family):
@@ -17,22 +16,6 @@ def _model(family):
     config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
                                        new_decoder_architecture=False)
     return transformers.FalconForCausalLM(config).eval()
-
-
-def _hooks(model, sparsity):
-    """Eager reference: each projection's input masked by top-k on |x| * ||W[:, i]||
-    (the column norm of the weight as used, whatever its storage)."""
-    from transformers.pytorch_utils import Conv1D
-
-    hooks = []
-    for name, module in model.named_modules():
-        if name == "lm_head" or not isinstance(module, (torch.nn.Linear, Conv1D)):
-            continue
-        used = module.weight.t() if isinstance(module, Conv1D) else module.weight  # (out, in)
-        score, k = used.float().norm(dim=0), keep_count(used.shape[1], sparsity)
-        hooks.append(module.register_forward_pre_hook(
-            lambda m, args, score=score, k=k: (args[0] * reference.topk_mask(args[0], score, k).to(args[0].dtype),)))
-    return hooks
 
 
 @pytest.mark.parametrize("family, projections", [
@@ -55,7 +38,7 @@ def test_every_projection_is_sparsified(family, projections):
         if sparsity == 0:
             torch.testing.assert_close(out, dense, rtol=0, atol=0)
         else:
-            hooks = _hooks(model, sparsity)
+            hooks = masked_input_hooks(model, sparsity)
             expected = model(ids).logits
             for h in hooks:
                 h.remove()

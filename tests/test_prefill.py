@@ -5,8 +5,7 @@ import transformers
 
 import wina_fx
 import wina_fx.backend
-from test_autograd import _hooked_reference
-from tiny_models import tiny_model
+from tiny_models import masked_input_hooks, tiny_model
 
 
 def _cache(model, length):
@@ -42,7 +41,7 @@ def test_prefill_dense_then_sparse_decode_steps(monkeypatch):
             out = compiled(token, past_key_values=cache, cache_position=position).logits
             if step == 0:
                 assert len(wina_fx.last_report().sparse_rows) == 14  # 2 layers x 7, lm_head dense
-            hooks = _hooked_reference(model, 0.5)
+            hooks = masked_input_hooks(model, 0.5)
             ref = model(token, past_key_values=ref_cache, cache_position=position).logits
             for h in hooks:
                 h.remove()

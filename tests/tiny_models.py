@@ -46,3 +46,24 @@ def logits_with_hooks(model, ids, handles) -> torch.Tensor:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def masked_input_hooks(model, sparsity: float) -> list:
+    """Eager reference of top-k WINA at ``sparsity``: a forward pre-hook on every linear
+    (``nn.Linear``, GPT-2's ``Conv1D``) but ``lm_head`` masks its input by top-k on
+    |x_i| * ||W[:, i]||_2, W the weight as used, (out, in), whatever its storage.  Norms
+    are taken now and then fixed, as the compiled graph's are.  Returns the handles."""
+    from transformers.pytorch_utils import Conv1D
+
+    from wina_fx.kernels import reference
+    from wina_fx.methods import channel_scores, keep_count
+
+    hooks = []
+    for name, module in model.named_modules():
+        if name == "lm_head" or not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        used = module.weight.t() if isinstance(module, Conv1D) else module.weight
+        score, k = channel_scores("wina", used).detach(), keep_count(used.shape[1], sparsity)
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, args, score=score, k=k: (args[0] * reference.topk_mask(args[0], score, k).to(args[0].dtype),)))
+    return hooks
