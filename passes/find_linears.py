@@ -20,7 +20,8 @@ _MATMUL_TARGETS = (torch.matmul, operator.matmul)
 _ADDMM_TARGETS = (torch.addmm,)
 _SOFTMAX = (torch.softmax, torch.nn.functional.softmax, "softmax")
 _SIGMOID = (torch.sigmoid, torch.nn.functional.sigmoid, "sigmoid")
-_SHAPE_OR_CAST = ("float", "to", "type", "view", "reshape", "contiguous", torch.reshape)
+# ops that only reshape, transpose or cast a tensor: followed to the op that really reads it
+_SHAPE_OR_CAST = ("float", "to", "type", "view", "reshape", "contiguous", "transpose", "t", "permute", torch.reshape)
 _EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
 
 
@@ -268,7 +269,7 @@ def unrecognized_weights(gm: fx.GraphModule, sites: list[LinearSite], example_in
         if not isinstance(value, torch.nn.Parameter) or value.dim() < 2:
             continue
         reader = next(iter(node.users))
-        while reader.target in ("transpose", "t", "view", "reshape", "contiguous", "permute") and reader.users:
+        while reader.target in _SHAPE_OR_CAST and reader.users:
             reader = next(iter(reader.users))
         name = str(getattr(reader.target, "__name__", reader.target))
         found.append((_parameter_name(node).removesuffix(".weight"), tuple(value.shape), name))
