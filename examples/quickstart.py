@@ -15,7 +15,7 @@ import torch
 import wina_fx
 from wina_fx.data import text
 from wina_fx.eval import perplexity, token_windows
-from wina_fx.models import load_smollm2
+from wina_fx.models import chat_prompt_ids, load_smollm2
 
 
 def main():
@@ -32,10 +32,7 @@ def main():
     started = time.time()
     model, tokenizer = load_smollm2()
     print(f"loaded SmolLM2-135M-Instruct in {time.time() - started:.0f} s")
-    chat = [{"role": "user", "content": args.prompt}]
-    prompt_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
-    if not isinstance(prompt_ids, torch.Tensor):  # transformers 5 returns a BatchEncoding
-        prompt_ids = prompt_ids["input_ids"]
+    prompt_ids = chat_prompt_ids(tokenizer, args.prompt)
     windows = token_windows(tokenizer, text("evaluation"), 512, args.windows)
 
     options = {"method": args.method, "sparsity": args.sparsity, "measure": True, "prefill": args.prefill}

@@ -218,14 +218,12 @@ def run_generate(args) -> list[dict]:
 
     from tqdm import tqdm
 
-    from .models import load_model
+    from .models import chat_prompt_ids, load_model
 
     stages = tqdm(total=3, desc="loading the model", unit="step", leave=False)
     model, tokenizer = load_model(args.model)
     stages.update()
-    chat = [{"role": "user", "content": args.prompt}]
-    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
-    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    ids = chat_prompt_ids(tokenizer, args.prompt)
     options = {"method": args.method, "sparsity": args.sparsity, "prefill": args.prefill, "inductor": args.inductor}
     runs = [("dense", "inductor", None),
             (f"{args.method} {args.sparsity:.0%}, prefill {args.prefill}", "wina", options)]

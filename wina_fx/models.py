@@ -127,3 +127,10 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(map(repr, MODELS))}")
     return MODELS[name](dtype)
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """(1, T) input ids of one user turn in the model's chat template, ready to generate from."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]  # transformers 5: a BatchEncoding
