@@ -196,9 +196,17 @@ def main():
         with open(os.path.join(out_dir, f"decode_{gpu}{args.suffix}.json"), "w") as f:
             json.dump({"header": header, "records": records}, f, indent=1)
 
+    def compiled_step(sparsity=None, **extra):
+        """The decode step as timed: dense Inductor (sparsity None) or backend="wina", CUDA graphs."""
+        if sparsity is None:
+            return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+        options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration,
+                   **({"mode": mode} if mode else {}), **extra}
+        return torch.compile(model, backend="wina", options=options, fullgraph=True, dynamic=False)
+
     def dense_run(impl):
         fresh()
-        step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+        step = compiled_step()
         rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
         records.append({"impl": impl, "sparsity": 0.0, "measured_sparsity": 0.0, "tokens_per_s": rate,
                         "speedup_vs_dense": rate / records[0]["tokens_per_s"] if records else 1.0, **peak()})
@@ -213,9 +221,7 @@ def main():
     dense = dense_run("dense")
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         fresh()
-        options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration}
-        wina_mode = {"mode": mode} if mode else {}
-        step = torch.compile(model, backend="wina", options={**options, **wina_mode}, fullgraph=True, dynamic=False)
+        step = compiled_step(sparsity)
         rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
         memory = peak()
         notes = wina_fx.last_report().notes
@@ -225,7 +231,7 @@ def main():
         measured = [0.0]
         if sparsity > 0:
             torch._dynamo.reset()
-            probe = torch.compile(model, backend="wina", options={**options, "measure": True, "inductor": False})
+            probe = compiled_step(sparsity, measure=True, inductor=False)  # op by op: mode plays no part
             decode_tokens_per_s(model, probe, prompt, 4, 0)
             measured = [r.measured_sparsity for r in wina_fx.last_report().sparse_rows]
         records.append({
@@ -244,8 +250,7 @@ def main():
         for name, (extra, tiles) in variants.items():  # the same sparsity, another option or kernel tiles
             torch._dynamo.reset()
             with _tiles_override(tiles):
-                step = torch.compile(model, backend="wina", options={**options, **wina_mode, **extra},
-                                     fullgraph=True, dynamic=False)
+                step = compiled_step(sparsity, **extra)
                 rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
             records.append({"impl": f"wina_{name}", "sparsity": sparsity, "options": extra, "tiles": tiles,
                             "measured_sparsity": records[-1]["measured_sparsity"],
@@ -258,12 +263,7 @@ def main():
         base = None
         for sparsity in [None] + [float(s) for s in args.sparsities.split(",")]:
             fresh()
-            if sparsity is None:
-                step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
-            else:
-                options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration,
-                           **({"mode": mode} if mode else {})}
-                step = torch.compile(model, backend="wina", options=options, fullgraph=True, dynamic=False)
+            step = compiled_step(sparsity)
             rate = batch * decode_tokens_per_s(model, step, batch_prompt, args.tokens, args.warmup)
             base = base or rate
             records.append({"impl": "dense" if sparsity is None else "wina", "batch": batch,
