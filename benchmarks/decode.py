@@ -144,8 +144,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--batches", default="1",
-                        help="comma-separated batch sizes; each above 1 times dense and wina at every sparsity "
-                             "(tokens/s counts every sequence's tokens)")
+                        help="comma-separated batch sizes; 1: the full batch-1 run (profile, measured sparsity, "
+                             "variants); each above 1 times dense and wina at every sparsity (tokens/s "
+                             "counts every sequence's tokens)")
     parser.add_argument("--suffix", default="", help="appended to the result file names (split runs)")
     parser.add_argument("--profile", action="store_true", help="also record GPU time per step by kernel")
     parser.add_argument("--separate", action="store_true",
@@ -218,62 +219,70 @@ def main():
 
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     header["weights_bytes"] = weights_bytes
-    dense = dense_run("dense")
-    for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        fresh()
-        step = compiled_step(sparsity)
-        rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
-        memory = peak()
-        notes = wina_fx.last_report().notes
-        prof = profiled(model, step, prompt, rate) if args.profile else None
-        # measured sparsity from a separate, eager run with counters (counters cost time); at
-        # sparsity 0 the calibrated threshold is -inf, which keeps every channel by definition
-        measured = [0.0]
-        if sparsity > 0:
-            torch._dynamo.reset()
-            probe = compiled_step(sparsity, measure=True, inductor=False)  # op by op: mode plays no part
-            decode_tokens_per_s(model, probe, prompt, 4, 0)
-            measured = [r.measured_sparsity for r in wina_fx.last_report().sparse_rows]
-        records.append({
-            "impl": "wina", "sparsity": sparsity, "measured_sparsity": sum(measured) / len(measured),
-            "tokens_per_s": rate, "speedup_vs_dense": rate / dense, "notes": notes, **memory,
-            "peak_memory_vs_dense": memory["peak_memory_bytes"] / max(records[0]["peak_memory_bytes"], 1),
-        })
-        if prof:
-            records[-1]["profile"] = prof
-        save()
-        print(f"wina {sparsity:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense, "
-              f"measured sparsity {records[-1]['measured_sparsity']:.3f}, peak memory "
-              f"{records[-1]['peak_memory_vs_dense']:.3f}x dense", flush=True)
-        variants = {"separate": ({"group": False}, None)} if args.separate else {}
-        variants.update({name: ({}, tiles) for name, tiles in json.loads(args.tiles or "{}").items()})
-        for name, (extra, tiles) in variants.items():  # the same sparsity, another option or kernel tiles
-            torch._dynamo.reset()
-            with _tiles_override(tiles):
-                step = compiled_step(sparsity, **extra)
-                rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
-            records.append({"impl": f"wina_{name}", "sparsity": sparsity, "options": extra, "tiles": tiles,
-                            "measured_sparsity": records[-1]["measured_sparsity"],
-                            "tokens_per_s": rate, "speedup_vs_dense": rate / dense})
+    batches = [int(b) for b in args.batches.split(",")]
+    if 1 in batches:
+        dense = dense_run("dense")
+        for sparsity in [float(s) for s in args.sparsities.split(",")]:
+            fresh()
+            step = compiled_step(sparsity)
+            rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
+            memory = peak()
+            notes = wina_fx.last_report().notes
+            prof = profiled(model, step, prompt, rate) if args.profile else None
+            # measured sparsity from a separate, eager run with counters (counters cost time); at
+            # sparsity 0 the calibrated threshold is -inf, which keeps every channel by definition
+            measured = [0.0]
+            if sparsity > 0:
+                torch._dynamo.reset()
+                probe = compiled_step(sparsity, measure=True, inductor=False)  # op by op: mode plays no part
+                decode_tokens_per_s(model, probe, prompt, 4, 0)
+                measured = [r.measured_sparsity for r in wina_fx.last_report().sparse_rows]
+            records.append({
+                "impl": "wina", "sparsity": sparsity, "measured_sparsity": sum(measured) / len(measured),
+                "tokens_per_s": rate, "speedup_vs_dense": rate / dense, "notes": notes, **memory,
+                "peak_memory_vs_dense": memory["peak_memory_bytes"] / max(records[0]["peak_memory_bytes"], 1),
+            })
+            if prof:
+                records[-1]["profile"] = prof
             save()
-            print(f"wina {sparsity:.0%}, {name}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense", flush=True)
+            print(f"wina {sparsity:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense, "
+                  f"measured sparsity {records[-1]['measured_sparsity']:.3f}, peak memory "
+                  f"{records[-1]['peak_memory_vs_dense']:.3f}x dense", flush=True)
+            variants = {"separate": ({"group": False}, None)} if args.separate else {}
+            variants.update({name: ({}, tiles) for name, tiles in json.loads(args.tiles or "{}").items()})
+            for name, (extra, tiles) in variants.items():  # the same sparsity, another option or kernel tiles
+                torch._dynamo.reset()
+                with _tiles_override(tiles):
+                    step = compiled_step(sparsity, **extra)
+                    rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
+                records.append({"impl": f"wina_{name}", "sparsity": sparsity, "options": extra, "tiles": tiles,
+                                "measured_sparsity": records[-1]["measured_sparsity"],
+                                "tokens_per_s": rate, "speedup_vs_dense": rate / dense})
+                save()
+                print(f"wina {sparsity:.0%}, {name}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense", flush=True)
 
-    for batch in [int(b) for b in args.batches.split(",") if int(b) > 1]:
+
+    for batch in [b for b in batches if b > 1]:
         batch_prompt = torch.randint(0, vocab, (batch, args.prompt_len), device=device, generator=generator)
-        base = None
+        base = base_memory = None
         for sparsity in [None] + [float(s) for s in args.sparsities.split(",")]:
             fresh()
             step = compiled_step(sparsity)
             rate = batch * decode_tokens_per_s(model, step, batch_prompt, args.tokens, args.warmup)
             base = base or rate
+            memory = peak()
+            base_memory = base_memory if sparsity is not None else memory["peak_memory_bytes"]
             records.append({"impl": "dense" if sparsity is None else "wina", "batch": batch,
                             "sparsity": sparsity or 0.0, "measured_sparsity": None, "tokens_per_s": rate,
-                            "speedup_vs_dense": rate / base, **peak()})
+                            "speedup_vs_dense": rate / base, **memory,
+                            "peak_memory_vs_dense": memory["peak_memory_bytes"] / max(base_memory, 1)})
+            if args.profile:  # wall time per step: one step decodes a token of every sequence
+                records[-1]["profile"] = profiled(model, step, batch_prompt, rate / batch)
             save()
             print(f"batch {batch}, {records[-1]['impl']} {sparsity or 0:.0%}: {rate:.1f} tokens/s, "
                   f"{rate / base:.2f}x dense", flush=True)
 
-    if not args.tiny and any(r["impl"] == "wina" for r in records):
+    if not args.tiny and 1 in batches and any(r["impl"] == "wina" for r in records):
         dense_run("dense_after_relayout")  # the same dense compile, weights now stored as W^T
     save()
     plot(records, header, os.path.join(out_dir, f"decode_{gpu}{args.suffix}.png"))

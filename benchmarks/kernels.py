@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --sweep    # also time candidate tile configs (tuning runs)
     python benchmarks/kernels.py --quick    # one shape, for a smoke test
     python benchmarks/kernels.py --groups   # one launch for q/k/v and gate/up vs one per linear
+    python benchmarks/kernels.py --teal PATH  # also TEAL's kernel (batch 1, fp16), impl "teal"
 
 Method: every implementation is captured in CUDA graphs, one per weight buffer (at least
 3 buffers and 160 MB, rotated so the L2 never serves a weight byte), and timed with
@@ -16,7 +17,9 @@ zeros.  The threshold for a target sparsity is the quantile of |x| * score over 
 whole random input (so per-token sparsity varies around it); top-k keeps round((1-s) K)
 per token.  The floor is the bytes that must move (weight rows kept by at least one
 token + x + output) over the device-to-device copy bandwidth measured in the same run.
-Each wina output is checked against the torch reference before it is timed.
+Each wina output is checked against the torch reference before it is timed.  TEAL's kernel
+(FasterDecoding/TEAL ``kernels/sparse_gemv.py``, given by path, never copied here) keeps
+|x| > the quantile of |x|, its own rule, and is autotuned by its own autotuner before capture.
 Writes to $OUT when set, else to benchmarks/results/.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import platform
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +53,19 @@ NBUF_MIN, ROTATE_BYTES = 3, 160e6
 WARMUP_MS, REP_MS = 5, 20
 SLEEP_CYCLES = 100_000  # ~50 us at 1.98 GHz
 DEVICE = "cuda"
+
+
+def load_teal(path: str):
+    """TEAL's kernels/sparse_gemv.py as a module.  Its tail imports ``compile_wrapper`` only
+    for torch.compile wrapper classes that these benchmarks do not use: a stand-in base
+    class lets the file import; the Triton kernels are TEAL's, unchanged."""
+    import importlib.util
+
+    sys.modules.setdefault("compile_wrapper", types.SimpleNamespace(BaseKernel=object))
+    spec = importlib.util.spec_from_file_location("teal_sparse_gemv", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def out_dir() -> str:
@@ -190,8 +207,24 @@ def record(records, log, rec, impl, us, dense_us, floor_us, kept, err):
         f"({100 * floor_us / us:3.0f}%)  err {err:.1e}")
 
 
+def teal_record(teal, case, x, s, rec, dense_us, bw, records, log):
+    """TEAL's splitk_sparse_gemv at batch 1 (fp16 only: TEAL has no bf16 path), impl "teal"."""
+    thr = x.abs().float().quantile(s).item() if s > 0 else -1.0
+    mask = (x.abs() > thr)
+    fns = [lambda wt=wt: teal.splitk_sparse_gemv(x.view(1, 1, -1), wt.t(), thr, int(s * 10)) for wt in case.wt]
+    try:
+        err = check(case, x, mask, fns[0]().view(1, -1))  # the first call autotunes, outside any capture
+    except Exception as e:
+        log(f"FAILED teal K={case.K} N={case.N} s={s}: {type(e).__name__}: {str(e)[:300]}")
+        records.append(dict(rec, impl="teal", failed=str(e)[:300]))
+        return
+    fb, kept = case.floor_bytes(x, mask)
+    record(records, log, rec, "teal", time_us(fns), dense_us, fb / bw * 1e6, kept, err)
+
+
 def run_main(args, bw, records, log, save):
     shapes = [(5120, 17920)] if args.quick else SHAPES
+    teal = load_teal(args.teal) if args.teal else None
     for (K, N), dtype in itertools.product(shapes, DTYPES):
         case = Case(K, N, dtype)
         dname = str(dtype).replace("torch.", "")
@@ -210,6 +243,8 @@ def run_main(args, bw, records, log, save):
                 for name, us in extra.items():
                     ref_us = extra["dense_flushed"] if name == "dense_flushed" else dense_us
                     record(records, log, rec, name, us, ref_us, dense_floor, 1.0, 0.0)
+                if teal is not None and M == 1 and dtype == torch.float16:
+                    teal_record(teal, case, x, s, rec, dense_us, bw, records, log)
                 impls = {"wina_threshold": (None, dict(thr=thr))}
                 if M == 1:  # the two GEMV kernels forced, also at 0 % (threshold -1 keeps all in-kernel)
                     t_kernel = thr if s > 0 else -1.0
@@ -655,6 +690,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-main", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--teal", metavar="PATH", help="TEAL's kernels/sparse_gemv.py: also time its kernel (impl teal)")
     ap.add_argument("--variants", action="store_true", help="M=1 kernel variants and a layer chain, then exit")
     ap.add_argument("--groups", action="store_true", help="grouped launches (q/k/v, gate/up) vs separate, then exit")
     ap.add_argument("--plot-groups", metavar="JSON", help="redraw the PNG of a groups JSON (no GPU needed), then exit")

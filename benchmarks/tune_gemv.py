@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-import types
 
 import torch
 import torch.nn.functional as F
@@ -87,17 +86,6 @@ CANDIDATES = {
 QUICK = ["dispatched", "loop_r1", "cmp2_r1"]
 
 
-def load_teal(path: str):
-    """TEAL's kernels/sparse_gemv.py as a module.  Its tail imports ``compile_wrapper`` only
-    for torch.compile wrapper classes that this benchmark does not use: a stand-in base
-    class lets the file import; the Triton kernels are TEAL's, unchanged."""
-    sys.modules.setdefault("compile_wrapper", types.SimpleNamespace(BaseKernel=object))
-    spec = importlib.util.spec_from_file_location("teal_sparse_gemv", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teal", help="path to TEAL's kernels/sparse_gemv.py")
@@ -107,7 +95,7 @@ def main():
     ap.add_argument("--final", action="store_true",
                     help="the dispatched kernel only, beside cuBLAS and TEAL: kernels_<gpu>.json and .png")
     args = ap.parse_args()
-    teal = load_teal(args.teal) if args.teal else None
+    teal = bench.load_teal(args.teal) if args.teal else None
     names = args.candidates.split(",") if args.candidates else (QUICK if args.quick else list(CANDIDATES))
     if args.final:
         names = ["dispatched"]
