@@ -41,8 +41,16 @@ def has_row_layout(weight: torch.Tensor) -> bool:
 def needs_transposed_copy(site: LinearSite) -> bool:
     """The kernels will read this linear's weight, and it is not stored as W^T: the gate
     pass then reads a transposed copy (the backend re-lays weights out first, so only a
-    caller of the passes alone gets here)."""
-    return not site.weight_is_transposed and kernels_read_rows(site.weight) and not has_row_layout(site.weight)
+    caller of the passes alone gets here).  Never for a weight being trained: a copy would
+    go stale at the first optimizer step and cut the gradient; it is read through a view
+    (the launcher copies it per one-token call; batched steps run cuBLAS on the view)."""
+    return (not site.weight_is_transposed and kernels_read_rows(site.weight) and not has_row_layout(site.weight)
+            and not trains(site.weight))
+
+
+def trains(weight: torch.Tensor) -> bool:
+    """The graph being traced backpropagates into this weight."""
+    return torch.is_grad_enabled() and weight.requires_grad
 
 
 def side_by_side(weights_t: list[torch.Tensor]) -> torch.Tensor | None:

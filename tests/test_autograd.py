@@ -9,6 +9,7 @@ import wina_fx
 import wina_fx.ops  # noqa: F401  (registers torch.ops.wina)
 from tiny_models import masked_input_hooks, tiny_model
 from wina_fx.kernels import reference
+from wina_fx.passes import weight_layout
 
 
 def _inputs(bias, seed=0):
@@ -50,13 +51,17 @@ def test_gradients_are_those_of_the_masked_linear():
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", ["cpu", "cpu-as-cuda", CUDA])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_training_through_the_backend_matches_themasked_input_hooks(family, device):
+def test_training_through_the_backend_matches_themasked_input_hooks(family, device, monkeypatch):
     """A few SGD steps through backend="wina" (grad enabled, the default state of a model):
     the loss and the parameters follow the eager model whose linears mask their inputs.
-    On CUDA the forward runs the Triton kernels (weights re-laid out in place, one launch
-    per linear: a training graph is not grouped) and the backward the masked torch ops."""
+    On CUDA the forward runs the sparse ops on the weights as stored (a training graph is
+    neither grouped nor re-laid out) and the backward the masked torch ops.  "cpu-as-cuda"
+    takes the backend's CUDA decisions on the CPU (``kernels_read_rows`` patched)."""
+    if device == "cpu-as-cuda":
+        monkeypatch.setattr(weight_layout, "kernels_read_rows", lambda weight: True)
+        device = "cpu"
     model, ids = tiny_model(family, seed=11)
     twin, _ = tiny_model(family, seed=11)
     twin.load_state_dict(model.state_dict())
@@ -84,6 +89,7 @@ def test_training_through_the_backend_matches_themasked_input_hooks(family, devi
     assert mine[-1] < mine[0]  # it learns
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=10 * tol, atol=tol, msg=name)
+        assert p.is_contiguous(), f"{name} was re-laid out by a training graph"
 
 
 def test_inductor_backward_and_counts_with_grad_enabled():

@@ -17,6 +17,7 @@ from wina_fx.passes import weight_layout
 
 
 def test_relayout_keeps_values_and_puts_siblings_side_by_side():
+    torch.manual_seed(0)
     originals = [torch.randn(n, 24) for n in (16, 8, 8)]
     params = [torch.nn.Parameter(w.clone()) for w in originals]
     moved = weight_layout.relayout([params])
@@ -25,7 +26,7 @@ def test_relayout_keeps_values_and_puts_siblings_side_by_side():
     for p, w in zip(params, originals):
         assert torch.equal(p, w) and isinstance(p, torch.nn.Parameter)
         assert weight_layout.has_row_layout(p) and not p.is_contiguous()
-        torch.testing.assert_close(F.linear(x, p), F.linear(x, w), rtol=1e-6, atol=1e-6)  # dense use as before
+        torch.testing.assert_close(F.linear(x, p), F.linear(x, w), rtol=1e-5, atol=1e-5)  # dense use as before (summed in another order)
     both = weight_layout.side_by_side([p.t() for p in params])
     assert both.shape == (24, 32) and both.data_ptr() == params[0].t().data_ptr()
     assert torch.equal(both, torch.cat([w.t() for w in originals], 1))

@@ -242,11 +242,13 @@ def _kernel_layout(config: WinaConfig, sites: list[LinearSite], result: Plan):
     stored as the kernels read them).  The graph's own weight constants (the prepass's)
     are re-laid out here and now; the model's parameters are left to ``RelayoutFirst``."""
     on_kernels = bool(result.gates) and weight_layout.kernels_read_rows(sites[next(iter(result.gates))].weight)
-    # A graph that backpropagates into the weights reads each one on its own: a grouped
-    # op's weight is a view of several parameters, through which no gradient would flow.
-    training = torch.is_grad_enabled() and any(sites[i].weight.requires_grad for i in result.gates)
-    grouped = ({i for i, g in result.gates.items() if g.k is None}
-               if config.group and on_kernels and not training else set())
+    if any(weight_layout.trains(sites[i].weight) for i in result.gates):
+        # A training graph reads each weight as stored: a grouped op's weight is a view of
+        # several parameters, through which no gradient would flow, and a re-layout mid
+        # training would recompile the graph with scores taken from the updated weights.
+        result.notes.append("training graph: weights read as stored (not grouped, not re-laid out)")
+        return False, set(), []
+    grouped = {i for i, g in result.gates.items() if g.k is None} if config.group and on_kernels else set()
     sets = weight_layout.sibling_sets(sites, grouped, set(result.gates))
     lifted = [s for s in sets if any(_is_input(sites[i]) for i in s)]
     weight_layout.relayout(weight_layout.pending(sites, [s for s in sets if s not in lifted]))
