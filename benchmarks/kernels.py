@@ -228,7 +228,7 @@ def run_main(args, bw, records, log, save):
     for (K, N), dtype in itertools.product(shapes, DTYPES):
         case = Case(K, N, dtype)
         dname = str(dtype).replace("torch.", "")
-        for M in BATCHES:
+        for M in args.batches:
             x = case.inputs(M)
             dense = [lambda w=w: F.linear(x, w) for w in case.w]
             dense_us = time_us(dense)
@@ -690,6 +690,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-main", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=BATCHES,
+                    help="comma-separated token counts (default %(default)s)")
     ap.add_argument("--teal", metavar="PATH", help="TEAL's kernels/sparse_gemv.py: also time its kernel (impl teal)")
     ap.add_argument("--variants", action="store_true", help="M=1 kernel variants and a layer chain, then exit")
     ap.add_argument("--groups", action="store_true", help="grouped launches (q/k/v, gate/up) vs separate, then exit")
@@ -744,7 +746,7 @@ def main():
 
     run_main(args, bw, records, log, save)
     save()
-    if not args.quick:
+    if not args.quick and any(b > 1 for b in args.batches):
         run_compiled(bw, records, log, save)
         save()
     try:
@@ -770,7 +772,7 @@ def main():
         "then compiled norm+linear (bf16)")
     for (K, N) in ([(5120, 17920)] if args.quick else SHAPES):
         line = []
-        for M in BATCHES:
+        for M in args.batches:
             for d, impl in [("float16", "wina_threshold"), ("bfloat16", "wina_threshold"), ("bfloat16", "wina_compiled")]:
                 rs = [x for x in records if (x["K"], x["N"], x["batch"], x["dtype"], x["impl"]) ==
                       (K, N, M, d, impl) and "us" in x]

@@ -23,8 +23,9 @@ can be captured in CUDA graphs):
   plain torch ops when torch.compile traces the op, so that Inductor fuses it into the
   kernel producing x.
 
-``topk_linear`` first runs ``_prep_kernel`` (exact per-token top-k by bisection on the
-float bits) to write x * mask, then the same paths keep the channels with x != 0.
+``topk_linear`` first writes x * mask (eagerly ``_prep_kernel``: exact per-token top-k by
+bisection on the float bits; traced, torch ops), then the same paths keep the channels
+with x != 0.
 Every launch goes through ``torch.library.wrap_triton`` so that a ``triton_op`` built
 on these launchers exposes the kernels to Inductor.
 """
@@ -40,6 +41,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
+from . import reference
 from . import sparse_linear_kernels as kern
 
 # Dispatch rule, measured on an H100 (benchmarks/NOTES.md; kernels_h100_sweep*.json and
@@ -138,11 +140,14 @@ def _traced(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or isinstance(x, (FakeTensor, FunctionalTensor))
 
 
-def _torch_mask(x: Tensor, score: Tensor, threshold: float) -> Tensor:
-    """x * (|x| * score > threshold) in torch ops: under Inductor this fuses into the kernel
-    that produces x (the norm or the SiLU product before the linear), so the batched path
-    costs what the dense matmul costs.  Eagerly _prep's one kernel is cheaper than these four."""
-    return torch.where(x.abs().float() * score > threshold, x, torch.zeros_like(x))
+def _torch_mask(x: Tensor, score: Tensor, threshold: float, k: int | None = None) -> Tensor:
+    """x * keep mask (threshold, or top-k when k is given) in torch ops, used while
+    torch.compile traces the op: Inductor fuses the threshold mask into the kernel that
+    produces x, so the batched path costs what the dense matmul costs, and lays out
+    every buffer itself.  Eagerly _prep's one kernel is cheaper.  (Traced, _prep's top-k
+    gave wrong, run-to-run different results under Inductor on CUDA, torch 2.11.)"""
+    keep = reference.threshold_mask(x, score, threshold) if k is None else reference.topk_mask(x, score, k)
+    return torch.where(keep, x, torch.zeros_like(x))
 
 
 def _prep(x: Tensor, score: Tensor, threshold: float, k: int | None, cnt: Tensor | None = None):
@@ -152,7 +157,10 @@ def _prep(x: Tensor, score: Tensor, threshold: float, k: int | None, cnt: Tensor
     xm = _empty((M, K), x.dtype, x.device)
     n_cnt = 0 if cnt is None else cnt.numel()
     if cnt is None:
-        cnt = xm  # not written: n_cnt = 0
+        # never written (n_cnt = 0), but its own buffer: under Inductor, two mutable
+        # arguments aliasing one tensor are cloned apart and written back in turn, so an
+        # alias of xm would overwrite the masked x with the untouched clone
+        cnt = _empty((1,), torch.int32, x.device)
     if k is not None:
         if K > TOPK_MAX_K:
             raise NotImplementedError(f"topk_linear supports K <= {TOPK_MAX_K}, got K={K}")
@@ -251,8 +259,8 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         elif group is not None:  # one masked copy of x per linear of the group
             mask = _torch_mask if _traced(x2) else lambda x, s, t: _prep(x, s, t, None)
             xms = [mask(x2, score[g], t) for g, t in enumerate(thresholds)]
-        elif k is None and _traced(x2):
-            xms = [_torch_mask(x2, score, threshold)]
+        elif _traced(x2):
+            xms = [_torch_mask(x2, score, threshold, k)]
         else:
             xms = [_prep(x2, score, threshold, k)]
         if len(xms) > 1:
@@ -282,11 +290,16 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         k_per = triton.cdiv(triton.cdiv(K, split), step) * step
     reduce = reduce if split > 1 else 0
     n_cnt = n_tiles if reduce else 0  # one split-K ticket per output tile
-    cnt, acc_ws = _split_workspace(workspace, n_cnt, M * N if reduce == 2 else 0, x.device, zeroed_by_prep=k is not None)
+    prep_zeroes = k is not None and not _traced(x2)  # the top-k prep kernel runs and can zero the tickets
+    cnt, acc_ws = _split_workspace(workspace, n_cnt, M * N if reduce == 2 else 0, x.device, zeroed_by_prep=prep_zeroes)
     if k is None:  # threshold: the kernel applies the rule
         a, mode = x2, kern.KEEP_THRESHOLD
     else:  # top-k: the prep writes x * mask (exact k), and zeroes the tickets when it owns them
-        a, mode = _prep(x2, score, threshold, k, cnt=cnt if workspace is None else None), kern.KEEP_NONZERO
+        if _traced(x2):
+            a = _torch_mask(x2, score, threshold, k)
+        else:
+            a = _prep(x2, score, threshold, k, cnt=cnt if workspace is None else None)
+        mode = kern.KEEP_NONZERO
     if reduce == 2:
         part = acc_ws
     else:

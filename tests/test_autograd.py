@@ -83,9 +83,9 @@ def test_training_through_the_backend_matches_themasked_input_hooks(family, devi
         h.remove()
     torch._dynamo.reset()
     mine, theirs = zip(*losses)
+    print("losses (compiled, hooked):", [(round(a, 5), round(b, 5)) for a, b in losses])
     tol = 1e-5 if device == "cpu" else 1e-3  # Triton's float32 sums run in another order
     torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), rtol=tol, atol=tol)
-    print("losses (compiled, hooked):", [(round(a, 5), round(b, 5)) for a, b in losses])
     assert mine[-1] < mine[0]  # it learns
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=10 * tol, atol=tol, msg=name)

@@ -209,10 +209,13 @@ def test_topk_keeps_exactly_k_with_ties(path):
 
 
 def test_torch_mask_matches_prep():
-    """The batched path's mask in torch ops (used when Inductor traces the op) == _prep's."""
+    """The mask in torch ops (used when Inductor traces the op) == _prep's, threshold and top-k."""
     x, _, _, score = make(5, 300, 1, torch.bfloat16)
     for thr in [-1.0, 0.3, 1.5, float("inf")]:
         assert torch.equal(sl._torch_mask(x, score, thr), sl._prep(x, score, thr, None))
+    x = torch.randn(5, 300, device=DEVICE)  # float32: no ties at the k-th importance
+    for k in [0, 1, 150, 299, 300]:
+        assert torch.equal(sl._torch_mask(x, score, 0.0, k), sl._prep(x, score, 0.0, k)), k
 
 
 def test_prep_threshold_masks_x():
