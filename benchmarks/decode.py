@@ -323,19 +323,34 @@ def plot(records, header, path):
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    plt.figure(figsize=(5, 3.5))
+    batched = sorted((r for r in records if r["impl"] == "wina" and r.get("batch", 1) > 1),
+                     key=lambda r: (r["sparsity"], r["batch"]))
+    fig, axes = plt.subplots(1, 2 if batched else 1, figsize=(9 if batched else 5, 3.5), squeeze=False)
+    ax = axes[0][0]
     for impl, label in [("wina", "wina / dense"), ("wina_separate", "wina, one launch per linear / dense")]:
         rows = sorted((r for r in records if r["impl"] == impl and r.get("batch", 1) == 1), key=lambda r: r["sparsity"])
         if rows:
-            plt.plot([r["sparsity"] for r in rows], [r["speedup_vs_dense"] for r in rows], "o-", label=label)
-    plt.plot([0.5, 0.65], [1.85, 2.3], "r*", label="issue targets")
-    plt.plot([0, 0.65], [1, 1], "k--", lw=0.8)
-    plt.xlabel("sparsity")
-    plt.ylabel("decode speedup vs dense")
-    plt.title(f"{header['model']}, batch 1, {header['gpu']}", fontsize=8)
-    plt.legend()
-    plt.tight_layout()
-    plt.savefig(path, dpi=120)
+            ax.plot([r["sparsity"] for r in rows], [r["speedup_vs_dense"] for r in rows], "o-", label=label)
+    ax.plot([0.5, 0.65], [1.85, 2.3], "r*", label="issue targets")
+    ax.plot([0, 0.65], [1, 1], "k--", lw=0.8)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("decode speedup vs dense")
+    ax.set_title(f"{header['model']}, batch 1, {header['gpu']}", fontsize=8)
+    ax.legend(fontsize=7)
+    if batched:
+        ax = axes[0][1]
+        for sparsity in sorted({r["sparsity"] for r in batched}):
+            rows = [r for r in batched if r["sparsity"] == sparsity]
+            ax.plot([r["batch"] for r in rows], [r["speedup_vs_dense"] for r in rows], "o-", label=f"wina {sparsity:.0%}")
+        ax.axhline(0.97, color="r", ls=":", lw=0.8, label="issue floor 0.97")
+        ax.axhline(1.0, color="k", ls="--", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequences decoding together")
+        ax.set_ylabel("tokens/s vs dense at that batch")
+        ax.set_ylim(0.9, 1.1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def merge(paths, out):
@@ -352,18 +367,19 @@ def table(path):
     """Markdown table of a result file: speed, measured sparsity, memory, per-step breakdown."""
     data = json.load(open(path))
     h = data["header"]
+    run_names = [os.path.splitext(n)[0].split("_")[-1] for n in h.get("merged_from", ["-"])]
     print(f"{h['model']}, batch {h['batch']}, {h['gpu']}, torch {h['torch']}, Triton {h['triton']}, "
           f"transformers {h['transformers']}, {h['mode']}\n")
-    print("| impl | batch | target sparsity | measured | tokens/s | vs dense | peak memory vs dense | resident GiB | "
+    print("| run | impl | batch | target sparsity | measured | tokens/s | vs dense | peak memory vs dense | resident GiB | "
           "us/step: wall = sparse linears + dense parts + gaps | kernels/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in data["records"]:
         b = (r.get("profile") or {}).get("breakdown")
         split = (f"{b['wall_us']:.0f} = {b['sparse_linears_us']:.0f} + {b['dense_parts_us']:.0f} + "
                  f"{b['gaps_us']:.0f}") if b else "-"
         peak = r.get("peak_memory_vs_dense")
         measured = "-" if r["measured_sparsity"] is None else f"{r['measured_sparsity']:.3f}"
-        print(f"| {r['impl']} | {r.get('batch', 1)} | {r['sparsity']:.0%} | {measured} | {r['tokens_per_s']:.1f} | "
+        print(f"| {run_names[r.get('run', 0)]} | {r['impl']} | {r.get('batch', 1)} | {r['sparsity']:.0%} | {measured} | {r['tokens_per_s']:.1f} | "
               f"{r['speedup_vs_dense']:.2f} | {f'{peak:.3f}' if peak else '1 (reference)' if r['impl'] == 'dense' else '-'} | "
               f"{r.get('resident_bytes', 0) / 2**30:.2f} | {split} | "
               f"{(r.get('profile') or {}).get('launches_per_step', 0):.0f} |")

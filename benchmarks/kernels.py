@@ -193,10 +193,23 @@ def check(case, x, mask, out):
     return err
 
 
-def wina_fns(case, x, path=None, config=None, thr=None, k=None):
-    """One closure per weight buffer running the launcher (auto dispatch unless path is given)."""
+def wina_fns(case, x, path=None, config=None, thr=None, k=None, hint=0.0):
+    """One closure per weight buffer running the launcher as the custom op does: the
+    calibrated sparsity as the dispatch hint and the shared zeroed workspace (auto
+    dispatch unless path is given)."""
+    ws = workspace(case.N)
     return [lambda wt=wt: sl._sparse_linear(x, wt, None, case.score, threshold=thr or 0.0, k=k, path=path,
-                                            config=config) for wt in case.wt]
+                                            config=config, sparsity_hint=hint, workspace=ws) for wt in case.wt]
+
+
+_WORKSPACE = []
+
+
+def workspace(n_out: int):
+    """int32 zeros shared by every launch (the kernels leave it zero), as wina::workspace."""
+    if not _WORKSPACE or _WORKSPACE[0].numel() < sl.workspace_size(n_out):
+        _WORKSPACE[:] = [torch.zeros(sl.workspace_size(n_out), dtype=torch.int32, device=DEVICE)]
+    return _WORKSPACE[0]
 
 
 def record(records, log, rec, impl, us, dense_us, floor_us, kept, err):
@@ -245,7 +258,7 @@ def run_main(args, bw, records, log, save):
                     record(records, log, rec, name, us, ref_us, dense_floor, 1.0, 0.0)
                 if teal is not None and M == 1 and dtype == torch.float16:
                     teal_record(teal, case, x, s, rec, dense_us, bw, records, log)
-                impls = {"wina_threshold": (None, dict(thr=thr))}
+                impls = {"wina_threshold": (None, dict(thr=thr, hint=s))}
                 if M == 1:  # the two GEMV kernels forced, also at 0 % (threshold -1 keeps all in-kernel)
                     t_kernel = thr if s > 0 else -1.0
                     impls["wina_masked"] = ("gemv_masked", dict(thr=t_kernel))

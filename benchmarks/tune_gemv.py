@@ -93,7 +93,7 @@ def main():
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--candidates", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--final", action="store_true",
-                    help="the dispatched kernel only, beside cuBLAS and TEAL: kernels_<gpu>.json and .png")
+                    help="the dispatched kernel only, beside cuBLAS and TEAL: kernels_<gpu>_dispatch.json and .png")
     args = ap.parse_args()
     teal = bench.load_teal(args.teal) if args.teal else None
     names = args.candidates.split(",") if args.candidates else (QUICK if args.quick else list(CANDIDATES))
@@ -102,7 +102,7 @@ def main():
     cases = ["5120x17920", "qkv"] if args.quick else args.cases.split(",")
     bw = bench.copy_bandwidth()
     header = bench.device_header(bw)
-    out_path = os.path.join(bench.out_dir(), f"kernels_{bench.gpu_tag()}{'' if args.final else '_tune'}.json")
+    out_path = os.path.join(bench.out_dir(), f"kernels_{bench.gpu_tag()}_{'dispatch' if args.final else 'tune'}.json")
     print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
     records = []
     ws = torch.zeros(sl.workspace_size(max(sum(s) for _, s in CASES.values())), dtype=torch.int32, device="cuda")
@@ -227,7 +227,7 @@ def table(path: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--table"]:  # tune_gemv.py --table kernels_h200.json
+    if sys.argv[1:2] == ["--table"]:  # tune_gemv.py --table kernels_h200_dispatch.json
         table(sys.argv[2])
     else:
         main()
