@@ -8,9 +8,9 @@ with top-k, among the k largest of the token. The down projection then reads
     h = where(m, act(gate(x)) * up(x), 0)
 
 so a zeroed channel needs neither its row of the up projection nor its column of the down
-projection. The mask is plain torch ops (``wina_fx.kernels.reference``'s keep rules on
+projection. The mask is plain torch ops (a ``KeepRule`` on
 |act| with unit scores), which Inductor fuses into the producer elementwise ops; gating the
-down projection afterwards with ``Gate(ones, threshold=0.0)`` lets the sparse kernel skip
+down projection afterwards with ``Gate(ones, KeepRule(threshold=0.0))`` lets the sparse kernel skip
 the zeroed channels.
 
 Invariant: only the down projection's input edge changes (it reads h instead of the
@@ -19,32 +19,17 @@ keeps every channel, the graph computes what it computed before.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.fx as fx
-
-from wina_fx.kernels import reference
 
 from .find_linears import LinearSite
 from .find_mlps import GatedMLP
 from .graph_utils import add_constant
-
-
-@dataclasses.dataclass
-class CatsMask:
-    """Keep rule on |act(gate(x))|: top ``k`` per token, or above ``threshold``."""
-
-    k: int | None = None
-    threshold: float | None = None
-
-    def __post_init__(self):
-        if (self.k is None) == (self.threshold is None):
-            raise ValueError("a CatsMask needs exactly one of k and threshold")
+from .keep_rule import KeepRule
 
 
 def mask_gated_mlps(
-    gm: fx.GraphModule, masks: dict[int, CatsMask], mlps: dict[int, GatedMLP], sites: list[LinearSite]
+    gm: fx.GraphModule, masks: dict[int, KeepRule], mlps: dict[int, GatedMLP], sites: list[LinearSite]
 ) -> fx.GraphModule:
     """Mask the down-projection input of ``mlps[i]`` for each i in ``masks``; return ``gm``,
     changed in place. ``sites[i].input`` is updated to the masked input."""
@@ -53,10 +38,7 @@ def mask_gated_mlps(
         width = site.in_features
         ones = add_constant(gm, "wina_cats_ones", torch.ones(width, device=site.weight.device), before=site.node)
         with gm.graph.inserting_before(site.node):
-            if rule.k is not None:
-                mask = gm.graph.call_function(reference.topk_mask, (mlp.act, ones, int(rule.k)))
-            else:
-                mask = gm.graph.call_function(reference.threshold_mask, (mlp.act, ones, float(rule.threshold)))
+            mask = rule.mask_node(gm.graph, mlp.act, ones)
             masked = gm.graph.call_function(torch.where, (mask, mlp.product, 0.0))
         site.node.replace_input_with(mlp.product, masked)
         site.input = masked

@@ -52,6 +52,18 @@ class LinearSite:
     def out_features(self) -> int | None:
         return None if self.weight is None else self.weight.shape[0]
 
+    @property
+    def dense_reason(self) -> str | None:
+        """Why no method may sparsify this linear (no usable weight, the output head, a
+        router), or None when it can be gated."""
+        if self.problem is not None:
+            return self.problem
+        if self.is_output_head:
+            return "output head (logits projection)"
+        if self.is_router:
+            return "router (its output selects or gates experts; few bytes, and routing must not change)"
+        return None
+
 
 def module_name_of(node: fx.Node) -> str | None:
     """The dotted name of the innermost module that emitted ``node``, as the user's

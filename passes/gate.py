@@ -16,23 +16,16 @@ import wina_fx.ops  # noqa: F401  (registers torch.ops.wina)
 
 from .find_linears import LinearSite
 from .graph_utils import add_constant, first_non_placeholder
+from .keep_rule import KeepRule
 from . import weight_layout
 
 
 @dataclasses.dataclass
 class Gate:
-    """How one linear keeps channels: top-k (``k``) or a threshold on |x_i| * score_i.
-    ``sparsity``: the share of channels the threshold was calibrated to drop, if known;
-    it only picks the kernel."""
+    """How one linear keeps channels: ``rule`` on |x_i| * score_i."""
 
     score: torch.Tensor  # (K,) float32
-    k: int | None = None
-    threshold: float | None = None
-    sparsity: float | None = None
-
-    def __post_init__(self):
-        if (self.k is None) == (self.threshold is None):
-            raise ValueError("a Gate needs exactly one of k and threshold")
+    rule: KeepRule
 
 
 def gate_linears(
@@ -67,19 +60,20 @@ def gate_linears(
                     bias_node = gm.graph.get_attr(f"{node.target}.bias")
         weight_t_node = _transposed_weight(gm, site, weight_node, before=node)
         with gm.graph.inserting_before(node):
-            if gate.k is not None:
-                op, rule = torch.ops.wina.topk_linear.default, (gate.k,)
+            rule = gate.rule
+            if rule.k is not None:
+                op, args = torch.ops.wina.topk_linear.default, (rule.k,)
             else:
-                op, rule = torch.ops.wina.threshold_linear.default, (float(gate.threshold), float(gate.sparsity or 0.0))
-            sparse = gm.graph.call_function(op, (x, weight_t_node, bias_node, score_node, *rule))
+                op, args = torch.ops.wina.threshold_linear.default, (float(rule.threshold), float(rule.sparsity or 0.0))
+            sparse = gm.graph.call_function(op, (x, weight_t_node, bias_node, score_node, *args))
         sparse.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         node.replace_all_uses_with(sparse)
         gm.graph.erase_node(node)
         replaced[node] = sparse
         site.node, site.input = sparse, x
         if counts_node is not None:
-            k = gate.k if gate.k is not None else -1
-            threshold = float(gate.threshold) if gate.threshold is not None else 0.0
+            k = rule.k if rule.k is not None else -1
+            threshold = float(rule.threshold) if rule.threshold is not None else 0.0
             with gm.graph.inserting_after(sparse):
                 gm.graph.call_function(
                     torch.ops.wina.count_kept.default,

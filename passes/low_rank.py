@@ -4,10 +4,10 @@ correction for the channels it drops.
     y = W x + b   becomes   y = W (x * m) + b + ((x * (1 - m)) V_r S_r) U_r^T
 
 with W = U S V^T and the keep mask m a rule on |x_i| * scale_i (top k per token, or above a
-threshold; ``wina_fx.kernels.reference``'s keep rules). V_r S_r (K, r) and U_r^T (r, N) are
+threshold: a ``KeepRule``). V_r S_r (K, r) and U_r^T (r, N) are
 constants of the graph (``add_constant``); the user's parameters are untouched. The kept
 part stays an ordinary linear on x * m (the gate pass then makes it the sparse op with
-``Gate(ones, threshold=0.0)``, which skips the zeroed channels); the correction is two small
+``Gate(ones, KeepRule(threshold=0.0))``, which skips the zeroed channels); the correction is two small
 matmuls.
 
 Invariant: only the chosen linear's input edge changes (it reads where(m, x, 0) instead of
@@ -22,25 +22,21 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from wina_fx.kernels import reference
-
 from .find_linears import LinearSite
 from .graph_utils import add_constant
+from .keep_rule import KeepRule
 
 
 @dataclasses.dataclass
 class LowRankSplit:
-    """Keep rule on |x_i| * score_i (``k`` or ``threshold``) and the rank-r factors of W."""
+    """Keep rule on |x_i| * score_i and the rank-r factors of W."""
 
     score: torch.Tensor  # (K,)
     down: torch.Tensor  # (K, r) = V_r S_r
     up: torch.Tensor  # (r, N) = U_r^T
-    k: int | None = None
-    threshold: float | None = None
+    rule: KeepRule
 
     def __post_init__(self):
-        if (self.k is None) == (self.threshold is None):
-            raise ValueError("a LowRankSplit needs exactly one of k and threshold")
         if self.down.shape[1] != self.up.shape[0]:
             raise ValueError(f"low-rank factors disagree on the rank: {tuple(self.down.shape)} and {tuple(self.up.shape)}")
 
@@ -60,10 +56,7 @@ def split_low_rank(gm: fx.GraphModule, splits: dict[int, LowRankSplit], sites: l
         device = site.weight.device
         score = add_constant(gm, "wina_rsparse_score", split.score.to(device), before=node)
         with gm.graph.inserting_before(node):
-            if split.k is not None:
-                mask = gm.graph.call_function(reference.topk_mask, (x, score, int(split.k)))
-            else:
-                mask = gm.graph.call_function(reference.threshold_mask, (x, score, float(split.threshold)))
+            mask = split.rule.mask_node(gm.graph, x, score)
             kept = gm.graph.call_function(torch.where, (mask, x, 0.0))
         node.replace_input_with(x, kept)
         site.input = kept

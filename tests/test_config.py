@@ -7,13 +7,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import wina_fx
-from wina_fx.config import METHODS, MODES, SELECTIONS, WinaConfig
+from wina_fx.config import MODES, SELECTIONS, WinaConfig
+from wina_fx.methods import method_names
 
 VALID_KEYS = ("method", "sparsity", "selection", "calibration", "measure", "inductor", "mode")
 
 bad_options = st.one_of(
     st.builds(lambda k: {k: 1}, st.text(min_size=1).filter(lambda k: k not in VALID_KEYS)),
-    st.builds(lambda m: {"method": m}, st.one_of(st.text().filter(lambda m: m not in METHODS), st.integers(), st.none())),
+    st.builds(lambda m: {"method": m}, st.one_of(st.text().filter(lambda m: m not in method_names()), st.integers(), st.none())),
     st.builds(
         lambda s: {"sparsity": s},
         st.one_of(

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tiny_models import tiny_model
 from wina_fx.kernels import reference
 from wina_fx.methods import channel_scores
-from wina_fx.passes import Gate, find_linears, gate_linears
+from wina_fx.passes import Gate, KeepRule, find_linears, gate_linears
 from wina_fx.passes.group import group_sibling_linears
 
 
@@ -42,8 +42,8 @@ def _thresholds(module, x, gm, sites, sparsity):
     for i, site in enumerate(sites):
         score = channel_scores("wina", site.weight)
         imp = reference.importance(inputs[site.name], score).flatten()
-        gates[i] = Gate(score, threshold=imp.quantile(sparsity).item() if sparsity > 0 else -float("inf"),
-                        sparsity=sparsity + 0.01 * i)  # distinct hints: the group takes the lowest
+        gates[i] = Gate(score, KeepRule(threshold=imp.quantile(sparsity).item() if sparsity > 0 else -float("inf"),
+                                        sparsity=sparsity + 0.01 * i))  # distinct hints: the group takes the lowest
     return gates
 
 
@@ -77,7 +77,7 @@ def test_grouping_through_dynamo_reads_lifted_parameters():
     def backend(group):
         def compile_fn(gm, example_inputs):
             sites = find_linears(gm, example_inputs)
-            gates = {i: Gate(channel_scores("wina", s.weight), threshold=0.05)
+            gates = {i: Gate(channel_scores("wina", s.weight), KeepRule(threshold=0.05))
                      for i, s in enumerate(sites) if s.problem is None and not s.is_output_head}
             gate_linears(gm, gates, sites)
             if group:
@@ -98,7 +98,7 @@ def test_top_k_linears_are_left_alone():
     module = Siblings().eval()
     gm = fx.symbolic_trace(module)
     sites = find_linears(gm)
-    gate_linears(gm, {i: Gate(channel_scores("teal", s.weight), k=4) for i, s in enumerate(sites)}, sites)
+    gate_linears(gm, {i: Gate(channel_scores("teal", s.weight), KeepRule(k=4)) for i, s in enumerate(sites)}, sites)
     before = [n.target for n in gm.graph.nodes]
     assert group_sibling_linears(gm) == []
     assert [n.target for n in gm.graph.nodes] == before

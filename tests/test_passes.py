@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from wina_fx.kernels import reference
 from wina_fx.methods import channel_scores
-from wina_fx.passes import Gate, find_linears, gate_linears
+from wina_fx.passes import Gate, KeepRule, find_linears, gate_linears
 
 
 class Forms(torch.nn.Module):
@@ -46,7 +46,7 @@ def test_gate_pass_computes_masked_linears_and_keeps_other_nodes(seed, keep, lea
     gm = fx.symbolic_trace(module)
     sites = find_linears(gm)
     gates = {
-        i: Gate(channel_scores("wina", s.weight), k=keep)
+        i: Gate(channel_scores("wina", s.weight), KeepRule(k=keep))
         for i, s in enumerate(sites)
         if s.problem is None
     }

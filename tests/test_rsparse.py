@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from tiny_models import logits_with_hooks, tiny_model
 
 import wina_fx
-from wina_fx import rsparse
+from wina_fx.methods import rsparse
 from wina_fx.passes.find_linears import find_linears
+from wina_fx.passes.keep_rule import KeepRule
 from wina_fx.passes.low_rank import LowRankSplit, split_low_rank
 
 
@@ -62,7 +63,7 @@ def test_low_rank_pass_computes_the_rule_and_full_rank_is_dense(seed, channels, 
     splits = {}
     for index, site in enumerate(sites):
         f = rsparse.factors(site.weight)
-        splits[index] = LowRankSplit(f.scale, *f.low_rank(rank), k=channels)
+        splits[index] = LowRankSplit(f.scale, *f.low_rank(rank), KeepRule(k=channels))
     split_low_rank(gm, splits, sites)
     x = torch.randn(tokens, 20, dtype=torch.float64)
     expected = torch.relu(rsparse_reference(x, module.a.weight, module.a.bias, channels, rank)) + rsparse_reference(

@@ -4,7 +4,9 @@
 """
 from .calibration import Calibration, calibrate
 from .config import WinaConfig, WinaOptionError
+from .methods import Method, get_method, method_names, register_method
 from .report import Report, last_report, reports
 
-__all__ = ["Calibration", "calibrate", "WinaConfig", "WinaOptionError", "Report", "last_report", "reports"]
+__all__ = ["Calibration", "calibrate", "WinaConfig", "WinaOptionError", "Method", "register_method", "get_method",
+           "method_names", "Report", "last_report", "reports"]
 __version__ = "0.1.0"

@@ -30,8 +30,7 @@ prepass, so it scores exactly the linears, weights and activations the backend s
 
 Parameters (TEAL, arXiv 2408.14690, FasterDecoding/TEAL ``teal/greedyopt.py``):
 ``step``: TEAL's ``base_step_size`` is 0.05 (``TEAL_STEP``); the default here is 0.1, half
-the cost (SmolLM2-135M, 128 tokens, 2-core CPU, one thread: 273 s of CPU against ~2x that,
-perplexity at 50% 69.1 against 67.7, uniform 73.9; benchmarks/results/allocation_smollm2*.json).
+the cost for a small loss (measured in benchmarks/NOTES.md, allocation_smollm2*.json).
 Linear i moves by step * ref / size_i, where ref is the median linear size of the block (for
 Llama-like blocks the q/o size, TEAL's unit in its ``weight_dict``), so every step skips the
 same number of weights. A linear stops below sparsity 1. Error: relative squared error of the block output against
@@ -58,12 +57,12 @@ import torch.fx as fx
 from wina_fx.kernels import reference
 from wina_fx.passes.find_linears import LinearSite, find_linears
 
-from .methods import channel_scores, keep_count
+from .methods import get_method, keep_count, method_names
+from .options import orthogonalize_variant
 
 DEFAULT_TARGETS = (0.25, 0.4, 0.5, 0.65)
 TEAL_STEP = 0.05  # TEAL's base_step_size
 DEFAULT_STEP = 0.1  # half TEAL's cost; see the module docstring
-ALLOCATED_METHODS = ("wina", "teal")  # keep rules the greedy models exactly: top-k of |x_i| * score_i
 _ADDS = (operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.ops.aten.add.Tensor)
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
@@ -220,7 +219,8 @@ class _Evaluator(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self.block = block
         self.index = {s.node: i for i, s in enumerate(block.sites)}
-        self.scores = [channel_scores(method, s.weight).to(s.weight.device) for s in block.sites]
+        score = get_method(method).score
+        self.scores = [score(s.weight).to(s.weight.device) for s in block.sites]
 
     def evaluate(self, env: dict, nodes: list[fx.Node], sparsities: Sequence[float]) -> dict:
         self.env = env
@@ -343,16 +343,12 @@ class AllocationRecorder:
         self.graphs: list[tuple[list[_Evaluator], list[dict]]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **_):
-        from .backend import dense_reason
-        from .config import WinaConfig
-
         if self.orthogonalize is not None:
             from wina_fx.passes.orthogonalize import orthogonalize
 
             orthogonalize(gm, example_inputs, self.orthogonalize)
         sites = find_linears(gm, example_inputs)
-        probe = WinaConfig(method=self.method, sparsity=0.5, inductor=False)
-        gated = [s for s in sites if dense_reason(probe, s, 0.5) is None]
+        gated = [s for s in sites if s.dense_reason is None]  # what the backend may gate
         evaluators = [_Evaluator(gm, b, self.method) for b in find_blocks(gm, gated)]
         keep = set().union(*(e.block.frontier for e in evaluators)) if evaluators else set()
         calls: list[dict] = []
@@ -403,9 +399,10 @@ def allocate(recorder: AllocationRecorder, targets: Iterable[float], step: float
 
 def check_method(method: str) -> str:
     """``method`` if the greedy models its keep rule; else ValueError naming those it does."""
-    if method not in ALLOCATED_METHODS:
+    allocated = [name for name in method_names() if get_method(name).allocated]
+    if method not in allocated:
         raise ValueError(
-            f"greedy allocation: method must be one of {', '.join(map(repr, ALLOCATED_METHODS))} "
+            f"greedy allocation: method must be one of {', '.join(map(repr, allocated))} "
             f"(the top-k rules it re-evaluates), got {method!r}"
         )
     return method
@@ -443,7 +440,7 @@ def greedy_allocation(
     check_method(method)
     targets = check_targets(targets)
     check_step(step)
-    orthogonalize = "full" if orthogonalize is True else (orthogonalize or None)
+    orthogonalize = orthogonalize_variant(orthogonalize, "greedy_allocation: orthogonalize")
     recorder = AllocationRecorder(method, orthogonalize)
     observed = torch.compile(model, backend=recorder)
     with torch.no_grad():

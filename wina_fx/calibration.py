@@ -17,7 +17,9 @@ import torch.fx as fx
 from wina_fx.kernels import reference
 from wina_fx.passes.find_linears import LinearSite, find_linears
 
-from .methods import SCORED_METHODS, channel_scores
+from . import allocation
+from .methods import get_method, method_names
+from .options import WinaOptionError, orthogonalize_variant
 
 FORMAT = "wina-fx calibration v2"
 NUM_QUANTILES = 2001  # sparsity resolution 0.0005; thresholds interpolate between
@@ -72,8 +74,6 @@ class Calibration:
 
     def check_model(self, sites: list[LinearSite]) -> None:
         """Raise ValueError if this calibration was not measured on the model of ``sites``."""
-        from .config import WinaOptionError
-
         mine = {s.name: s for s in sites if s.weight is not None}
         shared = [name for name in self.names if name in mine]
         if not shared:
@@ -204,7 +204,7 @@ class _RowSampler(torch.nn.Module):
         return self.rows.half() if fits else self.rows
 
 
-def _observing_backend(method: str, samplers: dict, fingerprint: dict, capacity: int, generator,
+def _observing_backend(method, samplers: dict, fingerprint: dict, capacity: int, generator,
                        orthogonalize: str | None = None, rows: dict | None = None):
     """A backend that runs every linear dense and samples the importance of its input
     (after the orthogonalization prepass, when one is asked for, as the wina backend does).
@@ -219,12 +219,12 @@ def _observing_backend(method: str, samplers: dict, fingerprint: dict, capacity:
 
             prepass(gm, example_inputs, orthogonalize)
         sites = find_linears(gm, example_inputs)
-        observed = _observed_inputs(method, sites)
+        observed = method.observed_inputs(sites)
         for index, site in enumerate(sites):
             if site.problem is not None or site.is_output_head or index not in observed:
                 continue
             if site.name not in samplers:
-                score = channel_scores(method, site.weight)
+                score = method.score(site.weight)
                 samplers[site.name] = _ImportanceSampler(score, capacity, generator)
                 fingerprint[site.name] = (tuple(site.weight.shape), _checksum(site.weight))
                 if rows is not None:
@@ -240,16 +240,6 @@ def _observing_backend(method: str, samplers: dict, fingerprint: dict, capacity:
         return gm.forward  # op by op: calibration needs the side effect, not speed
 
     return backend
-
-
-def _observed_inputs(method: str, sites: list[LinearSite]) -> dict[int, fx.Node]:
-    """The node whose importance each observed linear records: its input, or for CATS the
-    activated gate of the gated MLP whose down projection it is (other linears: none)."""
-    if method == "cats":
-        from wina_fx.passes.find_mlps import find_gated_mlps
-
-        return {index: mlp.act for index, mlp in find_gated_mlps(sites).items()}
-    return {index: site.input for index, site in enumerate(sites)}
 
 
 def calibrate(
@@ -278,26 +268,22 @@ def calibrate(
     TEAL's procedure; ``allocation_step=0.05`` is TEAL's step, at twice the cost), on the
     leading batches holding ``allocation_tokens`` tokens.
     """
-    from . import allocation
-    from .config import ORTHOGONALIZE
-
     if allocation_targets is not None:
         allocation_targets = allocation.check_targets(allocation_targets)
         allocation.check_step(allocation_step)
         allocation.check_method(method)
 
-    orthogonalize = "full" if orthogonalize is True else (orthogonalize or None)
-    if orthogonalize is not None and orthogonalize not in ORTHOGONALIZE:
-        raise ValueError(f"calibrate: orthogonalize must be True, False or one of {ORTHOGONALIZE}, got {orthogonalize!r}")
-    if method not in SCORED_METHODS:
-        raise ValueError(f"calibrate: method must be one of {', '.join(map(repr, SCORED_METHODS))}, got {method!r}")
+    orthogonalize = orthogonalize_variant(orthogonalize, "calibrate: orthogonalize")
+    observable = [name for name in method_names() if get_method(name).calibrated]
+    if method not in observable:
+        raise ValueError(f"calibrate: method must be one of {', '.join(map(repr, observable))}, got {method!r}")
     if not isinstance(samples_per_linear, int) or samples_per_linear < NUM_QUANTILES:
         raise ValueError(f"calibrate: samples_per_linear must be an int >= {NUM_QUANTILES}, got {samples_per_linear!r}")
     samplers: dict[str, _ImportanceSampler] = {}
     fingerprint: dict = {}
     generator = torch.Generator().manual_seed(seed)
-    rows = {} if method == "rsparse" else None
-    backend = _observing_backend(method, samplers, fingerprint, samples_per_linear, generator, orthogonalize, rows)
+    rows = {} if get_method(method).keeps_input_rows else None
+    backend = _observing_backend(get_method(method), samplers, fingerprint, samples_per_linear, generator, orthogonalize, rows)
     observed = torch.compile(model, backend=backend)
     from tqdm.auto import tqdm
 

@@ -61,7 +61,7 @@ def _choices(valid, allow_all: bool = False, allow_none: bool = False):
 
 
 def _orthogonalize(text: str) -> list:
-    from .config import ORTHOGONALIZE
+    from .options import ORTHOGONALIZE
 
     named = {"false": False, "no": False, "true": "full", "yes": "full", **{v: v for v in ORTHOGONALIZE}}
     values = _choices(tuple(named))(text.lower())
@@ -103,7 +103,10 @@ def _sparsity(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ALLOCATIONS, METHODS, PREFILLS, SELECTIONS
+    from .methods import get_method, method_names
+    from .options import ALLOCATIONS, PREFILLS, SELECTIONS
+
+    methods = method_names()
     from .models import MODELS
     from .tasks import TASKS
 
@@ -112,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity and task accuracy for methods x sparsities",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", default="smollm2", choices=list(MODELS))
-    ev.add_argument("--methods", type=_choices(METHODS), default="dense,wina,teal",
-                    help=f"comma-separated, of {', '.join(METHODS)} (default: dense,wina,teal)")
+    ev.add_argument("--methods", type=_choices(methods), default="dense,wina,teal",
+                    help=f"comma-separated, of {', '.join(methods)} (default: dense,wina,teal)")
     ev.add_argument("--sparsities", type=_floats, default="0.25,0.4,0.5,0.65", help="comma-separated, each in [0, 1)")
     ev.add_argument("--selection", choices=SELECTIONS, default="topk")
     ev.add_argument("--allocation", type=_choices(ALLOCATIONS), default="uniform",
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="answer one prompt dense and sparse, side by side, with tokens/s")
     gen.add_argument("prompt")
     gen.add_argument("--model", default="smollm2", choices=list(MODELS))
-    gen.add_argument("--method", default="wina", choices=[m for m in METHODS if m not in ("dense", "rsparse")],
+    gen.add_argument("--method", default="wina", choices=[m for m in methods if get_method(m).calibrated and not get_method(m).keeps_input_rows],
                      help="top-k selection; rsparse needs a calibration (use wina-fx eval)")
     gen.add_argument("--sparsity", type=_sparsity, default=0.5, help="in [0, 1)")
     gen.add_argument("--prefill", choices=PREFILLS, default="sparse")

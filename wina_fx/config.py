@@ -12,56 +12,23 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-METHODS = ("wina", "teal", "cats", "rsparse", "dense")
-SELECTIONS = ("topk", "threshold")
-ALLOCATIONS = ("uniform", "greedy")
-PREFILLS = ("sparse", "dense")
-# Variants of the weight-orthogonalization prepass (passes/orthogonalize.py); True = "full".
-ORTHOGONALIZE = ("full", "local", "shared")
-# Inductor modes; torch.compile refuses mode= together with options=, so ours is an option.
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+from .calibration import Calibration
+from .methods import get_method, method_names
+from .options import (ALLOCATIONS, MODES, PREFILLS, SELECTIONS, CalibrationMissing, WinaOptionError, fail, one_of,
+                      orthogonalize_variant, sparsity_value)
 
-
-def _option_error_base() -> tuple[type, ...]:
-    # Dynamo wraps backend exceptions in BackendCompilerFailed, except those derived
-    # from ShortenTraceback, which it re-raises as they are. Deriving from it lets a bad
-    # option reach the user as a plain ValueError with a short traceback.
-    try:
-        from torch._dynamo.exc import ShortenTraceback
-
-        return (ValueError, ShortenTraceback)
-    except ImportError:  # pragma: no cover - older torch
-        return (ValueError,)
-
-
-class WinaOptionError(*_option_error_base()):
-    """A bad ``options`` entry for ``backend="wina"``."""
-
-    def __init__(self, message: str):
-        ValueError.__init__(self, message)
-        self.first_useful_frame = None  # what ShortenTraceback reads; None keeps every frame
-
-
-def _fail(message: str) -> None:
-    raise WinaOptionError(f"wina-fx: {message}")
-
-
-def _check_sparsity_value(where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(f"{where} must be a float in [0, 1), got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not 0.0 <= value < 1.0:  # also rejects NaN
-        _fail(f"{where} must be in [0, 1), got {value!r}")
-    return value
+__all__ = ["WinaConfig", "WinaOptionError", "ALLOCATIONS", "MODES", "PREFILLS", "SELECTIONS"]
 
 
 @dataclasses.dataclass(frozen=True)
 class WinaConfig:
     """Options of ``torch.compile(model, backend="wina", options={...})``.
 
-    method:      "wina" (|x_i| * ||W[:, i]||_2), "teal" (|x_i|), "cats" (gated MLPs only:
+    method:      a registered method (``wina_fx.methods.method_names()``): "wina"
+                 (|x_i| * ||W[:, i]||_2), "teal" (|x_i|), "cats" (gated MLPs only:
                  |act(gate(x))| masks the down projection's input), "rsparse" (|x_i| *
-                 ||W[:, i]||_2 plus a low-rank correction of the dropped channels) or "dense".
+                 ||W[:, i]||_2 plus a low-rank correction of the dropped channels), "dense",
+                 or one registered with ``wina_fx.register_method``.
     sparsity:    fraction of input channels to skip, a float in [0, 1), or a mapping
                  from module-name patterns (fnmatch, first match wins) to such floats;
                  linears no pattern matches stay dense.
@@ -121,104 +88,78 @@ class WinaConfig:
         if isinstance(options, WinaConfig):
             return options
         if not isinstance(options, Mapping):
-            _fail(f"options must be a dict, got {type(options).__name__}")
+            fail(f"options must be a dict, got {type(options).__name__}")
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in options:
             if key not in valid:
-                _fail(f"unknown option {key!r}; valid options are {', '.join(valid)}")
+                fail(f"unknown option {key!r}; valid options are {', '.join(valid)}")
         return cls(**options)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.method, str) or self.method not in METHODS:
-            _fail(f"option 'method' must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
+        if not isinstance(self.method, str) or self.method not in method_names():
+            fail(f"option 'method' must be one of {', '.join(map(repr, method_names()))}, got {self.method!r}")
         if isinstance(self.sparsity, Mapping):
             checked = {}
             for pattern, value in self.sparsity.items():
                 if not isinstance(pattern, str) or not pattern:
-                    _fail(f"option 'sparsity' keys must be non-empty module-name patterns (str), got {pattern!r}")
-                checked[pattern] = _check_sparsity_value(f"option 'sparsity'[{pattern!r}]", value)
+                    fail(f"option 'sparsity' keys must be non-empty module-name patterns (str), got {pattern!r}")
+                checked[pattern] = sparsity_value(f"option 'sparsity'[{pattern!r}]", value)
             object.__setattr__(self, "sparsity", checked)
         else:
-            object.__setattr__(self, "sparsity", _check_sparsity_value("option 'sparsity'", self.sparsity))
-        if not isinstance(self.selection, str) or self.selection not in SELECTIONS:
-            _fail(f"option 'selection' must be one of {', '.join(map(repr, SELECTIONS))}, got {self.selection!r}")
-        if not isinstance(self.prefill, str) or self.prefill not in PREFILLS:
-            _fail(f"option 'prefill' must be one of {', '.join(map(repr, PREFILLS))}, got {self.prefill!r}")
-        if not isinstance(self.mode, str) or self.mode not in MODES:
-            _fail(f"option 'mode' must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}")
+            object.__setattr__(self, "sparsity", sparsity_value("option 'sparsity'", self.sparsity))
+        one_of("option 'selection'", self.selection, SELECTIONS)
+        one_of("option 'prefill'", self.prefill, PREFILLS)
+        one_of("option 'mode'", self.mode, MODES)
         for flag in ("measure", "inductor", "group"):
             if not isinstance(getattr(self, flag), bool):
-                _fail(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
-        orth = self.orthogonalize
-        if orth is True:
-            orth = "full"
-        if orth is not False and orth is not None and not (isinstance(orth, str) and orth in ORTHOGONALIZE):
-            _fail(
-                f"option 'orthogonalize' must be True, False or one of {', '.join(map(repr, ORTHOGONALIZE))}, "
-                f"got {self.orthogonalize!r}"
-            )
-        object.__setattr__(self, "orthogonalize", orth or None)  # None or a variant name
-        if not isinstance(self.sparsity_allocation, str) or self.sparsity_allocation not in ALLOCATIONS:
-            _fail(
-                f"option 'sparsity_allocation' must be one of {', '.join(map(repr, ALLOCATIONS))}, "
-                f"got {self.sparsity_allocation!r}"
-            )
+                fail(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
+        object.__setattr__(self, "orthogonalize", orthogonalize_variant(self.orthogonalize))
+        one_of("option 'sparsity_allocation'", self.sparsity_allocation, ALLOCATIONS)
         self._check_calibration()
-        self._check_rsparse()
+        share = self.rsparse_share
+        if share != "search" and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
+            fail(f"option 'rsparse_share' must be 'search' or a float in (0, 1] (e.g. 0.95), got {share!r}")
+        if share != "search":
+            object.__setattr__(self, "rsparse_share", float(share))
+        get_method(self.method).check(self)
 
     def _check_calibration(self) -> None:
-        from .calibration import Calibration
-
         cal = self.calibration
         if isinstance(cal, (str, os.PathLike)):
             try:
                 cal = Calibration.load(cal)
             except (OSError, ValueError) as err:
-                _fail(f"option 'calibration': {err}")
+                fail(f"option 'calibration': {err}")
             object.__setattr__(self, "calibration", cal)
         elif cal is not None and not isinstance(cal, Calibration):
-            _fail(
-                "option 'calibration' must be a wina_fx.Calibration or a path to a saved one, "
-                f"got {type(cal).__name__}"
-            )
+            fail("option 'calibration' must be a wina_fx.Calibration or a path to a saved one, "
+                 f"got {type(cal).__name__}")
         greedy = self.sparsity_allocation == "greedy"
         if greedy and not isinstance(self.sparsity, float):
-            _fail("option sparsity_allocation='greedy' needs one float 'sparsity' (the model-wide target), not a mapping")
-        if (self.selection == "threshold" or greedy) and self.method != "dense":
+            fail("option sparsity_allocation='greedy' needs one float 'sparsity' (the model-wide target), not a mapping")
+        if (self.selection == "threshold" or greedy) and get_method(self.method).calibrated:
             needs = "selection='threshold'" if self.selection == "threshold" else "sparsity_allocation='greedy'"
             if cal is None:
-                _fail(
-                    f"option {needs} needs option 'calibration' "
-                    "(from wina_fx.calibrate(model, inputs)); or use selection='topk' and sparsity_allocation='uniform'"
-                )
+                fail(f"option {needs} needs option 'calibration' "
+                     "(from wina_fx.calibrate(model, inputs)); or use selection='topk' and sparsity_allocation='uniform'",
+                     CalibrationMissing)
             if cal.method != self.method:
-                _fail(
-                    f"option 'calibration' was measured for method {cal.method!r}, "
-                    f"but option 'method' is {self.method!r}; calibrate again with method={self.method!r}"
-                )
+                fail(f"option 'calibration' was measured for method {cal.method!r}, "
+                     f"but option 'method' is {self.method!r}; calibrate again with method={self.method!r}")
             if cal.orthogonalize != self.orthogonalize:
-                _fail(
-                    f"option 'calibration' was measured with orthogonalize={cal.orthogonalize!r}, but option "
-                    f"'orthogonalize' is {self.orthogonalize!r}; calibrate again with orthogonalize={self.orthogonalize!r}"
-                )
+                fail(f"option 'calibration' was measured with orthogonalize={cal.orthogonalize!r}, but option "
+                     f"'orthogonalize' is {self.orthogonalize!r}; calibrate again with orthogonalize={self.orthogonalize!r}")
             if greedy and cal.allocation(self.sparsity) is None:
                 targets = ", ".join(f"{t:g}" for t in cal.allocation_targets) or "none"
-                _fail(
-                    f"option 'calibration' holds no greedy allocation for sparsity {self.sparsity:g} "
-                    f"(it has: {targets}); calibrate with allocation_targets=[{self.sparsity:g}, ...]"
-                )
+                fail(f"option 'calibration' holds no greedy allocation for sparsity {self.sparsity:g} "
+                     f"(it has: {targets}); calibrate with allocation_targets=[{self.sparsity:g}, ...]")
 
-    def _check_rsparse(self) -> None:
-        share = self.rsparse_share
-        if share != "search" and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
-            _fail(f"option 'rsparse_share' must be 'search' or a float in (0, 1] (e.g. 0.95), got {share!r}")
-        if share != "search":
-            object.__setattr__(self, "rsparse_share", float(share))
-        elif self.method == "rsparse":
-            cal = self.calibration
-            if cal is None or cal.method != "rsparse" or not getattr(cal, "samples", None):
-                _fail(
-                    "option method='rsparse' with rsparse_share='search' needs option 'calibration' from "
-                    "wina_fx.calibrate(model, inputs, method='rsparse') (it keeps the tokens the search uses); "
-                    "or give rsparse_share a float in (0, 1], e.g. 0.95"
-                )
+
+def needs_calibration(options: Mapping[str, Any]) -> bool:
+    """Whether ``options`` need option 'calibration' (threshold selection, greedy allocation,
+    R-Sparse's search, ...); any other bad option raises WinaOptionError."""
+    try:
+        WinaConfig.from_options({**options, "calibration": None})
+    except CalibrationMissing:
+        return True
+    return False

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import WinaConfig, WinaOptionError
+from .config import needs_calibration
+from .options import orthogonalize_variant
 
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None) -> list[torch.Tensor]:
@@ -99,8 +100,7 @@ class EvalConfig:
     inductor: bool = False
 
     def __post_init__(self):
-        orth = "full" if self.orthogonalize is True else (self.orthogonalize or False)
-        object.__setattr__(self, "orthogonalize", orth)
+        object.__setattr__(self, "orthogonalize", orthogonalize_variant(self.orthogonalize) or False)
         object.__setattr__(self, "sparsity", float(self.sparsity))
         self.needs_calibration  # the backend's own validation: a bad grid fails before any model runs
 
@@ -123,13 +123,7 @@ class EvalConfig:
     def needs_calibration(self) -> bool:
         """Whether the backend refuses this configuration without option ``calibration``
         (threshold selection, greedy allocation, R-Sparse's per-matrix search, ...)."""
-        try:
-            WinaConfig.from_options(self.options())
-        except WinaOptionError as err:
-            if "'calibration'" in str(err):
-                return True
-            raise
-        return False
+        return needs_calibration(self.options())
 
     @property
     def label(self) -> str:

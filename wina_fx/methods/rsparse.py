@@ -28,11 +28,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 
 from wina_fx.kernels import reference
+from wina_fx.options import CalibrationMissing, WinaOptionError, fail
+from wina_fx.passes.find_linears import LinearSite
+from wina_fx.passes.keep_rule import KeepRule
+from wina_fx.passes.low_rank import LowRankSplit, split_low_rank
+
+from .base import Method, column_norms
+from .plan import Plan, dense_reason, keep_rule, row, zero_skipping_gate
 
 SHARES = (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 DEFAULT_SHARE = 0.95  # the uniform sparse share the paper reports using (grid-searched there on C4)
@@ -137,3 +145,72 @@ def search(weight: torch.Tensor, tokens: torch.Tensor, sparsity: float, f: Facto
         if best is None or error < best.error:
             best = dataclasses.replace(recipe, error=error)
     return best
+
+
+class RSparse(Method):
+    """Each linear keeps the channels of largest |x_i| * ||W[:, i]||_2 exactly and corrects
+    the rest with a rank-r part of W's SVD, at the compute of plain sparsity.  Option
+    ``rsparse_share``: the recipe is searched per matrix on the calibration's tokens
+    ("search") or one sparse share for every matrix."""
+
+    name = "rsparse"
+    keeps_input_rows = True  # the search replays whole input rows
+
+    def score(self, weight: torch.Tensor) -> torch.Tensor:
+        return column_norms(weight)  # ||(V S)[i, :]||_2 = ||W[:, i]||_2
+
+    def reads_calibration(self, config) -> bool:
+        return config.rsparse_share == "search" or super().reads_calibration(config)
+
+    def check(self, config) -> None:
+        cal = config.calibration
+        if config.rsparse_share == "search" and (cal is None or cal.method != self.name or not cal.samples):
+            fail("option method='rsparse' with rsparse_share='search' needs option 'calibration' from "
+                 "wina_fx.calibrate(model, inputs, method='rsparse') (it keeps the tokens the search uses); "
+                 "or give rsparse_share a float in (0, 1], e.g. 0.95", CalibrationMissing if cal is None else WinaOptionError)
+
+    def plan(self, config, sites: list[LinearSite]) -> Plan:
+        splits, gates, rows, recipes = {}, {}, [], []
+        for index, site in enumerate(sites):
+            target = config.sparsity_for(site.name)
+            reason = dense_reason(config, site, target)
+            if reason is None and config.rsparse_share == "search" and site.name not in config.calibration.samples:
+                reason = "no calibration tokens for it (R-Sparse's search needs them)"
+            if reason is None:
+                splits[index], recipe = _split(config, site, target)
+                gates[index] = zero_skipping_gate(site)
+                recipes.append(recipe)
+                target = recipe.compute_sparsity(site.in_features, site.out_features)
+            rows.append(row(site, reason, target))
+        if not splits:
+            return Plan(gates, rows)
+        return Plan(gates, rows, lambda gm: split_low_rank(gm, splits, sites), _notes(recipes))
+
+
+def _split(config, site: LinearSite, target: float) -> tuple[LowRankSplit, Recipe]:
+    """The recipe for one linear (searched on calibration tokens, or the fixed share) and
+    the split it gives: the keep rule and the rank-r factors of the weight's SVD."""
+    cal, k = config.calibration, site.in_features
+    f = factors(site.weight)
+    threshold_for = None
+    if config.selection == "threshold":
+        threshold_for = lambda s: cal.threshold(site.name, s)  # noqa: E731
+    if config.rsparse_share == "search":
+        recipe = search(site.weight, cal.samples[site.name], target, f, threshold_for)
+    else:
+        recipe = budget_recipe(k, site.out_features, target, config.rsparse_share)
+    rule = (KeepRule(k=recipe.channels) if threshold_for is None
+            else keep_rule(config, site, recipe.channel_sparsity(k)))
+    return LowRankSplit(f.scale, *f.low_rank(recipe.rank), rule), recipe
+
+
+def _notes(recipes: list[Recipe]) -> list[str]:
+    shares = Counter(r.share for r in recipes)
+    searched = [r.error for r in recipes if r.error is not None]
+    return [
+        f"rsparse: {len(recipes)} linears split; sparse share: "
+        + ", ".join(f"{share:g} x{count}" for share, count in sorted(shares.items(), reverse=True))
+        + f"; rank {min(r.rank for r in recipes)}..{max(r.rank for r in recipes)}"
+        + (f"; mean output error on calibration tokens {sum(searched) / len(searched):.3g}" if searched else ""),
+        "rsparse: target = compute sparsity (kept channels + low-rank part); measured counts the kept channels only",
+    ]

@@ -1,0 +1,100 @@
+"""What a method is, and the registry of methods by name.
+
+A method is one object (a subclass of ``Method``) registered under its ``name``: it says
+how it ranks a linear's input channels, which linears it sparsifies and how (its ``plan``),
+what calibration observes for it, and whether greedy allocation applies.  The built-in
+methods (wina, teal, cats, rsparse, dense) register themselves exactly as an outside one
+does with ``wina_fx.register_method``; ``options={"method": name}`` then selects it.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.fx as fx
+
+from .plan import Plan, plan_scored
+
+_REGISTRY: dict[str, "Method"] = {}
+
+
+class Method:
+    """An activation-sparsity method.  Subclass it, set ``name``, override what differs.
+
+    The default is a scored method: each linear keeps the input channels of largest
+    importance |x_i| * score_i (``score(weight)``, one float per input channel) by the
+    option ``selection``: top-k per token, or a threshold calibrated by ``wina_fx.calibrate``.
+    Override ``plan`` for a method that rewrites the graph (see ``cats`` and ``rsparse``).
+    """
+
+    name: str = ""
+    calibrated: bool = True  # wina_fx.calibrate observes it (selection="threshold" works)
+    allocated: bool = False  # greedy allocation models its keep rule (a top-k of |x_i| * score_i)
+    keeps_input_rows: bool = False  # calibration also keeps whole input rows of each linear
+
+    def score(self, weight: torch.Tensor) -> torch.Tensor:
+        """(K,) float32 scores of the input channels of a weight (N, K)."""
+        raise NotImplementedError(f"method {self.name!r} defines no channel score")
+
+    def plan(self, config, sites) -> Plan:
+        """A ``Plan`` for the linears ``sites`` under ``config`` (a WinaConfig): which are
+        gated by which keep rule, which graph rewrite runs first, why the others stay dense."""
+        return plan_scored(self, config, sites)
+
+    def observed_inputs(self, sites) -> dict[int, fx.Node]:
+        """The node whose importance calibration records for each observed linear (by index)."""
+        return {index: site.input for index, site in enumerate(sites)}
+
+    def reads_calibration(self, config) -> bool:
+        """Whether ``plan`` reads ``config.calibration`` (the backend then checks that it
+        was measured on this model): threshold selection and greedy allocation do."""
+        return self.calibrated and (config.selection == "threshold" or config.sparsity_allocation == "greedy")
+
+    def check(self, config) -> None:
+        """Option checks of this method beyond the common ones; raise WinaOptionError."""
+
+    def __repr__(self) -> str:
+        return f"<wina_fx method {self.name!r}>"
+
+
+def register_method(method: Method, replace: bool = False) -> Method:
+    """Make ``method`` selectable as ``options={"method": method.name}`` (and by
+    ``wina_fx.calibrate``).  A name already taken needs ``replace=True``."""
+    if not isinstance(method, Method):
+        raise TypeError(f"register_method takes a wina_fx.Method instance, got {type(method).__name__}")
+    if not isinstance(method.name, str) or not method.name:
+        raise ValueError(f"a method needs a non-empty str name, got {method.name!r}")
+    if method.name in _REGISTRY and not replace:
+        raise ValueError(f"method {method.name!r} is registered already; pass replace=True to replace it")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name``; ValueError naming the registered ones."""
+    if isinstance(name, str) and name in _REGISTRY:
+        return _REGISTRY[name]
+    raise ValueError(f"no method {name!r}; registered: {', '.join(map(repr, method_names()))}")
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def registry() -> Mapping[str, Method]:
+    return dict(_REGISTRY)
+
+
+def column_norms(weight: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """||W[:, i]||_2 in float32, summed over blocks of rows: never a float32 copy of the
+    whole weight (for an 8B model's largest matrix that copy would be 235 MB of memory
+    the compile holds only to read it once)."""
+    squares = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+    for block in weight.detach().split(rows, dim=0):
+        squares += block.float().square().sum(dim=0)
+    return squares.sqrt()
+
+
+def unit_scores(weight: torch.Tensor) -> torch.Tensor:
+    """Ones: the importance of channel i is |x_i| alone."""
+    return torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
