@@ -31,6 +31,7 @@ on these launchers exposes the kernels to Inductor.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -44,12 +45,9 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from . import reference
 from . import sparse_linear_kernels as kern
 
-# Dispatch rule, measured on an H100 (benchmarks/NOTES.md; kernels_h100_sweep*.json and
-# kernels_h100_variants*.json in benchmarks/results): with a per-token mask and M = 2..256,
-# time / cuBLAS was 0.95-1.23 for mask + cuBLAS eagerly and 0.92-1.03 compiled (mask fused
-# into the norm), 0.94-8.6 for the masked GEMM, 1.3-4.8 for a 16-token tensor-core masked
-# GEMV, 1.09-24 for a 16-token kept-row gather, and, for M <= 8, 0.40 (90 % sparse) to 3.8
-# (dense) for one sparse GEMV per token.  So M >= 2 falls back to cuBLAS.
+# Dispatch by token count, measured on an H100 and an H200 (benchmarks/NOTES.md): with a
+# per-token mask, M = 2..256 tokens ran no faster on any sparse kernel tried than x * mask
+# fused into the producer, then cuBLAS; one GEMV per token wins only at M = 1.
 GEMV_MAX_M = 1      # tokens handled by the sparse GEMV
 SPARSE_MAX_M = 1    # up to this many tokens: in-kernel masking (gemm); above: dense fallback
 TOPK_MAX_K = 32768  # the top-k prep holds a token's row in registers
@@ -72,20 +70,18 @@ def _launch(kernel, grid, *args, **kwargs):
 
 
 def _gemv_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
-    """Tiles of _gemv_kernel.  About one program per SM (SPLIT_K programs share an output
-    tile): the best of 8 candidates over 5 shapes x 3 sparsities on an H100 (geometric mean
-    3 % and worst 12 % above the per-case best; GEMV_CANDIDATES in benchmarks/kernels.py)."""
+    """Tiles of _gemv_kernel: about one program per SM (SPLIT_K programs share an output
+    tile); chosen among GEMV_CANDIDATES of benchmarks/kernels.py (benchmarks/NOTES.md)."""
     block_n = 128 if dtype.itemsize == 2 else 64
     split = max(1, min(triton.cdiv(sms, triton.cdiv(N, block_n) * M), K // 256, 64))
     return dict(BLOCK_N=block_n, BLOCK_R=64, SPLIT_K=split, STAGES=3, REDUCE=0, num_warps=4)
 
 
 def _gemv_masked_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
-    """Tiles of _gemv_masked_kernel, the best of 12 candidates on an H100 over a chain of the 7
-    linears of two Llama-3-8B layers at 25-65 % sparsity (VARIANTS in benchmarks/kernels.py):
-    32 columns x 256 rows per step, about two programs per SM; wide outputs (5120x17920)
-    preferred 64 x 128.  REDUCE=0 (a second reduce launch) needs no zeroed buffer; the
-    dispatch (_gemv_choice) sets REDUCE=1, whose tickets live in the shared workspace."""
+    """Tiles of _gemv_masked_kernel: 32 columns x 256 rows per step, about two programs per
+    SM; wide outputs (N >= 16384) 64 x 128 (VARIANTS of benchmarks/kernels.py; NOTES.md).
+    REDUCE=0 (a second reduce launch) needs no zeroed buffer; the dispatch (_gemv_choice)
+    sets REDUCE=1, whose tickets live in the shared workspace."""
     block_n, block_k = (64, 128) if N >= 16384 else (32, 256)
     split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(N, block_n) * M), K // 256, 32))
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=3, REDUCE=0, num_warps=4)
@@ -105,12 +101,8 @@ _CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _g
 
 
 def _compact_from(N: int, K: int) -> float:
-    """Sparsity from which the compacted-rows kernel beats the masked one at one token.
-
-    Measured on an H200 (benchmarks/results/kernels_h200_tune_run*.json, fp16, ratios
-    N / K of the Llama-3-8B and 5120x17920 shapes): wide outputs (N / K 2.5 to 5: 5120x17920,
-    4096x14336) gain from 40 %, the gate/up group (N / K = 7) from 50 %, square and tall
-    ones (q/k/v, o, down) only from 80 %."""
+    """Sparsity from which the compacted-rows kernel beats the masked one at one token, by
+    the shape's N / K (measured on an H200: kernels_h200_tune_run*.json, benchmarks/NOTES.md)."""
     ratio = N / K
     return 0.4 if 2.5 <= ratio <= 5 else 0.5 if ratio > 5 else 0.75
 
@@ -119,7 +111,7 @@ def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: fl
     """(path, config) at one token, from the shape and the calibrated sparsity (H200 runs):
 
     * N <= 2048 (k/v projections alone): masked loads, one 256-row step per program, split-K
-      sums by float32 atomics (16 x 1024 atomics are cheap; 1.02-1.08x the looped kernel).
+      sums by float32 atomics (few outputs: the atomics are cheap).
     * sparsity >= _compact_from(N, K): compacted rows, about two programs per SM (split-K
       sums by the last program's ticket).
     * else masked loads, about two programs per SM, split-K sums by the last ticket.
@@ -199,24 +191,45 @@ def _split_workspace(workspace: Tensor | None, n_cnt: int, n_acc: int, device, z
     return cnt, torch.zeros((n_acc,), dtype=torch.float32, device=device)
 
 
-def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
-                   threshold: float = 0.0, k: int | None = None, *, path: str | None = None,
-                   config: dict | None = None, out: Tensor | None = None,
-                   group: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
-                   sparsity_hint: float = 0.0, workspace: Tensor | None = None) -> Tensor:
-    """Shared body of the launchers; ``path``/``config`` override the dispatch (tests, benchmarks).
-    ``sparsity_hint``: the sparsity the rule was calibrated for (it picks the M = 1 kernel).
-    ``workspace``: int32 zeros of at least ``workspace_size(N, M)`` elements, reused across
-    calls (the kernels leave it zero); without it each split-K call zeroes its own.
+@dataclasses.dataclass
+class _Problem:
+    """One call of the launchers, checked and flattened: x2 (M, K) with unit column stride,
+    weight_t (K, N) with unit column stride, and the keep rule of each linear of the group
+    (``sizes`` columns each, ``thresholds``; one linear unless grouped; top-k ``k``)."""
 
-    ``group`` = (sizes, thresholds): weight_t holds len(sizes) linears side by side, score
-    is (len(sizes), K) and the threshold rule of linear g is thresholds[g]."""
-    lead, K = x.shape[:-1], x.shape[-1]
+    x2: Tensor
+    weight_t: Tensor
+    bias: Tensor | None
+    score: Tensor
+    sizes: tuple[int, ...]
+    thresholds: tuple[float, ...]
+    k: int | None
+    grouped: bool
+    lead: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.x2.shape[0], self.weight_t.shape[1], self.x2.shape[1]
+
+    @property
+    def ends(self) -> list[int]:  # column end of each linear of the group
+        return list(itertools.accumulate(self.sizes))
+
+    @property
+    def keeps_all(self) -> bool:
+        """A rule that keeps every channel (threshold -inf, as calibrated for sparsity 0, or
+        k >= K): the dense linear, bit for bit what the reference computes."""
+        if self.k is not None:
+            return self.k >= self.x2.shape[1]
+        return all(t == -math.inf for t in self.thresholds)
+
+
+def _problem(x, weight_t, bias, score, threshold, k, group) -> _Problem:
+    lead, K = tuple(x.shape[:-1]), x.shape[-1]
     if weight_t.dim() != 2 or weight_t.shape[0] != K:
         raise ValueError(f"weight_t must be (K, N) with K={K}, got {tuple(weight_t.shape)}")
     N = weight_t.shape[1]
     sizes, thresholds = group if group is not None else ((N,), (threshold,))
-    ends = list(itertools.accumulate(sizes))  # column end of each linear of the group
     if group is not None and (k is not None or sum(sizes) != N or not 1 <= len(sizes) <= 3
                               or len(thresholds) != len(sizes) or min(sizes) < 1):
         raise ValueError(f"a group needs 1 to 3 linears of sizes summing to N={N} (got {list(sizes)}), one "
@@ -231,96 +244,112 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
     if weight_t.stride(1) != 1 or weight_t.stride(0) < N:
         weight_t = weight_t.contiguous()
     score = score.to(device=x.device, dtype=torch.float32).contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    M = x2.shape[0]
+    return _Problem(x2, weight_t, None if bias is None else bias.contiguous(), score, tuple(sizes),
+                    tuple(thresholds), None if k is None else max(0, min(int(k), K)), group is not None, lead)
+
+
+def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
+                   threshold: float = 0.0, k: int | None = None, *, path: str | None = None,
+                   config: dict | None = None, out: Tensor | None = None,
+                   group: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
+                   sparsity_hint: float = 0.0, workspace: Tensor | None = None) -> Tensor:
+    """Shared body of the launchers; ``path``/``config`` override the dispatch (tests, benchmarks).
+    ``sparsity_hint``: the sparsity the rule was calibrated for (it picks the M = 1 kernel).
+    ``workspace``: int32 zeros of at least ``workspace_size(N, M)`` elements, reused across
+    calls (the kernels leave it zero); without it each split-K call zeroes its own.
+
+    ``group`` = (sizes, thresholds): weight_t holds len(sizes) linears side by side, score
+    is (len(sizes), K) and the threshold rule of linear g is thresholds[g]."""
+    p = _problem(x, weight_t, bias, score, threshold, k, group)
+    M, N, K = p.shape
     if out is None:
         out = _empty((M, N), x.dtype, x.device)
-    if k is not None:
-        k = max(0, min(int(k), K))
     if M == 0 or N == 0:
-        return out.reshape(*lead, N)
+        return out.reshape(*p.lead, N)
     if K == 0:
-        out.zero_() if bias is None else out.copy_(bias.expand(M, N))
-        return out.reshape(*lead, N)
-
-    # A rule that keeps every channel (threshold -inf, as calibrated for sparsity 0, or
-    # k >= K) is the dense linear, bit for bit what the reference computes: plain cuBLAS.
-    keep_all = all(t == -math.inf for t in thresholds) if k is None else k >= K
+        out.zero_() if p.bias is None else out.copy_(p.bias.expand(M, N))
+        return out.reshape(*p.lead, N)
     sms = _num_sms(x.device)
-    if path is None and not keep_all and M <= GEMV_MAX_M:
-        chosen, tiles = _gemv_choice(N, K, x.dtype, sms, 1 - k / K if k is not None else sparsity_hint)
-        path, config = chosen, {**tiles, **(config or {})}
-    path = path or ("dense" if keep_all or M > SPARSE_MAX_M else "gemm")
-    has_bias = bias is not None
+    if path is None and not p.keeps_all and M <= GEMV_MAX_M:
+        hint = 1 - p.k / K if p.k is not None else sparsity_hint
+        path, tiles = _gemv_choice(N, K, x.dtype, sms, hint)
+        config = {**tiles, **(config or {})}
+    path = path or ("dense" if p.keeps_all or M > SPARSE_MAX_M else "gemm")
     if path == "dense":
-        if keep_all:
-            xms = [x2]
-        elif group is not None:  # one masked copy of x per linear of the group
-            mask = _torch_mask if _traced(x2) else lambda x, s, t: _prep(x, s, t, None)
-            xms = [mask(x2, score[g], t) for g, t in enumerate(thresholds)]
-        elif _traced(x2):
-            xms = [_torch_mask(x2, score, threshold, k)]
-        else:
-            xms = [_prep(x2, score, threshold, k)]
-        if len(xms) > 1:
-            parts = [xm @ weight_t[:, end - size:end] for xm, end, size in zip(xms, ends, sizes)]
-            y = torch.cat(parts, dim=1)
-            return (y if bias is None else y + bias).reshape(*lead, N)
-        if has_bias:
-            torch.addmm(bias, xms[0], weight_t, out=out)
-        else:
-            torch.mm(xms[0], weight_t, out=out)
-        return out.reshape(*lead, N)
+        return _dense(p, out).reshape(*p.lead, N)
     if path not in _CONFIGS:
         raise ValueError(f"unknown path {path!r}; choose from {', '.join(_CONFIGS)}, dense")
-    if group is not None and path == "gemm":
+    if p.grouped and path == "gemm":
         raise ValueError("a group of linears runs on path 'gemv_masked', 'gemv' or 'dense', not 'gemm'")
+    _kernel(p, path, {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}, out, workspace)
+    return out.reshape(*p.lead, N)
 
-    cfg = {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}
-    segments = _segments(ends, thresholds)
-    split, reduce = cfg["SPLIT_K"], cfg["REDUCE"]
+
+def _dense(p: _Problem, out: Tensor) -> Tensor:
+    """x * mask, then cuBLAS (one masked copy of x per linear of a group)."""
+    x2 = p.x2
+    if p.keeps_all:
+        xms = [x2]
+    elif p.grouped:
+        mask = _torch_mask if _traced(x2) else lambda x, s, t: _prep(x, s, t, None)
+        xms = [mask(x2, p.score[g], t) for g, t in enumerate(p.thresholds)]
+    elif _traced(x2):
+        xms = [_torch_mask(x2, p.score, p.thresholds[0], p.k)]
+    else:
+        xms = [_prep(x2, p.score, p.thresholds[0], p.k)]
+    if len(xms) > 1:
+        parts = [xm @ p.weight_t[:, end - size:end] for xm, end, size in zip(xms, p.ends, p.sizes)]
+        y = torch.cat(parts, dim=1)
+        return y if p.bias is None else y + p.bias
+    if p.bias is not None:
+        return torch.addmm(p.bias, xms[0], p.weight_t, out=out)
+    return torch.mm(xms[0], p.weight_t, out=out)
+
+
+def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | None) -> None:
+    """One launch of the GEMV (``gemv``, ``gemv_masked``) or masked GEMM (``gemm``) kernel into
+    ``out``, its split-K partial sums met as ``cfg["REDUCE"]`` says (0: a second launch)."""
+    (M, N, K), x2, device = p.shape, p.x2, p.x2.device
+    split = cfg["SPLIT_K"]
     if path == "gemm":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
         n_tiles = grid[0] * grid[1]
     else:
-        grid = (sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in sizes), split, M)
+        grid = (sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in p.sizes), split, M)
         n_tiles = grid[0] * M
         step = cfg["BLOCK_K"] if path == "gemv_masked" else 16
         k_per = triton.cdiv(triton.cdiv(K, split), step) * step
-    reduce = reduce if split > 1 else 0
+    reduce = cfg["REDUCE"] if split > 1 else 0
     n_cnt = n_tiles if reduce else 0  # one split-K ticket per output tile
-    prep_zeroes = k is not None and not _traced(x2)  # the top-k prep kernel runs and can zero the tickets
-    cnt, acc_ws = _split_workspace(workspace, n_cnt, M * N if reduce == 2 else 0, x.device, zeroed_by_prep=prep_zeroes)
-    if k is None:  # threshold: the kernel applies the rule
+    prep_zeroes = p.k is not None and not _traced(x2)  # the top-k prep kernel runs and can zero the tickets
+    cnt, acc_ws = _split_workspace(workspace, n_cnt, M * N if reduce == 2 else 0, device, zeroed_by_prep=prep_zeroes)
+    threshold = p.thresholds[0]
+    if p.k is None:  # threshold: the kernel applies the rule
         a, mode = x2, kern.KEEP_THRESHOLD
-    else:  # top-k: the prep writes x * mask (exact k), and zeroes the tickets when it owns them
+    else:  # top-k: x * mask first (exact k; the prep also zeroes the tickets when it owns them)
         if _traced(x2):
-            a = _torch_mask(x2, score, threshold, k)
+            a = _torch_mask(x2, p.score, threshold, p.k)
         else:
-            a = _prep(x2, score, threshold, k, cnt=cnt if workspace is None else None)
+            a = _prep(x2, p.score, threshold, p.k, cnt=cnt if workspace is None else None)
         mode = kern.KEEP_NONZERO
-    if reduce == 2:
-        part = acc_ws
+    part = acc_ws if reduce == 2 else _empty((split, M, N) if split > 1 else (1,), torch.float32, device)
+    has_bias = p.bias is not None
+    args = [a, p.weight_t, p.bias if has_bias else out, p.score, out, part, cnt]
+    strides = [M, N, K, a.stride(0), p.weight_t.stride(0), out.stride(0), float(threshold)]
+    if path == "gemm":
+        _launch(kern._gemm_masked_kernel, grid, *args, *strides, MODE=mode, HAS_BIAS=has_bias,
+                IEEE=x2.dtype == torch.float32, **{**cfg, "REDUCE": reduce})
     else:
-        part = _empty((split, M, N) if split > 1 else (1,), torch.float32, x.device)
-    args = [a, weight_t, bias if has_bias else out, score, out, part, cnt]
-    if path in ("gemv", "gemv_masked"):
         if path == "gemv":
-            cfg.setdefault("BLOCK_KS", max(256, min(triton.next_power_of_2(k_per), 4096)))
-            args.append(_empty((M * split * grid[0] * k_per,), torch.int32, x.device))  # kept-id scratch
-        args += [M, N, K, a.stride(0), weight_t.stride(0), out.stride(0), float(thresholds[0]), k_per]
+            cfg = {"BLOCK_KS": max(256, min(triton.next_power_of_2(k_per), 4096)), **cfg}
+            args.append(_empty((M * split * grid[0] * k_per,), torch.int32, device))  # kept-id scratch
         kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
-        _launch(kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias, **segments, **{**cfg, "REDUCE": reduce})
-    else:
-        args += [M, N, K, a.stride(0), weight_t.stride(0), out.stride(0), float(threshold)]
-        _launch(kern._gemm_masked_kernel, grid, *args, MODE=mode, HAS_BIAS=has_bias,
-                IEEE=x.dtype == torch.float32, **{**cfg, "REDUCE": reduce})
+        _launch(kernel, grid, *args, *strides, k_per, MODE=mode, HAS_BIAS=has_bias,
+                **_segments(p.ends, p.thresholds), **{**cfg, "REDUCE": reduce})
     if split > 1 and reduce == 0:  # partials only: sum them in a second launch
-        _launch(kern._splitk_reduce_kernel, (triton.cdiv(N, 256), M), part, bias if has_bias else out, out,
+        _launch(kern._splitk_reduce_kernel, (triton.cdiv(N, 256), M), part, p.bias if has_bias else out, out,
                 M, N, out.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split),
                 HAS_BIAS=has_bias, BLOCK_N=256, num_warps=4)
-    return out.reshape(*lead, N)
 
 
 def _segments(ends: list[int], thresholds) -> dict:
