@@ -30,9 +30,10 @@ from .keep_rule import KeepRule
 
 def mask_gated_mlps(
     gm: fx.GraphModule, masks: dict[int, KeepRule], mlps: dict[int, GatedMLP], sites: list[LinearSite]
-) -> fx.GraphModule:
-    """Mask the down-projection input of ``mlps[i]`` for each i in ``masks``; return ``gm``,
-    changed in place. ``sites[i].input`` is updated to the masked input."""
+) -> dict[int, fx.Node]:
+    """Mask the down-projection input of ``mlps[i]`` for each i in ``masks`` (``gm`` changes
+    in place); return {i: the masked input node}, what the gate pass then reads."""
+    inputs = {}
     for down, rule in masks.items():
         mlp, site = mlps[down], sites[down]
         width = site.in_features
@@ -41,7 +42,7 @@ def mask_gated_mlps(
             mask = rule.mask_node(gm.graph, mlp.act, ones)
             masked = gm.graph.call_function(torch.where, (mask, mlp.product, 0.0))
         site.node.replace_input_with(mlp.product, masked)
-        site.input = masked
+        inputs[down] = masked
     gm.graph.lint()
     gm.recompile()
-    return gm
+    return inputs

@@ -33,8 +33,11 @@ def gate_linears(
     gates: dict[int, Gate],
     sites: list[LinearSite],
     counts: torch.Tensor | None = None,
-) -> fx.GraphModule:
-    """Rewrite ``sites[i]`` for each i in ``gates``; return ``gm``, changed in place.
+    inputs: dict[int, fx.Node] | None = None,
+) -> dict[int, fx.Node]:
+    """Rewrite ``sites[i]`` for each i in ``gates`` (``gm`` changes in place); return {i: its
+    sparse op node}.  ``inputs`` overrides the input node of some linears (what a rewrite
+    that masked them returned); the sites themselves are not changed.
 
     Score vectors become buffers of ``gm``. When ``counts`` (num_sites, 2) is given, a
     ``wina::count_kept`` op after each rewritten linear adds its kept and seen channel
@@ -47,7 +50,8 @@ def gate_linears(
     replaced: dict[fx.Node, fx.Node] = {}  # linear -> its sparse op (a linear may read another's output)
     for index, gate in gates.items():
         site = sites[index]
-        x = replaced.get(site.input, site.input)
+        x = (inputs or {}).get(index, site.input)
+        x = replaced.get(x, x)
         if site.problem is not None:
             raise ValueError(f"cannot gate {site.name}: {site.problem}")
         node = site.node
@@ -70,7 +74,6 @@ def gate_linears(
         node.replace_all_uses_with(sparse)
         gm.graph.erase_node(node)
         replaced[node] = sparse
-        site.node, site.input = sparse, x
         if counts_node is not None:
             k = rule.k if rule.k is not None else -1
             threshold = float(rule.threshold) if rule.threshold is not None else 0.0
@@ -81,7 +84,7 @@ def gate_linears(
                 )
     gm.graph.lint()
     gm.recompile()
-    return gm
+    return {index: replaced[sites[index].node] for index in gates}
 
 
 def _transposed_weight(gm: fx.GraphModule, site: LinearSite, weight_node: fx.Node, before: fx.Node) -> fx.Node:

@@ -45,9 +45,10 @@ class LowRankSplit:
         return self.up.shape[0]
 
 
-def split_low_rank(gm: fx.GraphModule, splits: dict[int, LowRankSplit], sites: list[LinearSite]) -> fx.GraphModule:
-    """Rewrite ``sites[i]`` for each i in ``splits``; return ``gm``, changed in place.
-    ``sites[i].input`` is updated to the kept part x * m."""
+def split_low_rank(gm: fx.GraphModule, splits: dict[int, LowRankSplit], sites: list[LinearSite]) -> dict[int, fx.Node]:
+    """Rewrite ``sites[i]`` for each i in ``splits`` (``gm`` changes in place); return {i: the
+    node of its kept part x * m}, the input the gate pass then reads."""
+    inputs = {}
     for index, split in splits.items():
         site = sites[index]
         if site.problem is not None:
@@ -59,7 +60,7 @@ def split_low_rank(gm: fx.GraphModule, splits: dict[int, LowRankSplit], sites: l
             mask = split.rule.mask_node(gm.graph, x, score)
             kept = gm.graph.call_function(torch.where, (mask, x, 0.0))
         node.replace_input_with(x, kept)
-        site.input = kept
+        inputs[index] = kept
         if split.rank == 0:
             continue
         dtype = site.weight.dtype
@@ -74,4 +75,4 @@ def split_low_rank(gm: fx.GraphModule, splits: dict[int, LowRankSplit], sites: l
         node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
     gm.graph.lint()
     gm.recompile()
-    return gm
+    return inputs

@@ -139,12 +139,11 @@ def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Pla
         for index, row in enumerate(rows):
             if index in gates:
                 row.counts = counts[index]
-    if result.rewrite is not None:
-        result.rewrite(gm)
+    inputs = result.rewrite(gm) if result.rewrite is not None else {}
     notes = list(prepass.notes if prepass is not None else []) + result.notes
     if gates:
         copied = [sites[i].name for i in gates if weight_layout.needs_transposed_copy(sites[i])]
-        gate_linears(gm, gates, sites, counts)
+        gate_linears(gm, gates, sites, counts, inputs)
         if on_kernels:
             notes.append("weights: read in place as W^T (one copy)" if not copied else
                          f"weights: {len(copied)} sparse linears read a transposed copy (" + ", ".join(copied[:3]) + ")")

@@ -21,12 +21,13 @@ from wina_fx.report import ReportRow
 
 @dataclasses.dataclass
 class Plan:
-    """``rewrite`` (a graph pass the gates rely on, or None) runs first, then the gate pass
-    with ``gates`` (by linear index); ``rows`` (one per linear) and ``notes`` go to the report."""
+    """``rewrite`` (a graph pass the gates rely on, or None) runs first and returns the new
+    input node of the linears whose input it masked; then the gate pass applies ``gates`` (by
+    linear index). ``rows`` (one per linear) and ``notes`` go to the report."""
 
     gates: dict[int, Gate]
     rows: list[ReportRow]
-    rewrite: Callable[[fx.GraphModule], object] | None = None
+    rewrite: Callable[[fx.GraphModule], dict[int, fx.Node]] | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
