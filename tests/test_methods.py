@@ -9,7 +9,7 @@ import torch
 
 import wina_fx
 from tiny_models import tiny_model
-from wina_fx.methods import get_method, method_names, register_method
+from wina_fx.methods import get_method, method_names, register_method, unregister_method
 from wina_fx.methods.base import column_norms
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -24,14 +24,22 @@ class OutsideMethod(wina_fx.Method):
         return weight.detach().abs().float().amax(dim=0)
 
 
-register_method(OutsideMethod(), replace=True)
+OUTSIDE = OutsideMethod.name
+
+
+@pytest.fixture(autouse=True, scope="module")
+def outside_method():
+    """Registered for this module's tests only: other tests see the built-in methods."""
+    register_method(OutsideMethod())
+    yield
+    unregister_method(OUTSIDE)
 
 
 def _linear_names(model) -> set[str]:
     return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", method_names() + (OUTSIDE,))
 def test_method_contract(name, tmp_path):
     """Sparsity 0 reproduces eager (top-k, and threshold where calibrated); the report has a
     row per linear; a calibration round-trips through a file; bad options fail before the
@@ -90,6 +98,8 @@ def test_outside_method_sparsifies_with_its_own_score():
 def test_registry_refuses_what_it_cannot_use():
     with pytest.raises(ValueError, match="registered already"):
         register_method(OutsideMethod())
+    with pytest.raises(ValueError, match="no method 'nope'"):
+        unregister_method("nope")
     with pytest.raises(TypeError, match="Method instance"):
         register_method(OutsideMethod)
     with pytest.raises(ValueError, match="no method 'nope'; registered: 'wina'"):

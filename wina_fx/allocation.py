@@ -55,7 +55,8 @@ import torch
 import torch.fx as fx
 
 from wina_fx.kernels import reference
-from wina_fx.passes.find_linears import LinearSite, find_linears
+from wina_fx.passes.find_linears import LinearSite
+from wina_fx.passes.prepare import prepare
 
 from .methods import get_method, keep_count, method_names
 from .options import orthogonalize_variant
@@ -343,11 +344,7 @@ class AllocationRecorder:
         self.graphs: list[tuple[list[_Evaluator], list[dict]]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **_):
-        if self.orthogonalize is not None:
-            from wina_fx.passes.orthogonalize import orthogonalize
-
-            orthogonalize(gm, example_inputs, self.orthogonalize)
-        sites = find_linears(gm, example_inputs)
+        _, sites = prepare(gm, example_inputs, self.orthogonalize)
         gated = [s for s in sites if s.dense_reason is None]  # what the backend may gate
         evaluators = [_Evaluator(gm, b, self.method) for b in find_blocks(gm, gated)]
         keep = set().union(*(e.block.frontier for e in evaluators)) if evaluators else set()

@@ -13,10 +13,10 @@ import math
 import torch
 import torch.fx as fx
 
-from wina_fx.passes.find_linears import LinearSite, find_linears, unrecognized_weights
+from wina_fx.passes.find_linears import LinearSite, unrecognized_weights
 from wina_fx.passes.gate import Gate, gate_linears
 from wina_fx.passes.group import group_sibling_linears
-from wina_fx.passes.orthogonalize import orthogonalize
+from wina_fx.passes.prepare import prepare
 from wina_fx.passes import weight_layout
 
 from .config import WinaConfig
@@ -57,11 +57,7 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
     the graph. The report of this call is ``wina_fx.last_report()``.
     """
     config = WinaConfig.from_options(options)
-    prepass = None
-    if config.orthogonalize is not None:
-        # Rewrites gm only: its transformed weights are new constants, the model's stay.
-        prepass = orthogonalize(gm, example_inputs, config.orthogonalize)
-    sites = find_linears(gm, example_inputs)
+    prepass, sites = prepare(gm, example_inputs, config.orthogonalize)
     if get_method(config.method).reads_calibration(config):
         config.calibration.check_model(sites)
     result = plan(config, sites)

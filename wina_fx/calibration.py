@@ -15,7 +15,8 @@ import torch
 import torch.fx as fx
 
 from wina_fx.kernels import reference
-from wina_fx.passes.find_linears import LinearSite, find_linears
+from wina_fx.passes.find_linears import LinearSite
+from wina_fx.passes.prepare import prepare
 
 from . import allocation
 from .methods import get_method, method_names
@@ -214,11 +215,7 @@ def _observing_backend(method, samplers: dict, fingerprint: dict, capacity: int,
     Samplers are shared by name across graphs (recompilations for new shapes)."""
 
     def backend(gm: fx.GraphModule, example_inputs, **_):
-        if orthogonalize is not None:
-            from wina_fx.passes.orthogonalize import orthogonalize as prepass
-
-            prepass(gm, example_inputs, orthogonalize)
-        sites = find_linears(gm, example_inputs)
+        _, sites = prepare(gm, example_inputs, orthogonalize)
         observed = method.observed_inputs(sites)
         for index, site in enumerate(sites):
             if site.problem is not None or site.is_output_head or index not in observed:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, column_norms, get_method, method_names, register_method, registry, unit_scores
+from .base import (Method, column_norms, get_method, method_names, register_method, registry, unit_scores,
+                   unregister_method)
 from .cats import Cats
 from .dense import Dense
 from .plan import Plan, keep_count
@@ -27,5 +28,5 @@ def channel_scores(method: str, weight: torch.Tensor) -> torch.Tensor:
     return get_method(method).score(weight)
 
 
-__all__ = ["Method", "Plan", "register_method", "get_method", "method_names", "registry", "channel_scores",
+__all__ = ["Method", "Plan", "register_method", "unregister_method", "get_method", "method_names", "registry", "channel_scores",
            "column_norms", "unit_scores", "keep_count", "Wina", "Teal", "Cats", "RSparse", "Dense"]

@@ -70,6 +70,12 @@ def register_method(method: Method, replace: bool = False) -> Method:
     return method
 
 
+def unregister_method(name: str) -> Method:
+    """Remove the method registered as ``name`` and return it."""
+    get_method(name)
+    return _REGISTRY.pop(name)
+
+
 def get_method(name: str) -> Method:
     """The method registered as ``name``; ValueError naming the registered ones."""
     if isinstance(name, str) and name in _REGISTRY:

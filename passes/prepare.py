@@ -1,0 +1,15 @@
+"""The graph as every wina-fx backend reads it (the sparse backend, calibration, greedy
+allocation): the orthogonalization prepass when one is asked for, then the linears."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .find_linears import LinearSite, find_linears
+from .orthogonalize import OrthogonalizeReport, orthogonalize
+
+
+def prepare(gm: fx.GraphModule, example_inputs, variant: str | None) -> tuple[OrthogonalizeReport | None, list[LinearSite]]:
+    """(the prepass report or None, the linears of ``gm``).  The prepass rewrites ``gm`` only:
+    its transformed weights are new constants, the model's parameters stay as they are."""
+    report = orthogonalize(gm, example_inputs, variant) if variant is not None else None
+    return report, find_linears(gm, example_inputs)
