@@ -71,9 +71,14 @@ def gate_linears(
                 op, args = torch.ops.wina.threshold_linear.default, (float(rule.threshold), float(rule.sparsity or 0.0))
             sparse = gm.graph.call_function(op, (x, weight_t_node, bias_node, score_node, *args))
         sparse.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
-        node.replace_all_uses_with(sparse)
+        out = sparse
+        if rule.dense_prefix > 0:
+            with gm.graph.inserting_after(sparse):
+                out = gm.graph.call_function(dense_prefix, (x, sparse, weight_t_node, bias_node, rule.dense_prefix))
+            out.meta.update(sparse.meta)
+        node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        replaced[node] = sparse
+        replaced[node] = out
         if counts_node is not None:
             k = rule.k if rule.k is not None else -1
             threshold = float(rule.threshold) if rule.threshold is not None else 0.0
@@ -85,6 +90,21 @@ def gate_linears(
     gm.graph.lint()
     gm.recompile()
     return {index: replaced[sites[index].node] for index in gates}
+
+
+def dense_prefix(x: torch.Tensor, sparse: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+                 share: float) -> torch.Tensor:
+    """``sparse`` (the sparse linear of x, (..., T, N)) with its first T - int((1 - share) T)
+    positions replaced by the dense linear's: the dense prefix of a ``KeepRule``.  A 2-D x
+    (flattened tokens, no positions) is left sparse."""
+    if x.dim() < 3:
+        return sparse
+    positions = x.shape[-2]
+    first = positions - int((1.0 - share) * positions)
+    if first == 0:
+        return sparse
+    dense = torch.nn.functional.linear(x[..., :first, :], weight_t.t(), bias)
+    return torch.cat([dense.to(sparse.dtype), sparse[..., first:, :]], dim=-2)
 
 
 def _transposed_weight(gm: fx.GraphModule, site: LinearSite, weight_node: fx.Node, before: fx.Node) -> fx.Node:

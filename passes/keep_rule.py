@@ -5,6 +5,8 @@ whose importance is strictly above ``threshold`` (calibrated).  The importance i
 |v_i| * score_i for the tensor v the rule reads (a linear's input; CATS: the activated gate)
 and a (K,) score (WINA: column norms; TEAL, CATS: ones).  ``sparsity``, when known, is the
 share of channels the threshold was calibrated to drop; it only picks a kernel.
+``dense_prefix``: over an input of T positions, the first T - int((1 - share) T) keep every
+channel (WINA's and TEAL's evaluation code leaves the first 1 % of a sequence dense).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class KeepRule:
     k: int | None = None
     threshold: float | None = None
     sparsity: float | None = None
+    dense_prefix: float = 0.0  # share of each sequence's first positions kept whole (3-D inputs)
 
     def __post_init__(self):
         if (self.k is None) == (self.threshold is None):

@@ -2,14 +2,18 @@
 allocation): the orthogonalization prepass when one is asked for, then the linears."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch.fx as fx
 
 from .find_linears import LinearSite, find_linears
 from .orthogonalize import OrthogonalizeReport, orthogonalize
 
 
-def prepare(gm: fx.GraphModule, example_inputs, variant: str | None) -> tuple[OrthogonalizeReport | None, list[LinearSite]]:
-    """(the prepass report or None, the linears of ``gm``).  The prepass rewrites ``gm`` only:
-    its transformed weights are new constants, the model's parameters stay as they are."""
-    report = orthogonalize(gm, example_inputs, variant) if variant is not None else None
+def prepare(gm: fx.GraphModule, example_inputs, variant: str | None,
+            sources: Mapping[str, str] | None = None) -> tuple[OrthogonalizeReport | None, list[LinearSite]]:
+    """(the prepass report or None, the linears of ``gm``).  The prepass (``variant``, with
+    ``sources`` or the default ones) rewrites ``gm`` only: its transformed weights are new
+    constants, the model's parameters stay as they are."""
+    report = orthogonalize(gm, example_inputs, variant, sources=dict(sources or {})) if variant is not None else None
     return report, find_linears(gm, example_inputs)

@@ -4,7 +4,7 @@ import torch
 FAMILIES = ("llama", "qwen2", "mistral", "phi3")
 
 
-def tiny_model(family: str, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 96):
+def tiny_model(family: str, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 96, kv_heads: int = 2):
     """A (model, input_ids) pair: Llama; Qwen2 (q/k/v bias); Mistral; Phi3 (fused qkv and gate_up)."""
     import transformers
 
@@ -15,7 +15,7 @@ def tiny_model(family: str, seed: int = 0, hidden: int = 64, layers: int = 2, vo
         intermediate_size=2 * hidden + 16,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=64,
         pad_token_id=0,
         bos_token_id=1,

@@ -216,12 +216,12 @@ class _Recorder(fx.Interpreter):
 class _Evaluator(fx.Interpreter):
     """Re-evaluates a block's nodes with its linears gated by top-k."""
 
-    def __init__(self, gm: fx.GraphModule, block: Block, method: str):
+    def __init__(self, gm: fx.GraphModule, block: Block, method: str, recipe: str = "default"):
         super().__init__(gm, garbage_collect_values=False)
         self.block = block
         self.index = {s.node: i for i, s in enumerate(block.sites)}
-        score = get_method(method).score
-        self.scores = [score(s.weight).to(s.weight.device) for s in block.sites]
+        chosen = get_method(method)
+        self.scores = [chosen.site_score(s, chosen.recipes[recipe])[0].to(s.weight.device) for s in block.sites]
 
     def evaluate(self, env: dict, nodes: list[fx.Node], sparsities: Sequence[float]) -> dict:
         self.env = env
@@ -338,15 +338,17 @@ class AllocationRecorder:
     dense (op by op) and keeps each block's frontier and output values.
     """
 
-    def __init__(self, method: str, orthogonalize: str | None = None):
+    def __init__(self, method: str, orthogonalize: str | None = None, recipe: str = "default"):
         self.method = method
-        self.orthogonalize = orthogonalize
+        self.recipe = recipe
+        transform = get_method(method).recipes[recipe].transform
+        self.prepass = transform or (orthogonalize, None)
         self.graphs: list[tuple[list[_Evaluator], list[dict]]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **_):
-        _, sites = prepare(gm, example_inputs, self.orthogonalize)
+        _, sites = prepare(gm, example_inputs, *self.prepass)
         gated = [s for s in sites if s.dense_reason is None]  # what the backend may gate
-        evaluators = [_Evaluator(gm, b, self.method) for b in find_blocks(gm, gated)]
+        evaluators = [_Evaluator(gm, b, self.method, self.recipe) for b in find_blocks(gm, gated)]
         keep = set().union(*(e.block.frontier for e in evaluators)) if evaluators else set()
         calls: list[dict] = []
         self.graphs.append((evaluators, calls))
@@ -429,16 +431,19 @@ def greedy_allocation(
     orthogonalize: bool | str = False,
     step: float = DEFAULT_STEP,
     progress: bool = True,
+    recipe: str = "default",
 ) -> dict[float, dict[str, float]]:
     """{target: {linear name: sparsity}} for ``model`` on real ``inputs`` (as ``calibrate``
     takes them: tensors, tuples or mappings). Weights are not changed. The cost grows with
     the tokens in ``inputs`` and with 1 / ``step``: ~N_blocks / step * 5 block evaluations
-    on those tokens (a hundred or a few hundred tokens are enough)."""
+    on those tokens (a hundred or a few hundred tokens are enough).  Under a ``recipe``, the
+    linears are scored and the graph transformed as the recipe says (its dense prefix and
+    shared gate/up masks are not modelled: the greedy scores every position and linear)."""
     check_method(method)
     targets = check_targets(targets)
     check_step(step)
     orthogonalize = orthogonalize_variant(orthogonalize, "greedy_allocation: orthogonalize")
-    recorder = AllocationRecorder(method, orthogonalize)
+    recorder = AllocationRecorder(method, orthogonalize, recipe)
     observed = torch.compile(model, backend=recorder)
     with torch.no_grad():
         for batch in inputs:

@@ -57,7 +57,7 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
     the graph. The report of this call is ``wina_fx.last_report()``.
     """
     config = WinaConfig.from_options(options)
-    prepass, sites = prepare(gm, example_inputs, config.orthogonalize)
+    prepass, sites = prepare(gm, example_inputs, *config.prepass)
     if get_method(config.method).reads_calibration(config):
         config.calibration.check_model(sites)
     result = plan(config, sites)

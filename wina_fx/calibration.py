@@ -39,8 +39,10 @@ class Calibration:
         num_tokens: int,
         orthogonalize: str | None = None,
         allocations: Mapping[float, Mapping[str, float]] | None = None,
+        recipe: str = "default",
     ):
         self.method = method
+        self.recipe = recipe  # the method's recipe (option 'recipe') it was observed under
         self.orthogonalize = orthogonalize  # the prepass variant the model was observed under
         # target sparsity -> {linear name: its sparsity} (greedy allocation; see allocation())
         self.allocations = {round(float(t), 6): dict(a) for t, a in (allocations or {}).items()}
@@ -103,6 +105,7 @@ class Calibration:
                 "fingerprint": {k: [list(v[0]), float(v[1])] for k, v in self.fingerprint.items()},
                 "num_tokens": self.num_tokens,
                 "orthogonalize": self.orthogonalize,
+                "recipe": self.recipe,
                 "allocations": {str(t): a for t, a in self.allocations.items()},
                 "samples": self.samples,
             },
@@ -129,12 +132,13 @@ class Calibration:
         fingerprint = {k: (tuple(v[0]), v[1]) for k, v in data["fingerprint"].items()}
         allocations = {float(t): a for t, a in data.get("allocations", {}).items()}
         calibration = cls(data["method"], data["names"], quantiles, fingerprint, data["num_tokens"],
-                          data.get("orthogonalize"), allocations)
+                          data.get("orthogonalize"), allocations, data.get("recipe", "default"))
         calibration.samples = dict(data.get("samples", {}))
         return calibration
 
     def __repr__(self) -> str:
         orth = f" orthogonalize={self.orthogonalize}" if self.orthogonalize else ""
+        orth += f" recipe={self.recipe}" if self.recipe != "default" else ""
         return f"<wina_fx.Calibration method={self.method}{orth} linears={len(self.names)} tokens={self.num_tokens}>"
 
 
@@ -205,8 +209,8 @@ class _RowSampler(torch.nn.Module):
         return self.rows.half() if fits else self.rows
 
 
-def _observing_backend(method, samplers: dict, fingerprint: dict, capacity: int, generator,
-                       orthogonalize: str | None = None, rows: dict | None = None):
+def _observing_backend(method, recipe, samplers: dict, fingerprint: dict, capacity: int, generator,
+                       prepass: tuple = (None, None), rows: dict | None = None):
     """A backend that runs every linear dense and samples the importance of its input
     (after the orthogonalization prepass, when one is asked for, as the wina backend does).
     For method "cats" the importance is |act(gate(x))| of each gated MLP, recorded under its
@@ -215,13 +219,13 @@ def _observing_backend(method, samplers: dict, fingerprint: dict, capacity: int,
     Samplers are shared by name across graphs (recompilations for new shapes)."""
 
     def backend(gm: fx.GraphModule, example_inputs, **_):
-        _, sites = prepare(gm, example_inputs, orthogonalize)
+        _, sites = prepare(gm, example_inputs, *prepass)
         observed = method.observed_inputs(sites)
         for index, site in enumerate(sites):
             if site.problem is not None or site.is_output_head or index not in observed:
                 continue
             if site.name not in samplers:
-                score = method.score(site.weight)
+                score, _ = method.site_score(site, recipe)
                 samplers[site.name] = _ImportanceSampler(score, capacity, generator)
                 fingerprint[site.name] = (tuple(site.weight.shape), _checksum(site.weight))
                 if rows is not None:
@@ -250,6 +254,7 @@ def calibrate(
     allocation_targets: Iterable[float] | None = None,
     allocation_step: float = 0.1,
     allocation_tokens: int = 128,
+    recipe: str = "default",
 ) -> Calibration:
     """Measure importance distributions of ``model``'s linears on real ``inputs``.
 
@@ -257,8 +262,8 @@ def calibrate(
     (``model(*x)``) or a mapping (``model(**x)``). The model and its weights are not
     changed. Returns a :class:`Calibration` for ``method`` ("wina", "teal", "cats" or
     "rsparse"; for "rsparse" it also keeps ROW_SAMPLES input rows per linear).
-    ``orthogonalize`` must be what the compile that uses this calibration will ask for
-    (the prepass changes the activations the linears see).
+    ``orthogonalize`` and ``recipe`` must be what the compile that uses this calibration
+    will ask for (a prepass changes the activations the linears see, a recipe their scores).
 
     ``allocation_targets`` (e.g. [0.25, 0.4, 0.5, 0.65]): also find, for each target, the
     greedy per-linear allocation of ``sparsity_allocation="greedy"`` (wina_fx.allocation,
@@ -279,8 +284,10 @@ def calibrate(
     samplers: dict[str, _ImportanceSampler] = {}
     fingerprint: dict = {}
     generator = torch.Generator().manual_seed(seed)
+    spec = _recipe(method, recipe, orthogonalize)
     rows = {} if get_method(method).keeps_input_rows else None
-    backend = _observing_backend(get_method(method), samplers, fingerprint, samples_per_linear, generator, orthogonalize, rows)
+    backend = _observing_backend(get_method(method), spec, samplers, fingerprint, samples_per_linear, generator,
+                                 spec.transform or (orthogonalize, None), rows)
     observed = torch.compile(model, backend=backend)
     from tqdm.auto import tqdm
 
@@ -303,15 +310,28 @@ def calibrate(
         raise ValueError("calibrate: the model ran but no linear could be observed (see wina_fx.last_report() of a compile)")
     levels = torch.linspace(0, 1, NUM_QUANTILES, dtype=torch.float64)
     quantiles = torch.stack([_quantiles(samplers[n].sample, levels) for n in names])
-    calibration = Calibration(method, names, quantiles, {n: fingerprint[n] for n in names}, num_tokens, orthogonalize)
+    calibration = Calibration(method, names, quantiles, {n: fingerprint[n] for n in names}, num_tokens, orthogonalize,
+                              recipe=recipe)
     if rows is not None:
         calibration.samples = {n: rows[n].sample for n in names}
     if allocation_targets is not None:
         calibration.allocations.update(allocation.greedy_allocation(
             model, allocation.leading_batches(batches, allocation_tokens), method, allocation_targets,
-            orthogonalize, allocation_step, progress,
+            orthogonalize, allocation_step, progress, recipe,
         ))
     return calibration
+
+
+def _recipe(method: str, recipe: str, orthogonalize: str | None):
+    """The method's ``Recipe`` named ``recipe``; ValueError for an unknown one, or for a
+    recipe that brings its own transform beside ``orthogonalize``."""
+    recipes = get_method(method).recipes
+    if recipe not in recipes:
+        raise ValueError(f"calibrate: recipe of method {method!r} must be one of {', '.join(map(repr, recipes))}, "
+                         f"got {recipe!r}")
+    if recipes[recipe].transform is not None and orthogonalize is not None:
+        raise ValueError(f"calibrate: recipe {recipe!r} brings its own transform: leave orthogonalize False")
+    return recipes[recipe]
 
 
 def _quantiles(sample: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

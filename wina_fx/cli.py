@@ -8,6 +8,7 @@ prints both answers side by side with their tokens/s.
 
     wina-fx eval [--model smollm2] [--methods dense,wina,teal] [--sparsities 0.25,0.4,0.5,0.65]
                  [--selection topk] [--allocation uniform[,greedy]] [--orthogonalize false[,true]]
+                 [--recipes default[,paper]]
                  [--tasks wordnet_gloss,quiz_facts | all | none] [--limit 100] [--seed 0]
                  [--windows 8] [--window-len 512] [--calibration-windows 8] [--json PATH] [--inductor]
 
@@ -78,20 +79,25 @@ def _positive(text: str) -> int:
     return value
 
 
-def grid(methods, sparsities, selection="topk", allocations=("uniform",), orthogonalize=(False,), inductor=False):
-    """The EvalConfigs of a grid: dense once (if asked for), then every method x
-    orthogonalize x allocation x sparsity. A sparsity of 0 adds nothing: dense is that row."""
+def grid(methods, sparsities, selection="topk", allocations=("uniform",), orthogonalize=(False,), inductor=False,
+         recipes=("default",)):
+    """The EvalConfigs of a grid: dense once (if asked for), then every method x recipe (those
+    the method has) x orthogonalize x allocation x sparsity. A sparsity of 0 adds nothing:
+    dense is that row; a recipe with its own transform is not combined with orthogonalize."""
     from .eval import EvalConfig
+    from .methods import get_method
 
     configs = [EvalConfig("dense", 0.0, inductor=inductor)] if "dense" in methods else []
     for method in methods:
         if method == "dense":
             continue
-        for orth in orthogonalize:
-            for allocation in allocations:
-                for sparsity in sparsities:
-                    if sparsity > 0:
-                        configs.append(EvalConfig(method, sparsity, selection, allocation, orth, inductor))
+        for recipe in [r for r in recipes if r in get_method(method).recipes]:
+            own_transform = get_method(method).recipes[recipe].transform is not None
+            for orth in ([False] if own_transform else orthogonalize):
+                for allocation in allocations:
+                    for sparsity in sparsities:
+                        if sparsity > 0:
+                            configs.append(EvalConfig(method, sparsity, selection, allocation, orth, inductor, recipe))
     return configs
 
 
@@ -121,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--selection", choices=SELECTIONS, default="topk")
     ev.add_argument("--allocation", type=_choices(ALLOCATIONS), default="uniform",
                     help=f"comma-separated, of {', '.join(ALLOCATIONS)} (option sparsity_allocation)")
+    ev.add_argument("--recipes", type=_choices(("default", "paper")), default="default",
+                    help="comma-separated, of default, paper (option recipe; paper: wina and teal as the WINA "
+                         "paper's code ran them; methods without it run default only)")
     ev.add_argument("--orthogonalize", type=_orthogonalize, default="false",
                     help="comma-separated, of false, true, full, local, shared (the prepass; true = full)")
     ev.add_argument("--tasks", type=_choices(TASKS, allow_all=True, allow_none=True), default="none",
@@ -168,7 +177,8 @@ def run_eval(args) -> tuple[dict, list[dict]]:
     from .eval import EvalData, calibrate_for, calibration_kind, calibration_windows, evaluate
     from .models import DESCRIPTIONS, load_model
 
-    configs = grid(args.methods, args.sparsities, args.selection, args.allocation, args.orthogonalize, args.inductor)
+    configs = grid(args.methods, args.sparsities, args.selection, args.allocation, args.orthogonalize, args.inductor,
+                   args.recipes)
     model, tokenizer = load_model(args.model)
     data = EvalData.build(tokenizer, args.tasks, args.limit, args.windows, args.window_len, args.seed)
     header = header_for(args.model, DESCRIPTIONS[args.model], data, seed=args.seed)

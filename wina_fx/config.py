@@ -54,6 +54,10 @@ class WinaConfig:
     prefill:     "sparse" (every step sparse, as the papers evaluate) or "dense": a graph
                  whose steps carry more than one new token per sequence (prefill) runs
                  its linears dense, exactly; one-token decode steps run sparse.
+    recipe:      "default", or a recipe of the method, e.g. "paper" (wina, teal): the
+                 configuration the WINA paper's code ran (``wina_fx.methods.base.Recipe``;
+                 wina: its transform, column norms on k_proj / gate_proj only; both: the
+                 first 1 % of each sequence dense; teal: up keeps the gate's mask).
     """
 
     method: str = "wina"
@@ -68,6 +72,18 @@ class WinaConfig:
     rsparse_share: str | float = "search"
     group: bool = True
     prefill: str = "sparse"
+    recipe: str = "default"
+
+    @property
+    def recipe_spec(self):
+        """The ``Recipe`` that option ``recipe`` names for this method."""
+        return get_method(self.method).recipes[self.recipe]
+
+    @property
+    def prepass(self) -> tuple[str | None, Mapping[str, str] | None]:
+        """(variant, sources) of the orthogonalization prepass: the recipe's, or option
+        ``orthogonalize`` with the default sources (variant None: no prepass)."""
+        return self.recipe_spec.transform or (self.orthogonalize, None)
 
     def sparsity_for(self, module_name: str) -> float | None:
         """Target sparsity of one linear, or None when no pattern covers it."""
@@ -115,6 +131,10 @@ class WinaConfig:
                 fail(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         object.__setattr__(self, "orthogonalize", orthogonalize_variant(self.orthogonalize))
         one_of("option 'sparsity_allocation'", self.sparsity_allocation, ALLOCATIONS)
+        one_of(f"option 'recipe' of method {self.method!r}", self.recipe, tuple(get_method(self.method).recipes))
+        if self.recipe_spec.transform is not None and self.orthogonalize is not None:
+            fail(f"option recipe={self.recipe!r} brings its own transform (orthogonalize "
+                 f"{self.recipe_spec.transform[0]!r} with its sources): leave option 'orthogonalize' False")
         self._check_calibration()
         share = self.rsparse_share
         if share != "search" and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
@@ -146,6 +166,9 @@ class WinaConfig:
             if cal.method != self.method:
                 fail(f"option 'calibration' was measured for method {cal.method!r}, "
                      f"but option 'method' is {self.method!r}; calibrate again with method={self.method!r}")
+            if cal.recipe != self.recipe:
+                fail(f"option 'calibration' was measured with recipe={cal.recipe!r}, but option 'recipe' is "
+                     f"{self.recipe!r}; calibrate again with recipe={self.recipe!r}")
             if cal.orthogonalize != self.orthogonalize:
                 fail(f"option 'calibration' was measured with orthogonalize={cal.orthogonalize!r}, but option "
                      f"'orthogonalize' is {self.orthogonalize!r}; calibrate again with orthogonalize={self.orthogonalize!r}")

@@ -98,6 +98,7 @@ class EvalConfig:
     allocation: str = "uniform"
     orthogonalize: bool | str = False
     inductor: bool = False
+    recipe: str = "default"
 
     def __post_init__(self):
         object.__setattr__(self, "orthogonalize", orthogonalize_variant(self.orthogonalize) or False)
@@ -114,6 +115,7 @@ class EvalConfig:
             "orthogonalize": self.orthogonalize,
             "measure": True,
             "inductor": self.inductor,
+            "recipe": self.recipe,
         }
         if calibration is not None:
             options["calibration"] = calibration
@@ -131,18 +133,19 @@ class EvalConfig:
         if self.method == "dense":
             return "dense"
         name = self.method + ("+orth" if self.orthogonalize == "full" else f"+orth-{self.orthogonalize}" if self.orthogonalize else "")
+        name += f"+{self.recipe}" if self.recipe != "default" else ""
         extra = "" if self.selection == "topk" else f" {self.selection}"
         return f"{name} {self.allocation}{extra} {self.sparsity:.0%}"
 
     def key(self) -> tuple:
         """What identifies this configuration's record (for resuming a grid)."""
-        return (self.method, self.orthogonalize, self.allocation, self.selection, round(self.sparsity, 6))
+        return (self.method, self.orthogonalize, self.allocation, self.selection, round(self.sparsity, 6), self.recipe)
 
 
 def record_key(record: dict) -> tuple:
     """``EvalConfig.key()`` of a record written by :func:`evaluate`."""
     return (record["method"], record["orthogonalize"], record["allocation"], record.get("selection", "topk"),
-            round(record["sparsity"], 6))
+            round(record["sparsity"], 6), record.get("recipe", "default"))
 
 
 # ---------------------------------------------------------------- data
@@ -194,12 +197,13 @@ def calibrate_for(model, inputs: list[torch.Tensor], config: EvalConfig, allocat
     kwargs = {}
     if config.allocation == "greedy":
         kwargs["allocation_targets"] = sorted(set(allocation_targets) | {config.sparsity})
-    return calibrate(model, inputs, method=config.method, orthogonalize=config.orthogonalize, progress=False, **kwargs)
+    return calibrate(model, inputs, method=config.method, orthogonalize=config.orthogonalize, recipe=config.recipe,
+                     progress=False, **kwargs)
 
 
 def calibration_kind(config: EvalConfig) -> tuple:
     """Configurations of one kind can share one calibration (see :func:`calibrate_for`)."""
-    return (config.method, config.orthogonalize, config.allocation == "greedy")
+    return (config.method, config.orthogonalize, config.allocation == "greedy", config.recipe)
 
 
 # ---------------------------------------------------------------- one evaluation
@@ -251,6 +255,7 @@ def _evaluate(model, tokenizer, config, data, calibration, batch_size, pad_multi
         "allocation": config.allocation,
         "selection": config.selection,
         "sparsity": config.sparsity,
+        "recipe": config.recipe,
     }
     started = time.time()
     if data.windows:

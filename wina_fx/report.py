@@ -16,6 +16,7 @@ class ReportRow:
     out_features: int | None
     # Filled at run time when option measure=True: (kept, seen) channel counts.
     counts: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    score: str | None = None  # what a sparse linear ranked its channels by
 
     @property
     def measured_sparsity(self) -> float | None:
@@ -96,7 +97,7 @@ class Report:
             shape = "?" if r.in_features is None else f"{r.in_features} x {r.out_features}"
             lines.append(
                 f"{r.name:<{width}}  {shape:>13}  {fmt(r.target_sparsity):>6}  "
-                f"{fmt(r.measured_sparsity):>8}  {r.status}"
+                f"{fmt(r.measured_sparsity):>8}  {r.status}" + (f" ({r.score})" if r.score else "")
             )
         return "\n".join(lines + ["", self.summary()])
 

@@ -8,6 +8,7 @@ does with ``wina_fx.register_method``; ``options={"method": name}`` then selects
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -16,6 +17,33 @@ import torch.fx as fx
 from .plan import Plan, plan_scored
 
 _REGISTRY: dict[str, "Method"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a method is run beyond its score (option ``recipe``): "default" is this backend's
+    choice; a method may add others, such as the configuration its paper ran.
+
+    transform:    (variant, sources) of the orthogonalization prepass this recipe brings
+                  (then option ``orthogonalize`` must stay off), or None.
+    scored_kinds: linears (the last part of their name, e.g. "k_proj") that rank by the
+                  method's score; the others rank by |x_i| alone.  None: every linear.
+    dense_prefix: the share of each sequence's first positions left dense (a forward over
+                  T tokens keeps the first T - int((1 - share) T) of them dense).
+    shared_gate_up: the up projection of a gated MLP keeps the channels its gate keeps.
+    """
+
+    name: str = "default"
+    transform: tuple[str, Mapping[str, str]] | None = None
+    scored_kinds: tuple[str, ...] | None = None
+    dense_prefix: float = 0.0
+    shared_gate_up: bool = False
+
+    def scored(self, linear_name: str) -> bool:
+        return self.scored_kinds is None or linear_name.rsplit(".", 1)[-1] in self.scored_kinds
+
+
+DEFAULT_RECIPE = Recipe()
 
 
 class Method:
@@ -28,6 +56,8 @@ class Method:
     """
 
     name: str = ""
+    score_label: str = "method score"  # what the report says a linear ranked by
+    recipes: Mapping[str, Recipe] = {"default": DEFAULT_RECIPE}
     calibrated: bool = True  # wina_fx.calibrate observes it (selection="threshold" works)
     allocated: bool = False  # greedy allocation models its keep rule (a top-k of |x_i| * score_i)
     keeps_input_rows: bool = False  # calibration also keeps whole input rows of each linear
@@ -35,6 +65,12 @@ class Method:
     def score(self, weight: torch.Tensor) -> torch.Tensor:
         """(K,) float32 scores of the input channels of a weight (N, K)."""
         raise NotImplementedError(f"method {self.name!r} defines no channel score")
+
+    def site_score(self, site, recipe: Recipe = DEFAULT_RECIPE) -> tuple[torch.Tensor, str]:
+        """(score vector, label) of one linear under ``recipe``."""
+        if recipe.scored(site.name):
+            return self.score(site.weight), self.score_label
+        return unit_scores(site.weight), "|x| only (recipe)"
 
     def plan(self, config, sites) -> Plan:
         """A ``Plan`` for the linears ``sites`` under ``config`` (a WinaConfig): which are

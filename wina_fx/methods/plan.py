@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from wina_fx.passes.find_linears import LinearSite
+from wina_fx.passes.find_mlps import find_gated_mlps
 from wina_fx.passes.gate import Gate
 from wina_fx.passes.keep_rule import KeepRule
 from wina_fx.report import ReportRow
@@ -36,12 +37,15 @@ def keep_count(num_channels: int, sparsity: float) -> int:
     return max(1, round((1.0 - sparsity) * num_channels))
 
 
-def keep_rule(config, site: LinearSite, target: float, channels: int | None = None) -> KeepRule:
+def keep_rule(config, site: LinearSite, target: float, channels: int | None = None,
+              dense_prefix: float = 0.0) -> KeepRule:
     """The rule option ``selection`` asks for at sparsity ``target``: top-k (``channels``
     kept, by default keep_count(K, target)), or the calibrated threshold for ``target``."""
     if config.selection == "topk":
-        return KeepRule(k=channels if channels is not None else keep_count(site.in_features, target))
-    return KeepRule(threshold=config.calibration.threshold(site.name, target), sparsity=target)
+        k = channels if channels is not None else keep_count(site.in_features, target)
+        return KeepRule(k=k, dense_prefix=dense_prefix)
+    return KeepRule(threshold=config.calibration.threshold(site.name, target), sparsity=target,
+                    dense_prefix=dense_prefix)
 
 
 def dense_reason(config, site: LinearSite, target: float | None) -> str | None:
@@ -57,9 +61,10 @@ def dense_reason(config, site: LinearSite, target: float | None) -> str | None:
     return None
 
 
-def row(site: LinearSite, reason: str | None, target: float | None) -> ReportRow:
+def row(site: LinearSite, reason: str | None, target: float | None, score: str | None = None) -> ReportRow:
     status = "sparse" if reason is None else f"dense: {reason}"
-    return ReportRow(site.name, status, target if reason is None else None, site.in_features, site.out_features)
+    return ReportRow(site.name, status, target if reason is None else None, site.in_features, site.out_features,
+                     score=score if reason is None else None)
 
 
 def zero_skipping_gate(site: LinearSite) -> Gate:
@@ -69,12 +74,33 @@ def zero_skipping_gate(site: LinearSite) -> Gate:
 
 
 def plan_scored(method, config, sites: list[LinearSite]) -> Plan:
-    """Each linear that can be gated keeps the channels of largest |x_i| * method.score(W)_i."""
+    """Each linear that can be gated keeps the channels of largest |x_i| * score_i, its
+    score as the method and option ``recipe`` give it."""
+    recipe = method.recipes[config.recipe]
     gates, rows = {}, []
     for index, site in enumerate(sites):
         target = config.sparsity_for(site.name)
         reason = dense_reason(config, site, target)
+        label = None
         if reason is None:
-            gates[index] = Gate(method.score(site.weight), keep_rule(config, site, target))
-        rows.append(row(site, reason, target))
-    return Plan(gates, rows)
+            score, label = method.site_score(site, recipe)
+            gates[index] = Gate(score, keep_rule(config, site, target, dense_prefix=recipe.dense_prefix))
+        rows.append(row(site, reason, target, label))
+    notes = []
+    if recipe.shared_gate_up:
+        notes = _share_gate_masks(gates, rows, sites)
+    return Plan(gates, rows, notes=notes)
+
+
+def _share_gate_masks(gates: dict[int, Gate], rows: list[ReportRow], sites: list[LinearSite]) -> list[str]:
+    """The up projection of each gated MLP keeps what its gate keeps (same input, same score
+    |x|, the gate's rule): one mask for both, as TEAL's code runs them."""
+    shared = 0
+    for mlp in find_gated_mlps(sites).values():
+        if mlp.fused or mlp.gate not in gates or mlp.up not in gates:
+            continue
+        gates[mlp.up] = Gate(gates[mlp.gate].score, gates[mlp.gate].rule)
+        rows[mlp.up] = dataclasses.replace(rows[mlp.up], target_sparsity=rows[mlp.gate].target_sparsity,
+                                           score=f"{rows[mlp.gate].score}, the gate's mask")
+        shared += 1
+    return [f"recipe: {shared} up projections keep their gate's channels"] if shared else []
