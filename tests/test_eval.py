@@ -8,7 +8,8 @@ from tiny_models import tiny_model
 
 from wina_fx import cli
 from wina_fx.data import text
-from wina_fx.eval import EvalConfig, EvalData, evaluate, markdown_table, measured_sparsity, perplexity, token_windows
+from wina_fx.eval import (EvalConfig, EvalData, comparisons, evaluate, markdown_table, measured_sparsity, perplexity,
+                          token_windows)
 from wina_fx.report import Report, ReportRow
 from wina_fx.tasks import Item, load_task, select_items
 
@@ -83,6 +84,13 @@ def test_sparse_evaluation_measures_its_sparsity_over_every_compiled_shape(tiny)
     assert sparse["sparse_linears"] == sparse["linears"] == 2 * 7
     assert dense["linears"] == 2 * 7 and dense["measured_sparsity"] == 0.0  # the head is not counted
     assert sparse["ppl"] != dense["ppl"] and sparse["tasks"]["quiz_facts"]["n"] == 3
+    for record in (dense, sparse):  # every sample the statistics need is kept
+        assert len(record["window_nll"]) == len(record["window_tokens"]) == 2
+        assert record["ppl"] == pytest.approx(math.exp(sum(record["window_nll"]) / sum(record["window_tokens"])))
+        assert record["ppl_ci"][0] <= record["ppl"] <= record["ppl_ci"][1]
+    sparse_too = dict(sparse, method="teal")  # a second sparse configuration on the same windows
+    (pair,) = comparisons([dense, sparse, sparse_too])
+    assert pair["a"] == "wina" and pair["b"] == "teal" and pair["log_ppl_difference"] == 0.0
 
 
 def _report(rows):

@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive, default=None,
                     help="items per task: the first N after a shuffle with --seed (default: all)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--windows", type=int, default=8, help="perplexity windows (0: no perplexity)")
+    ev.add_argument("--windows", type=int, default=64,
+                    help="perplexity windows of --window-len tokens (default 64 x 512: the 32.8k tokens of the text; 0: none)")
     ev.add_argument("--window-len", type=_positive, default=512)
     ev.add_argument("--calibration-windows", type=_positive, default=8,
                     help="windows of calibration.txt (of --window-len tokens) for the configurations that need them")
@@ -216,7 +217,8 @@ def header_for(model: str, description: str, data, **extra) -> dict:
 def summarize(record: dict) -> str:
     parts = []
     if "ppl" in record:
-        parts.append(f"ppl {record['ppl']:.2f}")
+        ci = record.get("ppl_ci")
+        parts.append(f"ppl {record['ppl']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
     if record.get("tasks"):
         parts.append(f"acc {record['acc_mean']:.3f} acc_norm {record['acc_norm_mean']:.3f}")
     if record.get("measured_sparsity") is not None:
@@ -270,7 +272,7 @@ def run_generate(args) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    from .eval import markdown_table
+    from .eval import comparison_table, comparisons, markdown_table
 
     args = parse_args(argv)
     if args.command == "generate":
@@ -282,6 +284,9 @@ def main(argv=None) -> None:
     if args.tasks and args.windows:
         print()
         print(markdown_table(records, "acc_mean"))
+    if comparisons(records):
+        print()
+        print(comparison_table(records))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "records": records}, f, indent=1)

@@ -22,6 +22,7 @@ import torch
 
 from .config import needs_calibration
 from .options import orthogonalize_variant
+from .stats import paired_difference, perplexity_interval
 
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None) -> list[torch.Tensor]:
@@ -36,13 +37,13 @@ def token_windows(tokenizer, text: str, window: int, max_windows: int | None = N
 
 
 @torch.no_grad()
-def perplexity(model, windows: list[torch.Tensor]) -> float:
-    """exp(mean next-token negative log-likelihood) over all windows.
+def window_losses(model, windows: list[torch.Tensor]) -> tuple[list[float], list[int]]:
+    """(summed next-token negative log-likelihood, predicted tokens) of each window.
 
     ``model(ids)`` must return logits (or an object with ``.logits``) of shape
     (1, T, vocab); each window predicts its tokens 1..T-1 from the ones before.
     """
-    total_nll, total_tokens = 0.0, 0
+    nlls, counts = [], []
     device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
     for ids in windows:
         out = model(ids.to(device), use_cache=False)
@@ -50,9 +51,15 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:
         logits = logits[:, :-1].float()
         targets = ids[:, 1:].to(logits.device)
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += targets.numel()
-    return math.exp(total_nll / total_tokens)
+        nlls.append(float(nll))
+        counts.append(targets.numel())
+    return nlls, counts
+
+
+def perplexity(model, windows: list[torch.Tensor]) -> float:
+    """exp(mean next-token negative log-likelihood) over all windows."""
+    nlls, counts = window_losses(model, windows)
+    return math.exp(sum(nlls) / sum(counts))
 
 
 @torch.no_grad()
@@ -126,6 +133,13 @@ class EvalConfig:
         """Whether the backend refuses this configuration without option ``calibration``
         (threshold selection, greedy allocation, R-Sparse's per-matrix search, ...)."""
         return needs_calibration(self.options())
+
+    @property
+    def transforms(self) -> bool:
+        """Whether the orthogonalization prepass runs (option orthogonalize, or the recipe's)."""
+        from .methods import get_method
+
+        return bool(self.orthogonalize) or get_method(self.method).recipes[self.recipe].transform is not None
 
     @property
     def label(self) -> str:
@@ -226,7 +240,7 @@ def evaluate(model, tokenizer, config: EvalConfig, data: EvalData, calibration=N
         raise ValueError(f"{config.label}: this configuration needs a calibration (wina_fx.calibrate)")
     torch._dynamo.reset()
     seen = {id(r) for r in reports()}
-    with _shapes(static=bool(config.orthogonalize)):
+    with _shapes(static=config.transforms):
         return _evaluate(model, tokenizer, config, data, calibration, batch_size, pad_multiple, seen)
 
 
@@ -248,7 +262,7 @@ def _evaluate(model, tokenizer, config, data, calibration, batch_size, pad_multi
     from .tasks import multiple_choice_accuracy
 
     compiled = torch.compile(model, backend="wina", options=config.options(calibration),
-                             dynamic=None if config.orthogonalize else True)
+                             dynamic=None if config.transforms else True)
     record = {
         "method": config.method,
         "orthogonalize": config.orthogonalize,
@@ -259,7 +273,9 @@ def _evaluate(model, tokenizer, config, data, calibration, batch_size, pad_multi
     }
     started = time.time()
     if data.windows:
-        record["ppl"] = perplexity(compiled, data.windows)
+        record["window_nll"], record["window_tokens"] = window_losses(compiled, data.windows)
+        record["ppl"] = math.exp(sum(record["window_nll"]) / sum(record["window_tokens"]))
+        record["ppl_ci"] = list(perplexity_interval(record["window_nll"], record["window_tokens"]))
     record["ppl_s"] = round(time.time() - started, 1)
     results = {}
     for name, items in data.tasks.items():
@@ -332,6 +348,8 @@ def variant(record: dict) -> str:
         return "dense"
     orth = record["orthogonalize"]
     name = record["method"] + ("" if not orth else "+orth" if orth == "full" else f"+orth-{orth}")
+    if record.get("recipe", "default") != "default":
+        name += f"+{record['recipe']}"
     if record["allocation"] != "uniform":
         name += f" ({record['allocation']})"
     if record.get("selection", "topk") != "topk":
@@ -357,7 +375,12 @@ def markdown_table(records: list[dict], metric: str = "ppl") -> str:
 
     def cell(record):
         v = None if record is None else value(record)
-        return "-" if v is None else fmt.format(v)
+        if v is None:
+            return "-"
+        if metric == "ppl" and record.get("ppl_ci"):
+            low, high = record["ppl_ci"]
+            return f"{fmt.format(v)} [{fmt.format(low)}, {fmt.format(high)}]"
+        return fmt.format(v)
 
     sparse = [r for r in records if r["method"] != "dense"]
     columns = list(dict.fromkeys(variant(r) for r in sparse)) or ["dense"]
@@ -368,4 +391,27 @@ def markdown_table(records: list[dict], metric: str = "ppl") -> str:
     for s in sorted({r["sparsity"] for r in sparse}):
         row = [cell(next((r for r in sparse if variant(r) == c and r["sparsity"] == s), None)) for c in columns]
         lines.append(f"| {s:.0%} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def comparisons(records: list[dict]) -> list[dict]:
+    """Every pair of sparse configurations at the same sparsity scored on the same windows:
+    the paired bootstrap of their log-perplexity difference (``wina_fx.stats``)."""
+    scored = [r for r in records if r["method"] != "dense" and r.get("window_nll")]
+    found = []
+    for i, a in enumerate(scored):
+        for b in scored[i + 1:]:
+            if a["sparsity"] != b["sparsity"] or a["window_tokens"] != b["window_tokens"]:
+                continue
+            found.append({"a": variant(a), "b": variant(b), "sparsity": a["sparsity"],
+                          **paired_difference(a["window_nll"], b["window_nll"], a["window_tokens"])})
+    return found
+
+
+def comparison_table(records: list[dict]) -> str:
+    """Markdown: for each pair at one sparsity, log ppl(a) - log ppl(b) with its 95 % interval."""
+    lines = ["| sparsity | a | b | log ppl(a) - log ppl(b) | 95% interval | significant |", "|---|---|---|---|---|---|"]
+    for c in comparisons(records):
+        lines.append(f"| {c['sparsity']:.0%} | {c['a']} | {c['b']} | {c['log_ppl_difference']:+.4f} | "
+                     f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] | {'yes' if c['significant'] else 'no'} |")
     return "\n".join(lines)
