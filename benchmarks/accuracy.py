@@ -37,8 +37,9 @@ from wina_fx.eval import (  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SPARSITIES = (0.5, 0.65, 0.4, 0.25)  # run order: the most telling first
-# (method, orthogonalize) in run order
-VARIANTS = (("wina", False), ("teal", False), ("wina", "full"), ("rsparse", False), ("cats", False))
+# (method, orthogonalize, recipe) in run order
+VARIANTS = (("wina", False, "default"), ("teal", False, "default"), ("wina", False, "paper"), ("teal", False, "paper"),
+            ("wina", "full", "default"), ("rsparse", False, "default"), ("cats", False, "default"))
 TASKS = ("wordnet_gloss", "wordnet_example", "quiz_facts", "mmlu_cloze")
 
 
@@ -46,8 +47,8 @@ def grid(allocations) -> list[EvalConfig]:
     configs = [EvalConfig("dense")]
     for allocation in allocations:
         for sparsity in SPARSITIES:
-            for method, orth in VARIANTS:
-                configs.append(EvalConfig(method, sparsity, "topk", allocation, orth))
+            for method, orth, recipe in VARIANTS:
+                configs.append(EvalConfig(method, sparsity, "topk", allocation, orth, recipe=recipe))
     return configs
 
 
@@ -139,7 +140,7 @@ def run(args) -> None:
 
 def _as_record(config: EvalConfig) -> dict:
     return {"method": config.method, "orthogonalize": config.orthogonalize, "allocation": config.allocation,
-            "selection": config.selection, "sparsity": config.sparsity}
+            "selection": config.selection, "sparsity": config.sparsity, "recipe": config.recipe}
 
 
 def _cpu_name() -> str:
@@ -176,7 +177,11 @@ def plot(results: dict, path: str) -> None:
             style = "--" if "greedy" in name else "-"
             # x: the sparsity measured over every linear but the head (cats leaves attention,
             # gate and up dense, so its points sit far left of its targets)
-            ax.plot([100 * r["measured_sparsity"] for r in rs], [r[metric] for r in rs], style, marker="o", label=name)
+            xs, ys = [100 * r["measured_sparsity"] for r in rs], [r[metric] for r in rs]
+            line, = ax.plot(xs, ys, style, marker="o", label=name)
+            if metric == "ppl" and all(r.get("ppl_ci") for r in rs):  # 95 % bootstrap interval over windows
+                ax.fill_between(xs, [r["ppl_ci"][0] for r in rs], [r["ppl_ci"][1] for r in rs],
+                                color=line.get_color(), alpha=0.15, lw=0)
         if metric == "ppl":
             ax.set_yscale("log")
         ax.set_xlabel("measured sparsity, size-weighted over all linears but the head (%)")
@@ -218,7 +223,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--limit", type=int, default=100, help="items per task (first N after a seeded shuffle)")
-    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--windows", type=int, default=64, help="perplexity windows (64 x 512: the whole text)")
     parser.add_argument("--window-len", type=int, default=512)
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

@@ -289,7 +289,7 @@ def _evaluate(model, tokenizer, config, data, calibration, batch_size, pad_multi
     record.update(measured_sparsity(mine, _output_head_names(model)))
     record["notes"] = sorted({note for r in mine for note in r.notes})
     record["compilations"] = len(mine)
-    if config.orthogonalize:  # how many compiled graphs the prepass really transformed
+    if config.transforms:  # how many compiled graphs the prepass really transformed
         record["orthogonalized_graphs"] = sum(bool(r.orthogonalize and r.orthogonalize.applied) for r in mine)
     torch._dynamo.reset()
     return record
