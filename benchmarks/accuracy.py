@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 from wina_fx.cli import header_for, summarize  # noqa: E402
 from wina_fx.eval import (  # noqa: E402
-    EvalConfig, EvalData, calibrate_for, calibration_kind, calibration_windows, evaluate, markdown_table,
-    record_key, variant,
+    EvalConfig, EvalData, calibrate_for, calibration_kind, calibration_windows, comparison_table, comparisons,
+    evaluate, markdown_table, record_key, variant,
 )
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -204,7 +204,11 @@ def tables(results: dict) -> str:
     records = results["records"]
     out += ["Rows are target sparsities; cats gates only the down projection's input (attention, gate and up "
             "stay dense), so its real sparsity over all linears is far lower: see the last table.", ""]
-    out += ["Perplexity (lower is better):", "", markdown_table(records, "ppl"), ""]
+    out += ["Perplexity (lower is better; [95% bootstrap interval over windows] where recorded):", "",
+            markdown_table(records, "ppl"), ""]
+    if comparisons(records):
+        out += ["Paired differences on the same windows (negative: a predicts the text better; significant: "
+                "the 95% paired-bootstrap interval excludes 0):", "", comparison_table(records), ""]
     if any("acc_mean" in r for r in records):
         out += ["Mean accuracy over the tasks (acc; higher is better):", "", markdown_table(records, "acc_mean"), ""]
         out += ["Mean length-normalised accuracy (acc_norm):", "", markdown_table(records, "acc_norm_mean"), ""]

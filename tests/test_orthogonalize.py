@@ -1,4 +1,4 @@
-"""The weight-orthogonalization prepass (passes/orthogonalize.py) on dynamo graphs.
+"""The weight-orthogonalization prepass (passes/orthogonalize/) on dynamo graphs.
 
 Each test captures the dynamo graph with a backend that runs ``orthogonalize`` and then
 executes the rewritten FX graph op by op, and compares with eager.

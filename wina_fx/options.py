@@ -12,7 +12,7 @@ from typing import Any
 SELECTIONS = ("topk", "threshold")
 ALLOCATIONS = ("uniform", "greedy")
 PREFILLS = ("sparse", "dense")
-# Variants of the weight-orthogonalization prepass (passes/orthogonalize.py); True = "full".
+# Variants of the weight-orthogonalization prepass (passes/orthogonalize/); True = "full".
 ORTHOGONALIZE = ("full", "local", "shared")
 # Inductor modes; torch.compile refuses mode= together with options=, so ours is an option.
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
