@@ -79,7 +79,7 @@ def run(args) -> None:
     model = model.to(args.device)
     load_s = time.time() - started
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    data = EvalData.build(tokenizer, args.tasks, args.limit, args.windows, args.window_len, args.seed)
+    data = EvalData.build(tokenizer, args.tasks, args.limit, args.windows, args.window_len, args.seed, args.scorer)
     header = header_for(args.model, DESCRIPTIONS[args.model], data, seed=args.seed,
                         calibration_windows=args.calibration_windows, calibration_text="wina_fx/data/calibration.txt",
                         item_limit=args.limit, cpu=_cpu_name(), device=device, pad_multiple=args.pad_multiple,
@@ -231,6 +231,8 @@ def main(argv=None) -> None:
     parser.add_argument("--window-len", type=int, default=512)
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scorer", choices=["builtin", "harness"], default="builtin",
+                        help="who scores the tasks (harness: lm-evaluation-harness, acc with its stderr)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-greedy", action="store_true", help="uniform allocation only")

@@ -67,3 +67,24 @@ def test_threshold_calibrated_on_one_text_meets_target_on_another(smollm2, evalu
     print(f"\nthreshold 50%: mean measured {mean:.3f}, range {min(measured):.3f}..{max(measured):.3f}, ppl {ppl:.2f}")
     assert abs(mean - 0.5) < 0.03
     assert math.isfinite(ppl)
+
+
+def test_harness_scores_the_shipped_tasks_as_the_builtin_scorer_does(smollm2):
+    """lm-evaluation-harness, reading the shipped JSONL through a generated task YAML, gives
+    the built-in scorer's acc and acc_norm on the first items of a task, dense and through
+    the sparse backend, plus standard errors."""
+    from wina_fx.harness import harness_accuracy
+    from wina_fx.tasks import load_task, multiple_choice_accuracy
+
+    model, tokenizer = smollm2
+    items = load_task("quiz_facts")[:8]
+    torch._dynamo.reset()
+    # dynamic: one graph for the batches' lengths (else one compilation per length)
+    sparse = torch.compile(model, backend="wina", options={"sparsity": 0.5, "inductor": False}, dynamic=True)
+    for scored in (model, sparse):
+        got = harness_accuracy(scored, tokenizer, ["quiz_facts"], limit=8, batch_size=8)["quiz_facts"]
+        mine = multiple_choice_accuracy(scored, tokenizer, items, 8)
+        assert got["n"] == 8 and 0 < got["acc_stderr"] < 0.25
+        assert (got["acc"], got["acc_norm"]) == (mine["acc"], mine["acc_norm"])
+    assert wina_fx.last_report().sparse_rows  # the sparse model was the one scored
+    torch._dynamo.reset()

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive, default=None,
                     help="items per task: the first N after a shuffle with --seed (default: all)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--scorer", choices=["builtin", "harness"], default="builtin",
+                    help="who scores the tasks: wina_fx.tasks, or lm-evaluation-harness (acc with its stderr; "
+                         "the first --limit items in file order)")
     ev.add_argument("--windows", type=int, default=64,
                     help="perplexity windows of --window-len tokens (default 64 x 512: the 32.8k tokens of the text; 0: none)")
     ev.add_argument("--window-len", type=_positive, default=512)
@@ -181,7 +184,7 @@ def run_eval(args) -> tuple[dict, list[dict]]:
     configs = grid(args.methods, args.sparsities, args.selection, args.allocation, args.orthogonalize, args.inductor,
                    args.recipes)
     model, tokenizer = load_model(args.model)
-    data = EvalData.build(tokenizer, args.tasks, args.limit, args.windows, args.window_len, args.seed)
+    data = EvalData.build(tokenizer, args.tasks, args.limit, args.windows, args.window_len, args.seed, args.scorer)
     header = header_for(args.model, DESCRIPTIONS[args.model], data, seed=args.seed)
     calibrations, records = {}, []
     targets = sorted({c.sparsity for c in configs})

@@ -171,18 +171,24 @@ class EvalData:
 
     windows: list[torch.Tensor]
     tasks: dict  # task name -> list[wina_fx.tasks.Item]
+    scorer: str = "builtin"  # or "harness": lm-evaluation-harness scores the tasks (wina_fx.harness)
 
     @classmethod
     def build(cls, tokenizer, tasks: Sequence[str] = (), limit: int | None = None, windows: int = 8,
-              window_len: int = 512, seed: int = 0) -> "EvalData":
+              window_len: int = 512, seed: int = 0, scorer: str = "builtin") -> "EvalData":
         """``windows`` x ``window_len`` tokens of the evaluation text, and for each task its
-        first ``limit`` items after a shuffle with ``seed`` (all items when limit is None)."""
+        first ``limit`` items (all when limit is None): after a shuffle with ``seed`` for the
+        built-in scorer, in file order for lm-evaluation-harness (its ``limit``)."""
         from .data import text
         from .tasks import load_task, select_items
 
+        if scorer not in ("builtin", "harness"):
+            raise ValueError(f"scorer must be 'builtin' or 'harness', got {scorer!r}")
+        pick = (lambda items: items[:limit]) if scorer == "harness" else (lambda items: select_items(items, limit, seed))
         return cls(
             token_windows(tokenizer, text("evaluation"), window_len, windows) if windows else [],
-            {name: select_items(load_task(name), limit, seed) for name in tasks},
+            {name: pick(load_task(name)) for name in tasks},
+            scorer,
         )
 
     def describe(self) -> dict:
@@ -192,6 +198,7 @@ class EvalData:
             "ppl_window_len": int(self.windows[0].shape[1]) if self.windows else 0,
             "ppl_tokens": sum(int(w.numel()) for w in self.windows),
             "task_items": {name: len(items) for name, items in self.tasks.items()},
+            "task_scorer": self.scorer,
         }
 
 
@@ -278,7 +285,11 @@ def _evaluate(model, tokenizer, config, data, calibration, batch_size, pad_multi
         record["ppl_ci"] = list(perplexity_interval(record["window_nll"], record["window_tokens"]))
     record["ppl_s"] = round(time.time() - started, 1)
     results = {}
-    for name, items in data.tasks.items():
+    if data.scorer == "harness" and data.tasks:
+        from .harness import harness_accuracy
+
+        results = harness_accuracy(compiled, tokenizer, list(data.tasks), max(map(len, data.tasks.values())), batch_size)
+    for name, items in data.tasks.items() if data.scorer == "builtin" else ():
         results[name] = multiple_choice_accuracy(compiled, tokenizer, items, batch_size, pad_multiple)
     record["tasks"] = results
     if results:
