@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.join(ROOT, "benchmarks")]
 sys.path.insert(0, ROOT)
 from kernels import reference, sparse_linear as sl  # noqa: E402
+import wina_fx.ops  # noqa: E402,F401  (registers torch.ops.wina, whose workspace the launches share)
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (5120, 17920), (17920, 5120)]  # (K in, N out)
 BATCHES = [1, 64, 256]
@@ -197,19 +198,9 @@ def wina_fns(case, x, path=None, config=None, thr=None, k=None, hint=0.0):
     """One closure per weight buffer running the launcher as the custom op does: the
     calibrated sparsity as the dispatch hint and the shared zeroed workspace (auto
     dispatch unless path is given)."""
-    ws = workspace(case.N)
+    ws = torch.ops.wina.workspace(torch.device(DEVICE), sl.workspace_size(case.N))
     return [lambda wt=wt: sl._sparse_linear(x, wt, None, case.score, threshold=thr or 0.0, k=k, path=path,
                                             config=config, sparsity_hint=hint, workspace=ws) for wt in case.wt]
-
-
-_WORKSPACE = []
-
-
-def workspace(n_out: int):
-    """int32 zeros shared by every launch (the kernels leave it zero), as wina::workspace."""
-    if not _WORKSPACE or _WORKSPACE[0].numel() < sl.workspace_size(n_out):
-        _WORKSPACE[:] = [torch.zeros(sl.workspace_size(n_out), dtype=torch.int32, device=DEVICE)]
-    return _WORKSPACE[0]
 
 
 def record(records, log, rec, impl, us, dense_us, floor_us, kept, err):
@@ -684,7 +675,6 @@ def plot_groups(res, header, path):
 
 def inductor_code(log):
     """Which kernels Inductor emits around the custom op (launch count per sparse linear)."""
-    import wina_fx.ops  # noqa: F401
     from torch._inductor.utils import run_and_get_code
 
     for K, N, t, M in [(4096, 14336, 0.3, 1), (4096, 1024, 0.3, 1), (4096, 4096, -float("inf"), 1), (4096, 4096, 0.3, 64)]:

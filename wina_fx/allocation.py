@@ -341,8 +341,7 @@ class AllocationRecorder:
     def __init__(self, method: str, orthogonalize: str | None = None, recipe: str = "default"):
         self.method = method
         self.recipe = recipe
-        transform = get_method(method).recipes[recipe].transform
-        self.prepass = transform or (orthogonalize, None)
+        self.prepass = get_method(method).recipes[recipe].prepass(orthogonalize)
         self.graphs: list[tuple[list[_Evaluator], list[dict]]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **_):

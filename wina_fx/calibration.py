@@ -287,7 +287,7 @@ def calibrate(
     spec = _recipe(method, recipe, orthogonalize)
     rows = {} if get_method(method).keeps_input_rows else None
     backend = _observing_backend(get_method(method), spec, samplers, fingerprint, samples_per_linear, generator,
-                                 spec.transform or (orthogonalize, None), rows)
+                                 spec.prepass(orthogonalize), rows)
     observed = torch.compile(model, backend=backend)
     from tqdm.auto import tqdm
 

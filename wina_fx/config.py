@@ -81,9 +81,8 @@ class WinaConfig:
 
     @property
     def prepass(self) -> tuple[str | None, Mapping[str, str] | None]:
-        """(variant, sources) of the orthogonalization prepass: the recipe's, or option
-        ``orthogonalize`` with the default sources (variant None: no prepass)."""
-        return self.recipe_spec.transform or (self.orthogonalize, None)
+        """(variant, sources) of the orthogonalization prepass (``Recipe.prepass``)."""
+        return self.recipe_spec.prepass(self.orthogonalize)
 
     def sparsity_for(self, module_name: str) -> float | None:
         """Target sparsity of one linear, or None when no pattern covers it."""

@@ -139,7 +139,7 @@ class EvalConfig:
         """Whether the orthogonalization prepass runs (option orthogonalize, or the recipe's)."""
         from .methods import get_method
 
-        return bool(self.orthogonalize) or get_method(self.method).recipes[self.recipe].transform is not None
+        return get_method(self.method).recipes[self.recipe].prepass(self.orthogonalize or None)[0] is not None
 
     @property
     def label(self) -> str:

@@ -39,6 +39,11 @@ class Recipe:
     dense_prefix: float = 0.0
     shared_gate_up: bool = False
 
+    def prepass(self, orthogonalize: str | None) -> tuple[str | None, Mapping[str, str] | None]:
+        """(variant, sources) of the orthogonalization prepass: this recipe's transform, or
+        option ``orthogonalize`` with the default sources (variant None: no prepass)."""
+        return self.transform or (orthogonalize, None)
+
     def scored(self, linear_name: str) -> bool:
         return self.scored_kinds is None or linear_name.rsplit(".", 1)[-1] in self.scored_kinds
 
