@@ -379,10 +379,11 @@ def table(path):
                  f"{b['gaps_us']:.0f}") if b else "-"
         peak = r.get("peak_memory_vs_dense")
         measured = "-" if r["measured_sparsity"] is None else f"{r['measured_sparsity']:.3f}"
+        launches = (r.get("profile") or {}).get("launches_per_step")
         print(f"| {run_names[r.get('run', 0)]} | {r['impl']} | {r.get('batch', 1)} | {r['sparsity']:.0%} | {measured} | {r['tokens_per_s']:.1f} | "
               f"{r['speedup_vs_dense']:.2f} | {f'{peak:.3f}' if peak else '1 (reference)' if r['impl'] == 'dense' else '-'} | "
               f"{r.get('resident_bytes', 0) / 2**30:.2f} | {split} | "
-              f"{(r.get('profile') or {}).get('launches_per_step', 0):.0f} |")
+              f"{'-' if launches is None else f'{launches:.0f}'} |")
 
 
 if __name__ == "__main__":
