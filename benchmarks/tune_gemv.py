@@ -72,6 +72,17 @@ def compacted(times_split, reduce):
     return "gemv", cfg
 
 
+def masked(block_n, block_k, per_sm, stages=3, warps=4, reduce=1):
+    """The looped masked GEMV with given tiles and about per_sm programs per SM (split-K
+    by tickets when the output tiles alone do not fill the GPU that many times)."""
+    def cfg(K, sizes, s):
+        tiles = sum(triton.cdiv(n, block_n) for n in sizes)
+        split = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // block_k, 64))
+        return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=stages, REDUCE=reduce,
+                    num_warps=warps)
+    return "gemv_masked", cfg
+
+
 # Run 1 (kernels_h200_tune_run1.json) also timed one-shot masked programs with float32
 # atomics (os*, two*, four*): 1.5-5x slower than the looped kernel at every shape but
 # 4096x1024, their time flat in sparsity (atomic-bound).  Run 2 (kernels_h200_tune_run2.json)
@@ -82,6 +93,11 @@ CANDIDATES = {
     "loop_r0": looped(0), "loop_r1": looped(1),
     "os256x32w4": one_shot(256, 32, 4),
     "cmp_r0": compacted(1, 0), "cmp2_r1": compacted(2, 1),
+    # run 3: more, shorter programs (the loop is latency-bound: flat in sparsity on wide shapes)
+    "loop4_r1": looped(1, 4), "loop8_r1": looped(1, 8),
+    "m64x64p8": masked(64, 64, 8), "m128x64p8": masked(128, 64, 8), "m128x32p16": masked(128, 32, 16, 2),
+    "m256x32p8w8": masked(256, 32, 8, 2, 8), "m64x128p4s4": masked(64, 128, 4, 4),
+    "cmp4_r1": compacted(4, 1),
 }
 QUICK = ["dispatched", "loop_r1", "cmp2_r1"]
 
