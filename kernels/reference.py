@@ -64,3 +64,28 @@ def threshold_linear_group(x, weight, bias, scores, thresholds, sizes):
         outs.append(threshold_linear(x, weight[start:start + size], b, score, threshold))
         start += size
     return torch.cat(outs, dim=-1)
+
+
+def expert_of_rows(rows: str, value: torch.Tensor, x: torch.Tensor, experts: int) -> torch.Tensor:
+    """The expert of each row of an expert op's input x (S, K): ``rows`` "ids" (``value``
+    is that already) or "offsets" (rows sorted by expert, ``value`` the cumulative row
+    counts per expert, as grouped_mm's ``offs``; rows past the last offset belong to no
+    expert and get E - 1: the op never reads them)."""
+    if rows == "ids":
+        return value.reshape(-1).long()
+    positions = torch.arange(x.shape[0], device=value.device, dtype=value.dtype)
+    return torch.searchsorted(value, positions, right=True).clamp(max=experts - 1)
+
+
+def expert_keep_mask(x: torch.Tensor, expert: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor,
+                     topk: bool) -> torch.Tensor:
+    """Keep mask of the rows x (S, K) of an expert op, each row ranked by the score of its
+    expert (``expert`` (S,), ``scores`` (E, K)).  ``keep`` (E,): per expert the count of
+    channels kept per row (``topk``: exactly that many, ties by lowest index) or the
+    threshold that importance must exceed."""
+    imp = importance(x, scores[expert])
+    if not topk:
+        return imp > keep[expert].unsqueeze(-1)
+    order = imp.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+    return rank < keep[expert].unsqueeze(-1)

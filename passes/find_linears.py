@@ -5,6 +5,13 @@ This is an analysis: it reads the graph and changes nothing. It recognises
 ``torch.addmm(b, x, W)`` (GPT-2's Conv1D, W stored (in, out)) where W is a parameter, reached
 either as a placeholder (dynamo lifts parameters to graph inputs; ``example_inputs``
 holds their real tensors) or as a ``get_attr`` (``torch.fx.symbolic_trace``).
+
+Mixture-of-experts weights stored as one 3-D parameter (E, N, K) (or (E, K, N)) are read
+by one op for all experts: a grouped matmul over rows sorted by expert (``grouped_mm``,
+row groups given by ``offs``) or a batched one over per-row gathered weights
+(``bmm(W[ids], x[..., None])``).  Each expert e of such an op is a site of its own, named
+``<parameter>.<e>``, whose weight is the (N, K) slice W[e] and whose input rows are the
+rows routed to e (``expert_rows`` says how the op tells them apart).
 """
 from __future__ import annotations
 
@@ -25,6 +32,17 @@ _SHAPE_OR_CAST = ("float", "to", "type", "view", "reshape", "contiguous", "trans
 _EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertRows:
+    """How the rows of an expert op's input map to experts: ``kind`` "offsets" (rows sorted
+    by expert; ``node`` holds the cumulative row counts, as grouped_mm's ``offs``) or "ids"
+    (``node`` holds each row's expert id); ``experts``: E."""
+
+    kind: str
+    node: fx.Node
+    experts: int
+
+
 @dataclasses.dataclass
 class LinearSite:
     """One linear y = x W^T + b found in a graph.
@@ -43,6 +61,8 @@ class LinearSite:
     is_output_head: bool = False
     is_router: bool = False  # its output selects experts (top-k) or gates a shared expert (sigmoid, 1 output)
     problem: str | None = None
+    expert: int | None = None  # the expert of a 3-D expert weight this site is (weight = W[expert])
+    expert_rows: ExpertRows | None = None  # how the op's input rows map to experts
 
     @property
     def in_features(self) -> int | None:
@@ -162,6 +182,58 @@ def _against_parameter(x, rhs, bias):
     return None
 
 
+def _grouped_mm_targets() -> tuple:
+    targets = [getattr(torch, "_grouped_mm", None), getattr(torch.nn.functional, "grouped_mm", None)]
+    transformers_ops = getattr(torch.ops, "transformers", None)
+    if transformers_ops is not None and hasattr(transformers_ops, "grouped_mm_fallback"):
+        packet = transformers_ops.grouped_mm_fallback
+        targets += [packet, packet.default]
+    return tuple(t for t in targets if t is not None)
+
+
+def _is_3d_transpose(node) -> fx.Node | None:
+    """If ``node`` swaps the last two dims of a 3-D tensor (transpose(-2, -1), transpose(1, 2),
+    mT), return that tensor's node."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("mT",):
+        return node.args[0]
+    if node.op in ("call_method", "call_function") and node.target in ("transpose", torch.transpose):
+        if sorted(int(d) % 3 for d in node.args[1:3]) == [1, 2]:
+            return node.args[0]
+    return None
+
+
+def _is_parameter_node(node) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr")
+
+
+def _match_experts(node: fx.Node):
+    """(input, 3-D parameter node, parameter stored (E, K, N), ExpertRows without E) or None."""
+    if node.op != "call_function":
+        return None
+    if node.target in _grouped_mm_targets():
+        x, rhs = node.args[:2]
+        offs = node.kwargs.get("offs", node.args[2] if len(node.args) > 2 else None)
+        if not isinstance(offs, fx.Node):
+            return None
+        stored = _is_3d_transpose(rhs)
+        if _is_parameter_node(stored):  # x @ W[e].T, W stored (E, N, K)
+            return x, stored, False, ("offsets", offs)
+        if _is_parameter_node(rhs):  # x @ W[e], W stored (E, K, N)
+            return x, rhs, True, ("offsets", offs)
+        return None
+    if node.target in (torch.bmm, "bmm") and len(node.args) == 2:
+        lhs, rhs = node.args
+        for gathered, vector, transposed in ((lhs, rhs, False), (rhs, lhs, True)):
+            # bmm(W[ids], x[..., None]) with W (E, N, K), or bmm(x[:, None], W[ids]) with W (E, K, N)
+            if (isinstance(gathered, fx.Node) and gathered.target is operator.getitem
+                    and _is_parameter_node(gathered.args[0]) and isinstance(gathered.args[1], fx.Node)
+                    and isinstance(vector, fx.Node) and vector.target in ("unsqueeze", torch.unsqueeze)):
+                return vector.args[0], gathered.args[0], transposed, ("ids", gathered.args[1])
+    return None
+
+
 def _decides_routing(node: fx.Node, out_features: int | None, hops: int = 4) -> bool:
     """A mixture-of-experts router: the linear's output reaches a top-k (through softmax,
     casts, views), or, with one output, a sigmoid (the gate of a shared expert)."""
@@ -226,6 +298,7 @@ def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
     last_linears = _linears_feeding_output(gm, linear_nodes)
     sites = []
     for node in gm.graph.nodes:
+        sites += _expert_sites(gm, node, example_inputs)
         matched = _match_linear(node)
         if matched is None:
             continue
@@ -262,6 +335,22 @@ def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
         sites.append(site)
     _make_names_unique(sites)
     return sites
+
+
+def _expert_sites(gm: fx.GraphModule, node: fx.Node, example_inputs) -> list[LinearSite]:
+    """The sites of an op reading a 3-D expert weight, one per expert (none if it is not one,
+    or if the weight's tensor is not at hand)."""
+    matched = _match_experts(node)
+    if matched is None:
+        return []
+    x, weight_node, transposed, (kind, rows_node) = matched
+    weight = resolve_tensor(gm, weight_node, example_inputs)
+    if weight is None or weight.dim() != 3:
+        return []
+    name = _parameter_name(weight_node)
+    rows = ExpertRows(kind, rows_node, weight.shape[0])
+    return [LinearSite(node, f"{name}.{e}", x, weight_node, None, weight[e].t() if transposed else weight[e],
+                       transposed, expert=e, expert_rows=rows) for e in range(weight.shape[0])]
 
 
 def unrecognized_weights(gm: fx.GraphModule, sites: list[LinearSite], example_inputs=None):

@@ -15,7 +15,7 @@ import torch.fx as fx
 import wina_fx.ops  # noqa: F401  (registers torch.ops.wina)
 
 from .find_linears import LinearSite
-from .graph_utils import add_constant, first_non_placeholder
+from .graph_utils import add_constant, shared_constant
 from .keep_rule import KeepRule
 from . import weight_layout
 
@@ -44,9 +44,7 @@ def gate_linears(
     counts to ``counts[i]``; ``counts`` is registered as a buffer so that compilers see
     the mutation.
     """
-    counts_node = None
-    if counts is not None:
-        counts_node = add_constant(gm, "wina_counts", counts, before=first_non_placeholder(gm))
+    counts_node = None if counts is None else shared_constant(gm, "wina_counts", counts)
     replaced: dict[fx.Node, fx.Node] = {}  # linear -> its sparse op (a linear may read another's output)
     for index, gate in gates.items():
         site = sites[index]

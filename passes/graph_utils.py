@@ -22,6 +22,17 @@ def add_constant(gm: fx.GraphModule, prefix: str, tensor: torch.Tensor, before: 
         return gm.graph.get_attr(name)
 
 
+def shared_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
+    """The get_attr node of buffer ``name`` holding ``tensor`` (one node for the whole
+    graph, before its first computation), registered on first use: passes that write into
+    one tensor (the kept-channel counts) share it instead of each aliasing it."""
+    if getattr(gm, name, None) is tensor:
+        return next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == name)
+    if hasattr(gm, name):
+        raise ValueError(f"graph buffer {name!r} holds another tensor")
+    return add_constant(gm, name, tensor, before=first_non_placeholder(gm))
+
+
 def first_non_placeholder(gm: fx.GraphModule) -> fx.Node:
     for node in gm.graph.nodes:
         if node.op != "placeholder":

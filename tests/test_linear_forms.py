@@ -64,8 +64,8 @@ def _moe(family):
 @torch.no_grad()
 def test_routers_stay_dense(family, routers):
     """A linear whose output selects experts (softmax -> top-k) or gates a shared expert
-    (one output -> sigmoid) stays dense with the reason 'router'; the rest are sparsified;
-    the expert weights, not rewritten yet, are reported dense."""
+    (one output -> sigmoid) stays dense with the reason 'router'; the rest are sparsified,
+    each expert of the 3-D expert weights a row of its own."""
     model = _moe(family)
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
@@ -74,12 +74,95 @@ def test_routers_stay_dense(family, routers):
     report = wina_fx.last_report()
     assert sorted(r.name for r in report.rows if r.status.startswith("dense: router")) == sorted(routers)
     assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"} <= {r.name for r in report.sparse_rows}
-    # no silent gaps: the experts' 3-D weights (read by a grouped matmul) are rows too, dense
+    # no silent gaps: every expert of the 3-D expert weights is a row, sparse
     experts = [r for r in report.rows if ".experts." in r.name]
-    assert sorted(r.name for r in experts) == ["model.layers.0.mlp.experts.down_proj",
-                                               "model.layers.0.mlp.experts.gate_up_proj"]
-    assert all(r.status.startswith("dense: not a linear this backend rewrites (read by ") for r in experts)
+    assert sorted(r.name for r in experts) == sorted(f"model.layers.0.mlp.experts.{w}.{e}"
+                                                     for w in ("gate_up_proj", "down_proj") for e in range(4))
+    assert all(r.status.startswith("sparse") for r in experts)
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert sum(r.in_features * r.out_features for r in experts) == expert_params
     assert "sparse linears hold" in report.summary()
+    torch._dynamo.reset()
+
+
+def _masked_experts_forward(experts, sparsity):
+    """Eager reference of top-k WINA on the experts: token by token, each routed copy of a
+    token is masked by the top-k of |x_i| * ||W_e[:, i]|| of its expert e, before the
+    gate/up and before the down projection."""
+    from wina_fx.kernels import reference
+    from wina_fx.methods import keep_count
+
+    def forward(hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for t in range(hidden.shape[0]):
+            for j in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, j])
+                x, w1, w2 = hidden[t], experts.gate_up_proj[e], experts.down_proj[e]
+                x = x * reference.topk_mask(x, w1.norm(dim=0), keep_count(w1.shape[1], sparsity))
+                gate, up = torch.nn.functional.linear(x, w1).chunk(2, dim=-1)
+                h = experts.act_fn(gate) * up
+                h = h * reference.topk_mask(h, w2.norm(dim=0), keep_count(w2.shape[1], sparsity))
+                out[t] += torch.nn.functional.linear(h, w2) * top_k_weights[t, j]
+        return out
+    return forward
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@torch.no_grad()
+def test_experts_are_sparse_per_routed_expert(family, implementation):
+    """Top-k at 50 %: the compiled model (Inductor) equals an eager model whose linears are
+    masked by hooks and whose experts mask each routed copy of a token by its expert's
+    column norms; the router stays dense.  Both expert implementations of transformers."""
+    model = _moe(family)
+    model.config._experts_implementation = implementation
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="wina", options={"sparsity": 0.5, "measure": True})(ids).logits
+    report = wina_fx.last_report()
+    measured = [r.measured_sparsity for r in report.sparse_rows if ".experts." in r.name and r.counts[1] > 0]
+    assert measured and all(abs(m - 0.5) < 0.02 for m in measured), measured
+    assert any("expert ops masked" in n for n in report.notes)
+    experts = model.model.layers[0].mlp.experts
+    hooks = masked_input_hooks(model, 0.5, skip=("model.layers.0.mlp.shared_expert_gate",))
+    experts.forward = _masked_experts_forward(experts, 0.5)
+    try:
+        expected = model(ids).logits
+    finally:
+        del experts.forward
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@torch.no_grad()
+def test_experts_calibrate_per_expert(implementation):
+    """Calibration keeps statistics per expert over the rows routed to it: each gate/up
+    expert's median importance is the median of |x_i| * ||W_e[:, i]|| over the tokens the
+    router sent to e (recorded eagerly by a hook), and on the calibration tokens every
+    expert then drops its target share."""
+    model = _moe("mixtral")
+    model.config._experts_implementation = implementation
+    experts = model.model.layers[0].mlp.experts
+    ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(4))
+    routed = {}
+    hook = experts.register_forward_pre_hook(lambda m, args: routed.update(x=args[0], index=args[1]))
+    model(ids)
+    hook.remove()
+    calibration = wina_fx.calibrate(model, [ids], progress=False)
+    for e in range(4):
+        rows = routed["x"][(routed["index"] == e).any(dim=-1)]
+        importance = rows.abs() * experts.gate_up_proj[e].norm(dim=0)
+        expected = importance.flatten().double().quantile(0.5).item()
+        assert calibration.threshold(f"model.layers.0.mlp.experts.gate_up_proj.{e}", 0.5) == pytest.approx(expected,
+                                                                                                           rel=1e-5)
+    torch._dynamo.reset()
+    options = {"sparsity": {"*.experts.gate_up_proj.*": 0.5}, "selection": "threshold", "calibration": calibration,
+               "measure": True}
+    torch.compile(model, backend="wina", options=options)(ids)
+    rows = wina_fx.last_report().sparse_rows
+    assert len(rows) == 4 and all(abs(r.measured_sparsity - 0.5) < 0.01 for r in rows), \
+        [(r.name, r.measured_sparsity) for r in rows]
     torch._dynamo.reset()

@@ -48,11 +48,12 @@ def logits_with_hooks(model, ids, handles) -> torch.Tensor:
             handle.remove()
 
 
-def masked_input_hooks(model, sparsity: float) -> list:
+def masked_input_hooks(model, sparsity: float, skip: tuple[str, ...] = ()) -> list:
     """Eager reference of top-k WINA at ``sparsity``: a forward pre-hook on every linear
     (``nn.Linear``, GPT-2's ``Conv1D``) but ``lm_head`` masks its input by top-k on
     |x_i| * ||W[:, i]||_2, W the weight as used, (out, in), whatever its storage.  Norms
-    are taken now and then fixed, as the compiled graph's are.  Returns the handles."""
+    are taken now and then fixed, as the compiled graph's are.  Linears named in ``skip``
+    (routers) are left alone.  Returns the handles."""
     from transformers.pytorch_utils import Conv1D
 
     from wina_fx.kernels import reference
@@ -60,7 +61,7 @@ def masked_input_hooks(model, sparsity: float) -> list:
 
     hooks = []
     for name, module in model.named_modules():
-        if name == "lm_head" or not isinstance(module, (torch.nn.Linear, Conv1D)):
+        if name == "lm_head" or name in skip or not isinstance(module, (torch.nn.Linear, Conv1D)):
             continue
         used = module.weight.t() if isinstance(module, Conv1D) else module.weight
         score, k = channel_scores("wina", used).detach(), keep_count(used.shape[1], sparsity)

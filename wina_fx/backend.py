@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from wina_fx.passes.find_linears import LinearSite, unrecognized_weights
+from wina_fx.passes.experts import gate_experts
 from wina_fx.passes.gate import Gate, gate_linears
 from wina_fx.passes.group import group_sibling_linears
 from wina_fx.passes.prepare import prepare
@@ -81,15 +82,16 @@ def _kernel_layout(config: WinaConfig, sites: list[LinearSite], result: Plan):
     """(the kernels run, indices of the linears to group, the model's weights still to be
     stored as the kernels read them).  The graph's own weight constants (the prepass's)
     are re-laid out here and now; the model's parameters are left to ``RelayoutFirst``."""
-    on_kernels = bool(result.gates) and weight_layout.kernels_read_rows(sites[next(iter(result.gates))].weight)
-    if any(weight_layout.trains(sites[i].weight) for i in result.gates):
+    linear_gates = _linear_gates(result.gates, sites)
+    on_kernels = bool(linear_gates) and weight_layout.kernels_read_rows(sites[next(iter(linear_gates))].weight)
+    if any(weight_layout.trains(sites[i].weight) for i in linear_gates):
         # A training graph reads each weight as stored: a grouped op's weight is a view of
         # several parameters, through which no gradient would flow, and a re-layout mid
         # training would recompile the graph with scores taken from the updated weights.
         result.notes.append("training graph: weights read as stored (not grouped, not re-laid out)")
         return False, set(), []
-    grouped = {i for i, g in result.gates.items() if g.rule.k is None} if config.group and on_kernels else set()
-    sets = weight_layout.sibling_sets(sites, grouped, set(result.gates))
+    grouped = {i for i, g in linear_gates.items() if g.rule.k is None} if config.group and on_kernels else set()
+    sets = weight_layout.sibling_sets(sites, grouped, set(linear_gates))
     lifted = [s for s in sets if any(_is_input(sites[i]) for i in s)]
     weight_layout.relayout(weight_layout.pending(sites, [s for s in sets if s not in lifted]))
     return on_kernels, grouped, weight_layout.pending(sites, lifted)
@@ -120,6 +122,12 @@ def _dense_prefill(result: Plan, sites: list[LinearSite]) -> Plan:
     return Plan({}, rows, None, result.notes + [f"prefill='dense': {reason}: every linear dense"])
 
 
+def _linear_gates(gates: dict[int, Gate], sites: list[LinearSite]) -> dict[int, Gate]:
+    """The gates of 2-D linears (the sparse ops); the experts of 3-D expert weights are
+    gated by ``passes/experts.py``."""
+    return {i: g for i, g in gates.items() if sites[i].expert is None}
+
+
 def _is_input(site: LinearSite) -> bool:
     return site.weight_node is not None and site.weight_node.op == "placeholder"
 
@@ -137,6 +145,11 @@ def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Pla
                 row.counts = counts[index]
     inputs = result.rewrite(gm) if result.rewrite is not None else {}
     notes = list(prepass.notes if prepass is not None else []) + result.notes
+    expert_ops = gate_experts(gm, gates, sites, counts)
+    if expert_ops:
+        notes.append(f"experts: the inputs of {len(expert_ops)} expert ops masked row by row by each row's expert; "
+                     "the ops read each routed expert's whole weight (no sparse expert kernel yet)")
+    gates = _linear_gates(gates, sites)
     if gates:
         copied = [sites[i].name for i in gates if weight_layout.needs_transposed_copy(sites[i])]
         gate_linears(gm, gates, sites, counts, inputs)

@@ -230,17 +230,32 @@ def _observing_backend(method, recipe, samplers: dict, fingerprint: dict, capaci
                 fingerprint[site.name] = (tuple(site.weight.shape), _checksum(site.weight))
                 if rows is not None:
                     rows[site.name] = _RowSampler(ROW_SAMPLES, generator)
+            with gm.graph.inserting_before(site.node):
+                seen = _routed_rows(gm.graph, site, observed[index])
             gm.add_submodule(f"wina_observer_{index}", samplers[site.name])
             with gm.graph.inserting_before(site.node):
-                gm.graph.call_module(f"wina_observer_{index}", (observed[index],))
+                gm.graph.call_module(f"wina_observer_{index}", (seen,))
             if rows is not None:
                 gm.add_submodule(f"wina_rows_{index}", rows[site.name])
                 with gm.graph.inserting_before(site.node):
-                    gm.graph.call_module(f"wina_rows_{index}", (site.input,))
+                    gm.graph.call_module(f"wina_rows_{index}", (_routed_rows(gm.graph, site, site.input),))
         gm.recompile()
         return gm.forward  # op by op: calibration needs the side effect, not speed
 
     return backend
+
+
+def _routed_rows(graph: fx.Graph, site: LinearSite, x: fx.Node) -> fx.Node:
+    """x itself, or for an expert of an expert op the rows of x routed to that expert."""
+    if site.expert is None:
+        return x
+    rows = site.expert_rows
+    expert = graph.call_function(reference.expert_of_rows, (rows.kind, rows.node, x, rows.experts))
+    return graph.call_function(_rows_of, (x, expert, site.expert))
+
+
+def _rows_of(x: torch.Tensor, expert: torch.Tensor, wanted: int) -> torch.Tensor:
+    return x[expert == wanted]
 
 
 def calibrate(

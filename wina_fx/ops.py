@@ -103,6 +103,25 @@ def count_kept(counts: Tensor, slot: int, x: Tensor, score: Tensor, k: int, thre
     counts[slot, 1] += mask.numel()
 
 
+@torch.library.custom_op("wina::count_expert_kept", mutates_args=("counts",))
+def count_expert_kept(counts: Tensor, slots: list[int], keep: Tensor, expert: Tensor) -> None:
+    """Add to counts[slots[e]] the (kept, seen) channel counts of the rows routed to expert
+    e, for every expert e with a slot >= 0; ``keep`` (S, K) is the mask the expert op uses,
+    ``expert`` (S,) each row's expert."""
+    experts = len(slots)
+    kept = torch.zeros(experts, dtype=torch.float64, device=keep.device).index_add_(
+        0, expert, keep.sum(-1).to(torch.float64))
+    seen = torch.bincount(expert, minlength=experts).to(torch.float64) * keep.shape[-1]
+    index = torch.tensor(slots, device=counts.device)
+    valid = index >= 0
+    counts.index_add_(0, index[valid], torch.stack([kept, seen], dim=1).to(counts.device)[valid])
+
+
+@count_expert_kept.register_fake
+def _(counts, slots, keep, expert):
+    return None
+
+
 @topk_linear.register_fake
 def _(x, weight_t, bias, score, k):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
