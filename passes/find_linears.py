@@ -290,12 +290,14 @@ def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
 
     A linear is an output head (the logits projection) when its out_features equal the
     row count of an embedding table the graph reads and its result reaches the graph's
-    output through no other linear. A linear whose weight is
+    output through no other linear, and no later linear's does (a fused q/k/v whose width
+    happens to equal the vocabulary reaches the output too, through the k/v cache). A linear whose weight is
     computed in the graph, or whose tensor is not at hand, gets a ``problem``.
     """
     vocabulary_sizes = _vocabulary_sizes(gm, example_inputs)
     linear_nodes = {node for node in gm.graph.nodes if _match_linear(node) is not None}
     last_linears = _linears_feeding_output(gm, linear_nodes)
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
     sites = []
     for node in gm.graph.nodes:
         sites += _expert_sites(gm, node, example_inputs)
@@ -330,6 +332,7 @@ def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
         site = LinearSite(node, name, x, weight_node, bias_node, weight, transposed, problem=problem)
         site.is_output_head = (
             node in last_linears and weight is not None and weight.shape[0] in vocabulary_sizes
+            and not any(position[later] > position[node] for later in last_linears)
         )
         site.is_router = _decides_routing(node, site.out_features)
         sites.append(site)

@@ -13,6 +13,7 @@ from wina_fx.passes.find_mlps import find_gated_mlps
 from .base import Method, unit_scores
 from .plan import Plan, dense_reason, keep_rule, row, zero_skipping_gate
 
+EXPERTS = "cats masks dense gated MLPs only, not the experts of an expert op"
 ONLY_MLP = "cats sparsifies only the MLP (not the down projection of a gated MLP act(gate(x)) * up(x))"
 
 
@@ -45,7 +46,7 @@ class Cats(Method):
                 reason = dense_reason(config, site, target)
             else:
                 target = None
-                reason = site.dense_reason or roles.get(index, ONLY_MLP)
+                reason = site.dense_reason or roles.get(index, EXPERTS if site.expert is not None else ONLY_MLP)
             if reason is None:
                 masks[index] = keep_rule(config, site, target)
                 gates[index] = zero_skipping_gate(site)

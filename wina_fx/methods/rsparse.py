@@ -174,6 +174,8 @@ class RSparse(Method):
         for index, site in enumerate(sites):
             target = config.sparsity_for(site.name)
             reason = dense_reason(config, site, target)
+            if reason is None and site.expert is not None:
+                reason = "rsparse has no low-rank split of an expert weight yet"
             if reason is None and config.rsparse_share == "search" and site.name not in config.calibration.samples:
                 reason = "no calibration tokens for it (R-Sparse's search needs them)"
             if reason is None:
