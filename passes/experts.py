@@ -58,8 +58,7 @@ def gate_experts(gm: fx.GraphModule, gates: dict, sites: list[LinearSite],
             keep[sites[i].expert] = float(rule.k if topk else rule.threshold)
             slots[sites[i].expert] = i
         keep = keep.long() if topk else keep
-        # the node reading x on the op's behalf (bmm reads x[..., None]); the mask goes before it
-        reader = node if x in node.all_input_nodes else next(a for a in node.all_input_nodes if x in a.all_input_nodes)
+        reader = first.reader  # the mask goes before it
         score_node = add_constant(gm, "wina_expert_score", scores, before=reader)
         keep_node = add_constant(gm, "wina_expert_keep", keep, before=reader)
         with gm.graph.inserting_before(reader):

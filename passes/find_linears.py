@@ -73,6 +73,15 @@ class LinearSite:
         return None if self.weight is None else self.weight.shape[0]
 
     @property
+    def reader(self) -> fx.Node:
+        """The node whose reading of ``input`` the site's sparsity changes: the linear itself,
+        or for an expert, the expert op or the node reading x on its behalf (bmm reads
+        x[..., None])."""
+        if self.expert is None or self.input in self.node.all_input_nodes:
+            return self.node
+        return next(a for a in self.node.all_input_nodes if self.input in a.all_input_nodes)
+
+    @property
     def dense_reason(self) -> str | None:
         """Why no method may sparsify this linear (no usable weight, the output head, a
         router), or None when it can be gated."""

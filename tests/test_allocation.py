@@ -217,3 +217,34 @@ def test_fast_topk_mask_keeps_the_channels_of_the_reference_rule():
     score = torch.rand(37, generator=torch.Generator().manual_seed(1)) + 0.1
     for k in range(0, 38):
         assert torch.equal(topk_mask(x, score, k), reference.topk_mask(x, score, k)), k
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_experts_are_allocated_per_expert_weight(implementation):
+    """Mixtral: the greedy evaluates each expert of the 3-D expert weights as a linear of its
+    own (rows masked by their routed expert), its block replay equals the backend's top-k
+    model, and the allocation meets the target over attention and experts together."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                        num_experts_per_tok=2, num_local_experts=4)
+    model = transformers.MixtralForCausalLM(config).eval()
+    model.config._experts_implementation = implementation
+    recorder = AllocationRecorder("wina")
+    with torch.no_grad():
+        torch.compile(model, backend=recorder)(TINY_BATCHES[0])
+        (evaluator,), calls = recorder.graphs[0]
+        block = evaluator.block
+        assert sum(".experts." in s.name for s in block.sites) == 8
+        env = {n: calls[0][n] for n in block.frontier}
+        hidden = evaluator.evaluate(env, block.nodes, [0.5] * len(block.sites))[block.output]
+        replayed = model.lm_head(model.model.norm(hidden))
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="wina", options={"sparsity": 0.5, "inductor": False})
+        torch.testing.assert_close(replayed, compiled(TINY_BATCHES[0]).logits, rtol=1e-5, atol=1e-5)
+    allocation = allocate(recorder, [0.5])[0][0.5]
+    sizes = {s.name: s.in_features * s.out_features for s in block.sites}
+    assert set(allocation) == set(sizes) and _mean(allocation, sizes) == pytest.approx(0.5)
+    torch._dynamo.reset()

@@ -27,6 +27,9 @@ prepass, so it scores exactly the linears, weights and activations the backend s
 * a gated linear computes ``kernels.reference.masked_linear`` with the top-k mask of its
   method's ``channel_scores`` and k = ``keep_count(K, s)``: the backend's top-k rule (the
   same channels as ``reference.topk_mask`` up to ties; ``topk_mask`` below is faster).
+  An expert of a 3-D expert weight is a linear of its block too: its op (or the node
+  reading x for it) is re-run on rows masked by their routed expert's rule
+  (``reference.expert_keep_mask``), as ``passes/experts.py`` masks them.
 
 Parameters (TEAL, arXiv 2408.14690, FasterDecoding/TEAL ``teal/greedyopt.py``):
 ``step``: TEAL's ``base_step_size`` is 0.05 (``TEAL_STEP``); the default here is 0.1, half
@@ -125,12 +128,12 @@ def find_blocks(gm: fx.GraphModule, sites: Sequence[LinearSite]) -> list[Block]:
     """Group ``sites`` (the linears to allocate) into blocks and find each block's nodes."""
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
     groups: dict[str, list[LinearSite]] = {}
-    for site in sorted(sites, key=lambda s: position[s.node]):
+    for site in sorted(sites, key=lambda s: position[s.reader]):
         groups.setdefault(block_name(site.name), []).append(site)
-    starts = sorted(position[g[0].node] for g in groups.values())
+    starts = sorted(position[g[0].reader] for g in groups.values())
     blocks = []
     for name, members in groups.items():
-        following = [p for p in starts if p > position[members[-1].node]]
+        following = [p for p in starts if p > position[members[-1].reader]]
         output, depends = _block_output(gm, members, position, following[0] if following else len(position))
         if output is None:
             raise ValueError(
@@ -145,16 +148,19 @@ def find_blocks(gm: fx.GraphModule, sites: Sequence[LinearSite]) -> list[Block]:
                 continue
             feeding.add(node)
             stack.extend(node.all_input_nodes)
+        # in-place writes into a tensor the block itself creates (grouped_mm's inverse
+        # permutation: inv[perm] = arange) are part of computing it: re-run them too
+        feeding |= {n for n in depends if _mutates(n) and n.args and n.args[0] in feeding}
         nodes = sorted(feeding, key=position.__getitem__)
         for node in nodes:
-            if _mutates(node):
+            if _mutates(node) and not (node.args and node.args[0] in feeding):
                 raise ValueError(
                     f"allocation: block {name!r} has the in-place op {node.format_node()}; "
                     "re-evaluating it would change recorded values"
                 )
         downstream = []
         for site in members:
-            changed = {site.node}
+            changed = {site.reader}
             for node in nodes:
                 if any(a in changed for a in node.all_input_nodes):
                     changed.add(node)
@@ -168,16 +174,18 @@ def _block_output(gm: fx.GraphModule, members: list[LinearSite], position: dict,
     """(output, nodes depending on a linear of ``members``) of a block: the first add that
     depends on every one of its linears, before position ``limit``; failing that, the first
     node that does; None if no node does."""
-    index = {s.node: i for i, s in enumerate(members)}
+    bits: dict[fx.Node, int] = {}  # reader -> bitmask of the linears whose sparsity changes it
+    for i, site in enumerate(members):
+        bits[site.reader] = bits.get(site.reader, 0) | (1 << i)
     full = (1 << len(members)) - 1
     reach: dict[fx.Node, int] = {}  # node -> bitmask of the block's linears it depends on
     first_full = None
     for node in gm.graph.nodes:
-        if position[node] < position[members[0].node]:
+        if position[node] < position[members[0].reader]:
             continue
         if position[node] >= limit:
             break
-        mask = (1 << index[node]) if node in index else 0
+        mask = bits.get(node, 0)
         for arg in node.all_input_nodes:
             mask |= reach.get(arg, 0)
         if not mask:
@@ -219,7 +227,11 @@ class _Evaluator(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, block: Block, method: str, recipe: str = "default"):
         super().__init__(gm, garbage_collect_values=False)
         self.block = block
-        self.index = {s.node: i for i, s in enumerate(block.sites)}
+        self.index = {s.node: i for i, s in enumerate(block.sites) if s.expert is None}
+        self.experts: dict[fx.Node, list[int]] = {}  # expert op's reader -> its experts' indices
+        for i, s in enumerate(block.sites):
+            if s.expert is not None:
+                self.experts.setdefault(s.reader, []).append(i)
         chosen = get_method(method)
         self.scores = [chosen.site_score(s, chosen.recipes[recipe])[0].to(s.weight.device) for s in block.sites]
 
@@ -227,7 +239,10 @@ class _Evaluator(fx.Interpreter):
         self.env = env
         for node in nodes:
             i = self.index.get(node)
-            if i is None or sparsities[i] == 0.0:
+            experts = [j for j in self.experts.get(node, ()) if sparsities[j] > 0.0]
+            if experts:
+                env[node] = self._run_masked_experts(node, experts, sparsities)
+            elif i is None or sparsities[i] == 0.0:
                 env[node] = self.run_node(node)
             else:
                 site = self.block.sites[i]
@@ -235,6 +250,25 @@ class _Evaluator(fx.Interpreter):
                 mask = topk_mask(x, self.scores[i], keep_count(site.in_features, sparsities[i]))
                 env[node] = reference.masked_linear(x, site.weight, self._bias(site, env), mask)
         return env
+
+    def _run_masked_experts(self, reader: fx.Node, experts: list[int], sparsities: Sequence[float]):
+        """``reader`` run on its input rows masked by their routed experts' top-k rules."""
+        first = self.block.sites[experts[0]]
+        rows, x_node = first.expert_rows, first.input
+        x = self.env[x_node]
+        scores = torch.ones(rows.experts, x.shape[-1], dtype=torch.float32, device=x.device)
+        keep = torch.full((rows.experts,), x.shape[-1], dtype=torch.long, device=x.device)
+        for j in experts:
+            site = self.block.sites[j]
+            scores[site.expert] = self.scores[j]
+            keep[site.expert] = keep_count(site.in_features, sparsities[j])
+        expert = reference.expert_of_rows(rows.kind, self.env[rows.node], x, rows.experts)
+        mask = reference.expert_keep_mask(x, expert, scores, keep, topk=True)
+        self.env[x_node] = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        try:
+            return self.run_node(reader)
+        finally:
+            self.env[x_node] = x
 
     def _bias(self, site: LinearSite, env: dict):
         if site.node.op == "call_module":
@@ -346,8 +380,7 @@ class AllocationRecorder:
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **_):
         _, sites = prepare(gm, example_inputs, *self.prepass)
-        # what the backend may gate; the experts of an expert op share its node (not covered yet)
-        gated = [s for s in sites if s.dense_reason is None and s.expert is None]
+        gated = [s for s in sites if s.dense_reason is None]  # what the backend may gate
         evaluators = [_Evaluator(gm, b, self.method, self.recipe) for b in find_blocks(gm, gated)]
         keep = set().union(*(e.block.frontier for e in evaluators)) if evaluators else set()
         calls: list[dict] = []

@@ -53,8 +53,6 @@ def dense_reason(config, site: LinearSite, target: float | None) -> str | None:
     if site.dense_reason is not None:
         return site.dense_reason
     if target is None:
-        if config.sparsity_allocation == "greedy" and site.expert is not None:
-            return "greedy allocation does not cover expert weights yet (uniform sparsity does)"
         if config.sparsity_allocation == "greedy":
             return "not in the calibration's greedy allocation"
         return "no pattern of option 'sparsity' matches its name"
