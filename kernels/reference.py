@@ -89,3 +89,12 @@ def expert_keep_mask(x: torch.Tensor, expert: torch.Tensor, scores: torch.Tensor
     order = imp.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
     return rank < keep[expert].unsqueeze(-1)
+
+
+def expert_threshold_linear(x, expert, weight_t, scores, thresholds):
+    """Rows x (S, K) each through the threshold linear of its expert e = expert[s]:
+    (x[s] * m_s) @ weight_t[e], weight_t (E, K, N), m_s keeping |x[s, i]| * scores[e, i] >
+    thresholds[e].  Returns (S, N)."""
+    keep = expert_keep_mask(x, expert, scores, thresholds, topk=False)
+    xm = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.bmm(xm.unsqueeze(1), weight_t[expert].to(x.dtype)).squeeze(1)

@@ -206,6 +206,11 @@ class _Problem:
     k: int | None
     grouped: bool
     lead: tuple[int, ...]
+    # rows routed to experts (expert_threshold_linear): each row's expert, the experts'
+    # thresholds, and the element stride between experts' W^T; score is then (E, K)
+    expert: Tensor | None = None
+    expert_thresholds: Tensor | None = None
+    expert_stride: int = 0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -344,8 +349,11 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
             cfg = {"BLOCK_KS": max(256, min(triton.next_power_of_2(k_per), 4096)), **cfg}
             args.append(_empty((M * split * grid[0] * k_per,), torch.int32, device))  # kept-id scratch
         kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
+        experts = dict(expert_ptr=out, thr_ptr=out, stride_we=0, EXPERTS=False)
+        if p.expert is not None:
+            experts = dict(expert_ptr=p.expert, thr_ptr=p.expert_thresholds, stride_we=p.expert_stride, EXPERTS=True)
         _launch(kernel, grid, *args, *strides, k_per, MODE=mode, HAS_BIAS=has_bias,
-                **_segments(p.ends, p.thresholds), **{**cfg, "REDUCE": reduce})
+                **_segments(p.ends, p.thresholds), **experts, **{**cfg, "REDUCE": reduce})
     if split > 1 and reduce == 0:  # partials only: sum them in a second launch
         _launch(kern._splitk_reduce_kernel, (triton.cdiv(N, 256), M), part, p.bias if has_bias else out, out,
                 M, N, out.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split),
@@ -382,6 +390,46 @@ def topk_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
     min(max(k, 0), K) channels are kept per token.
     """
     return _sparse_linear(x, weight_t, bias, score, k=k, workspace=workspace)
+
+
+def expert_threshold_linear(x: Tensor, expert: Tensor, weight_t: Tensor, scores: Tensor, thresholds: Tensor,
+                            sparsity_hint: float = 0.0, workspace: Tensor | None = None, *,
+                            path: str | None = None, config: dict | None = None) -> Tensor:
+    """Rows of a mixture-of-experts op, each through the threshold linear of its expert, in
+    one launch: y[s] = (x[s] * m_s) @ weight_t[e] with e = expert[s] and m_s keeping the
+    channels with |x[s, i]| * scores[e, i] > thresholds[e], as
+    ``reference.expert_threshold_linear``.
+
+    x (S, K); expert (S,) integer ids in [0, E); weight_t (E, K, N) with unit column stride
+    (each expert's W^T, rows contiguous); scores (E, K) float32; thresholds (E,) float32.
+    The GEMV kernels run one program column per row (meant for decode: S = tokens x
+    top-k); ``path``/``config`` override the dispatch (tests, benchmarks).
+    """
+    S, K = x.shape
+    if weight_t.dim() != 3 or weight_t.shape[1] != K or weight_t.stride(2) != 1:
+        raise ValueError(f"weight_t must be (E, K={K}, N) with unit column stride, got {tuple(weight_t.shape)} "
+                         f"strides {weight_t.stride()}")
+    E, _, N = weight_t.shape
+    if scores.shape != (E, K) or thresholds.shape != (E,) or expert.shape != (S,):
+        raise ValueError(f"scores must be {(E, K)}, thresholds {(E,)} and expert {(S,)}; got "
+                         f"{tuple(scores.shape)}, {tuple(thresholds.shape)}, {tuple(expert.shape)}")
+    if K * N >= 2**31:
+        raise ValueError("an expert's weight has 2**31 elements or more: int32 offsets would overflow")
+    out = _empty((S, N), x.dtype, x.device)
+    if S == 0 or N == 0:
+        return out
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    p = _Problem(x2, weight_t[0], None, scores.to(torch.float32).contiguous(), (N,), (0.0,), None, False, (S,),
+                 expert=expert.contiguous(), expert_thresholds=thresholds.to(torch.float32).contiguous(),
+                 expert_stride=weight_t.stride(0))
+    sms = _num_sms(x.device)
+    if path is None:
+        path, tiles = _gemv_choice(N, K, x.dtype, sms, sparsity_hint)
+        config = {**tiles, **(config or {})}
+    if path not in ("gemv", "gemv_masked"):
+        raise ValueError(f"expert rows run on path 'gemv' or 'gemv_masked', not {path!r}")
+    _kernel(p, path, {**_CONFIGS[path](1, N, K, x.dtype, sms), **(config or {})}, out, workspace)
+    return out
 
 
 def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, scores: Tensor,

@@ -177,9 +177,11 @@ def _gemv_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
+    expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr,
 ):
     """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
-    Groups of linears (GROUPS, END0, ...) as in _gemv_masked_kernel.
+    Groups of linears (GROUPS, END0, ...) and rows routed to experts (EXPERTS, ...) as in
+    _gemv_masked_kernel.
 
     Program (n, s, m) owns output columns [n BLOCK_N, (n+1) BLOCK_N) of token m and input
     channels [s K_PER_SPLIT, (s+1) K_PER_SPLIT).  It decides the keep mask of its
@@ -194,6 +196,8 @@ def _gemv_kernel(
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     x_row = x_ptr + m * stride_xm
+    if EXPERTS:
+        wt_ptr, score_ptr, threshold = _expert_of_row(m, K, wt_ptr, score_ptr, expert_ptr, thr_ptr, stride_we)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     scr = scr_ptr + ((m * SPLIT_K + pid_k) * tl.num_programs(0) + pid_n) * K_PER_SPLIT
@@ -238,6 +242,7 @@ def _gemv_masked_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
+    expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr,
 ):
     """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
 
@@ -255,11 +260,17 @@ def _gemv_masked_kernel(
     The column tiles are counted per linear, so each program owns columns of one linear
     and applies that linear's keep rule: one launch for q/k/v or gate/up.  ENDS_ALIGNED:
     END0 and END1 are multiples of 16.
+
+    EXPERTS: row m of x is routed to expert e = expert[m] of a 3-D weight: wt, score and
+    threshold are expert e's (wt + e * stride_we, score + e * K, thr[e]); one launch for
+    every routed row of a mixture-of-experts op.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     x_row = x_ptr + m * stride_xm
+    if EXPERTS:
+        wt_ptr, score_ptr, threshold = _expert_of_row(m, K, wt_ptr, score_ptr, expert_ptr, thr_ptr, stride_we)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     col0 = pid_n * BLOCK_N
@@ -283,6 +294,13 @@ def _gemv_masked_kernel(
     # n_end: a tile ending inside its linear stores nothing into the next one's columns
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
             part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, REDUCE, n_end)
+
+
+@triton.jit
+def _expert_of_row(m, K, wt_ptr, score_ptr, expert_ptr, thr_ptr, stride_we):
+    """(weight, score row, threshold) of the expert row m is routed to."""
+    e = tl.load(expert_ptr + m).to(tl.int64)
+    return wt_ptr + e * stride_we, score_ptr + e * K, tl.load(thr_ptr + e)
 
 
 @triton.jit

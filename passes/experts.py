@@ -4,12 +4,16 @@ An expert op (``find_linears``: a grouped or batched matmul over a 3-D expert we
 every expert's weight at once, so its experts are gated together: before the op, its
 input rows are masked, each row x_s by the keep rule of the expert e(s) it is routed to
 (importance |x_s,i| * score_e,i, top-k or the expert's calibrated threshold), and the op
-then multiplies the masked rows.  The op itself is left as it was (on every device it
-still reads each routed expert's whole weight: no sparse expert kernel yet).
+then multiplies the masked rows, reading each routed expert's whole weight.
 
 Invariant: every node but the expert ops named by ``gates`` (and the nodes inserted
 before them) is left as it was; an expert op computes what it computed before on
 x * m; with gates that keep every channel, the graph computes what it computed before.
+
+On CUDA, with threshold rules and a decode-sized op (at most EXPERT_KERNEL_MAX_ROWS rows,
+fixed when traced), the op is replaced by ``wina::expert_threshold_linear``: one GEMV
+launch in which each row reads only the kept rows of its expert's W_e^T (the backend has
+stored the 3-D weight so, in place).  Elsewhere the op stays and reads its input masked.
 """
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ import torch.fx as fx
 import wina_fx.ops  # noqa: F401  (registers torch.ops.wina)
 from wina_fx.kernels import reference
 
+from . import weight_layout
 from .find_linears import LinearSite
 from .graph_utils import add_constant, shared_constant
+
+EXPERT_KERNEL_MAX_ROWS = 16  # routed rows (tokens x top-k) up to which the GEMV kernel runs them
 
 
 def zero_dropped(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -61,14 +68,52 @@ def gate_experts(gm: fx.GraphModule, gates: dict, sites: list[LinearSite],
         reader = first.reader  # the mask goes before it
         score_node = add_constant(gm, "wina_expert_score", scores, before=reader)
         keep_node = add_constant(gm, "wina_expert_keep", keep, before=reader)
+        kernel = not topk and _runs_on_kernels(first)
         with gm.graph.inserting_before(reader):
             expert = gm.graph.call_function(reference.expert_of_rows, (rows.kind, rows.node, x, rows.experts))
-            mask = gm.graph.call_function(reference.expert_keep_mask, (x, expert, score_node, keep_node, topk))
-            xm = gm.graph.call_function(zero_dropped, (x, mask))
+            if counts_node is not None or not kernel:
+                mask = gm.graph.call_function(reference.expert_keep_mask, (x, expert, score_node, keep_node, topk))
             if counts_node is not None:
                 gm.graph.call_function(torch.ops.wina.count_expert_kept.default, (counts_node, slots, mask, expert))
+        if kernel:
+            hint = min(float(gates[i].rule.sparsity or 0.0) for i in gated)
+            masked[node] = _replace_by_kernel(gm, node, first, reader, expert, score_node, keep_node, hint)
+            continue
+        with gm.graph.inserting_before(reader):
+            xm = gm.graph.call_function(zero_dropped, (x, mask))
         reader.replace_input_with(x, xm)
         masked[node] = xm
     gm.graph.lint()
     gm.recompile()
     return masked
+
+
+def _runs_on_kernels(site: LinearSite) -> bool:
+    """The expert op's rows can run on the sparse GEMV kernel: CUDA, inference, W_e^T rows
+    contiguous in place, and a decode-sized row count fixed at trace time."""
+    rows = site.input.meta.get("val", site.input.meta.get("example_value"))
+    count = rows.shape[0] if rows is not None and rows.dim() == 2 else None
+    return (isinstance(count, int) and count <= EXPERT_KERNEL_MAX_ROWS and weight_layout.kernels_read_rows(site.stacked)
+            and not weight_layout.trains(site.stacked)
+            and weight_layout.has_expert_row_layout(site.stacked, site.weight_is_transposed))
+
+
+def _replace_by_kernel(gm, node, site: LinearSite, reader, expert, score_node, keep_node, hint: float) -> fx.Node:
+    """Replace the expert op by ``wina::expert_threshold_linear`` (its output in the op's
+    shape); the op's weight gather and x view go if nothing else reads them."""
+    with gm.graph.inserting_before(node):
+        weight_t = site.weight_node if site.weight_is_transposed else \
+            gm.graph.call_method("transpose", (site.weight_node, 1, 2))
+        y = gm.graph.call_function(torch.ops.wina.expert_threshold_linear.default,
+                                   (site.input, expert, weight_t, score_node, keep_node, hint))
+        out = y
+        if reader is not node:  # bmm(W[ids], x[..., None]) is (S, N, 1); bmm(x[:, None], W[ids]) (S, 1, N)
+            out = gm.graph.call_method("unsqueeze", (y, -1 if node.args[1] is reader else 1))
+    out.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    operands = node.all_input_nodes
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    for operand in operands:  # the gathered weights W[ids] (a copy of whole experts) and x[..., None]
+        if not operand.users and operand.op in ("call_function", "call_method"):
+            gm.graph.erase_node(operand)
+    return y

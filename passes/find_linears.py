@@ -63,6 +63,7 @@ class LinearSite:
     problem: str | None = None
     expert: int | None = None  # the expert of a 3-D expert weight this site is (weight = W[expert])
     expert_rows: ExpertRows | None = None  # how the op's input rows map to experts
+    stacked: torch.Tensor | None = None  # that 3-D weight, as stored
 
     @property
     def in_features(self) -> int | None:
@@ -362,7 +363,7 @@ def _expert_sites(gm: fx.GraphModule, node: fx.Node, example_inputs) -> list[Lin
     name = _parameter_name(weight_node)
     rows = ExpertRows(kind, rows_node, weight.shape[0])
     return [LinearSite(node, f"{name}.{e}", x, weight_node, None, weight[e].t() if transposed else weight[e],
-                       transposed, expert=e, expert_rows=rows) for e in range(weight.shape[0])]
+                       transposed, expert=e, expert_rows=rows, stacked=weight) for e in range(weight.shape[0])]
 
 
 def unrecognized_weights(gm: fx.GraphModule, sites: list[LinearSite], example_inputs=None):

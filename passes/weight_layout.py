@@ -38,6 +38,28 @@ def has_row_layout(weight: torch.Tensor) -> bool:
     return (wt.stride(1) == 1 or n == 1) and (wt.stride(0) >= n or k == 1)
 
 
+def has_expert_row_layout(stacked: torch.Tensor, transposed: bool) -> bool:
+    """A 3-D expert weight (E, N, K) is stored so that each W_e^T (K, N) has unit column
+    stride (``transposed``: it is stored (E, K, N) already, W_e^T itself)."""
+    wt = stacked if transposed else stacked.transpose(1, 2)
+    return wt.stride(2) == 1 and wt.stride(1) >= wt.shape[2]
+
+
+def expert_pending(sites: list[LinearSite], gated: set[int]) -> list[list[torch.Tensor]]:
+    """The 3-D expert weights of gated experts that the kernels will read and that are not
+    yet stored with W_e^T rows contiguous, each once and as a set of its own."""
+    todo, seen = [], set()
+    for i in sorted(gated):
+        site = sites[i]
+        w = site.stacked
+        if w is None or id(w) in seen or not kernels_read_rows(w) or trains(w):
+            continue
+        seen.add(id(w))
+        if not has_expert_row_layout(w, site.weight_is_transposed):
+            todo.append([w])
+    return todo
+
+
 def needs_transposed_copy(site: LinearSite) -> bool:
     """The kernels will read this linear's weight, and it is not stored as W^T: the gate
     pass then reads a transposed copy (the backend re-lays weights out first, so only a
@@ -106,11 +128,17 @@ def pending(sites: list[LinearSite], sets: list[list[int]]) -> list[list[torch.T
 
 def relayout(sets: list[list[torch.Tensor]]) -> int:
     """Store each set's weights side by side as W^T in one new buffer, in place (``.data``),
-    one set at a time (the old storage is freed as soon as nothing else holds it).
+    one set at a time (the old storage is freed as soon as nothing else holds it); a 3-D
+    expert weight (a set of its own) is stored with each expert's W_e^T contiguous.
     Values are copied bit for bit.  Returns the bytes re-laid out."""
     moved = 0
     with torch.no_grad():
         for weights in sets:
+            if weights[0].dim() == 3:  # an expert weight (E, N, K): each W_e^T contiguous
+                w = weights[0]
+                w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
+                moved += w.numel() * w.element_size()
+                continue
             k = weights[0].shape[1]
             buffer = torch.empty(k, sum(w.shape[0] for w in weights), dtype=weights[0].dtype,
                                  device=weights[0].device)

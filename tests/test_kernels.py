@@ -511,3 +511,39 @@ def test_cuda_triton_op_wrapping():
 
     fn = torch.compile(lambda x: op(x, wt, b, score, 0.3), fullgraph=True)
     assert rel_err(fn(x), ref_threshold(x, w, b, score, 0.3)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("E, K, N, S", [(4, 100, 33, 2), (3, 257, 130, 5), (5, 64, 300, 1)])
+def test_expert_rows_match_the_reference(E, K, N, S, dtype):
+    """Rows routed to experts of a 3-D weight, one launch: each row through its expert's
+    threshold rule and W^T, on every GEMV path, the experts' W^T read in place from a
+    weight stored (E, N, K) transposed (as the backend re-lays it out) and from one with
+    padded expert strides."""
+    g = torch.Generator().manual_seed(E * K + S)
+    stored = torch.randn(E, N, K, generator=g).to(dtype)
+    relaid = stored.transpose(1, 2).contiguous().transpose(1, 2)  # values of stored, W_e^T rows contiguous
+    padded = torch.zeros(E, K + 3, N + 5, dtype=dtype)[:, :K, :N]
+    padded.copy_(stored.transpose(1, 2))
+    x = torch.randn(S, K, generator=g).to(dtype)
+    expert = torch.randint(0, E, (S,), generator=g)
+    scores = stored.float().norm(dim=1)  # (E, K) column norms of each W_e
+    thresholds = torch.stack([reference.importance(x, scores[e]).flatten().quantile(0.5) for e in range(E)])
+    ref = reference.expert_threshold_linear(x.double(), expert, stored.transpose(1, 2).double(), scores, thresholds)
+    configs = [(None, None), ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=3, STAGES=1, REDUCE=1, num_warps=4)),
+               ("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=2, STAGES=1, REDUCE=1, num_warps=4)),
+               ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=2, STAGES=1, REDUCE=2, num_warps=4))]
+    for weight_t in (relaid.transpose(1, 2), padded):
+        weight_t = weight_t.to(DEVICE) if DEVICE == "cpu" else _on_cuda_keeping_strides(weight_t)
+        for path, cfg in configs:
+            out = sl.expert_threshold_linear(x.to(DEVICE), expert.to(DEVICE), weight_t, scores.to(DEVICE),
+                                             thresholds.to(DEVICE), 0.5, path=path, config=cfg)
+            assert rel_err(out, ref) < TOL[dtype], (path, cfg)
+    with pytest.raises(ValueError, match="unit column stride"):
+        sl.expert_threshold_linear(x, expert, stored, scores, thresholds)
+
+
+def _on_cuda_keeping_strides(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA copy of ``t`` with the same strides (``.to`` would make a padded view dense)."""
+    base = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cuda")
+    return base.copy_(t)

@@ -122,7 +122,7 @@ def test_experts_are_sparse_per_routed_expert(family, implementation):
     report = wina_fx.last_report()
     measured = [r.measured_sparsity for r in report.sparse_rows if ".experts." in r.name and r.counts[1] > 0]
     assert measured and all(abs(m - 0.5) < 0.02 for m in measured), measured
-    assert any("expert ops masked" in n for n in report.notes)
+    assert any("expert ops masked" in n for n in report.notes), report.notes
     experts = model.model.layers[0].mlp.experts
     hooks = masked_input_hooks(model, 0.5, skip=("model.layers.0.mlp.shared_expert_gate",))
     experts.forward = _masked_experts_forward(experts, 0.5)
@@ -169,16 +169,21 @@ def test_experts_calibrate_per_expert(implementation):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
 @pytest.mark.parametrize("tokens", [1, 11])
 @pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
 @torch.no_grad()
-def test_experts_on_cuda_match_the_cpu(implementation, tokens):
-    """bf16 Mixtral through Inductor on CUDA (torch's grouped_mm there), three calls, against
-    the op-by-op CPU graph of the same model at top-k 50 %."""
+def test_experts_on_cuda_match_the_cpu(implementation, tokens, selection):
+    """bf16 Mixtral through Inductor on CUDA, three calls, against the op-by-op CPU graph of
+    the same model at 50 %: top-k masks the input of torch's grouped_mm / bmm; threshold at
+    one token runs the expert ops as the sparse expert GEMV kernel."""
     model = _moe("mixtral").to(torch.bfloat16)
     model.config._experts_implementation = implementation
     ids = torch.randint(0, 128, (1, tokens), generator=torch.Generator().manual_seed(5))
-    options = {"sparsity": 0.5}
+    options = {"sparsity": 0.5, "selection": selection}
+    if selection == "threshold":
+        calibration_ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(6))
+        options["calibration"] = wina_fx.calibrate(model, [calibration_ids], progress=False)
     torch._dynamo.reset()
     expected = torch.compile(model, backend="wina", options={**options, "inductor": False})(ids).logits.float()
     torch._dynamo.reset()
@@ -186,9 +191,46 @@ def test_experts_on_cuda_match_the_cpu(implementation, tokens):
     try:
         step = torch.compile(gpu, backend="wina", options=options)
         outs = [step(ids.cuda()).logits.float().cpu() for _ in range(3)]
-        assert any("expert ops masked" in n for n in wina_fx.last_report().notes)
+        notes = " ".join(wina_fx.last_report().notes)
+        assert ("run as wina::expert_threshold_linear" in notes) == (selection == "threshold" and tokens == 1), notes
     finally:
         model.cpu()
         torch._dynamo.reset()
     for out in outs:
         assert ((out - expected).norm() / expected.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@torch.no_grad()
+def test_decode_sized_expert_ops_become_one_sparse_op(implementation, monkeypatch):
+    """With the backend's CUDA decisions taken on the CPU (``kernels_read_rows`` patched):
+    the expert weights are stored with each W_e^T contiguous, in place and bit for bit; a
+    one-token step (2 routed rows) runs each expert op as ``wina::expert_threshold_linear``
+    (no gathered copy of whole experts left in the graph) and gives what the masked op
+    gives; the model used eagerly afterwards is unchanged."""
+    from wina_fx.passes import weight_layout
+
+    model = _moe("mixtral")
+    model.config._experts_implementation = implementation
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(6))
+    calibration = wina_fx.calibrate(model, [ids], progress=False)
+    options = {"sparsity": 0.5, "selection": "threshold", "calibration": calibration, "inductor": False}
+    one = ids[:, :1]
+    torch._dynamo.reset()
+    expected = torch.compile(model, backend="wina", options=options)(one).logits
+    eager = model(one).logits
+    experts = model.model.layers[0].mlp.experts
+    values = experts.gate_up_proj.detach().clone()
+
+    monkeypatch.setattr(weight_layout, "kernels_read_rows", lambda weight: True)
+    torch._dynamo.reset()
+    step = torch.compile(model, backend="wina", options=options)
+    outs = [step(one).logits for _ in range(2)]  # the first call re-lays the weights out
+    report = wina_fx.last_report()
+    monkeypatch.undo()
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert experts.gate_up_proj.transpose(1, 2).is_contiguous() and torch.equal(experts.gate_up_proj, values)
+    torch.testing.assert_close(model(one).logits, eager, rtol=1e-6, atol=1e-6)
+    assert any("2 expert ops run as wina::expert_threshold_linear" in n for n in report.notes), report.notes
+    torch._dynamo.reset()

@@ -94,7 +94,9 @@ def _kernel_layout(config: WinaConfig, sites: list[LinearSite], result: Plan):
     sets = weight_layout.sibling_sets(sites, grouped, set(linear_gates))
     lifted = [s for s in sets if any(_is_input(sites[i]) for i in s)]
     weight_layout.relayout(weight_layout.pending(sites, [s for s in sets if s not in lifted]))
-    return on_kernels, grouped, weight_layout.pending(sites, lifted)
+    experts = weight_layout.expert_pending(sites, set(result.gates) - set(linear_gates)) \
+        if config.selection == "threshold" else []
+    return on_kernels, grouped, weight_layout.pending(sites, lifted) + experts
 
 
 def new_tokens(node: fx.Node) -> int | None:
@@ -146,9 +148,14 @@ def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Pla
     inputs = result.rewrite(gm) if result.rewrite is not None else {}
     notes = list(prepass.notes if prepass is not None else []) + result.notes
     expert_ops = gate_experts(gm, gates, sites, counts)
-    if expert_ops:
-        notes.append(f"experts: the inputs of {len(expert_ops)} expert ops masked row by row by each row's expert; "
-                     "the ops read each routed expert's whole weight (no sparse expert kernel yet)")
+    on_kernel = sum(n.target is torch.ops.wina.expert_threshold_linear.default for n in expert_ops.values())
+    if on_kernel:
+        notes.append(f"experts: {on_kernel} expert ops run as wina::expert_threshold_linear (each routed row "
+                     "reads only its expert's kept rows of W_e^T)")
+    if len(expert_ops) > on_kernel:
+        notes.append(f"experts: the inputs of {len(expert_ops) - on_kernel} expert ops masked row by row by each "
+                     "row's expert; those ops read each routed expert's whole weight (the sparse expert kernel "
+                     "runs on CUDA, threshold selection, up to 16 routed rows)")
     gates = _linear_gates(gates, sites)
     if gates:
         copied = [sites[i].name for i in gates if weight_layout.needs_transposed_copy(sites[i])]

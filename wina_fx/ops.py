@@ -55,8 +55,9 @@ def _(device, numel):
     return torch.empty(max(numel, 1 << 16), dtype=torch.int32, device=device)
 
 
-def _workspace(x: Tensor, n_out: int) -> Tensor:
-    return torch.ops.wina.workspace(x.device, _launchers().workspace_size(n_out))
+def _workspace(x: Tensor, n_out: int, rows: int | None = None) -> Tensor:
+    launchers = _launchers()
+    return torch.ops.wina.workspace(x.device, launchers.workspace_size(n_out, rows or launchers.GEMV_MAX_M))
 
 
 @_define("wina::topk_linear")
@@ -87,6 +88,22 @@ def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, sco
         return _launchers().threshold_linear_group(x, weight_t, bias, scores, thresholds, sizes, sparsity_hint,
                                                    _workspace(x, weight_t.shape[1]))
     return reference.threshold_linear_group(x, weight_t.t(), bias, scores, thresholds, sizes)
+
+
+@_define("wina::expert_threshold_linear")
+def expert_threshold_linear(x: Tensor, expert: Tensor, weight_t: Tensor, scores: Tensor, thresholds: Tensor,
+                            sparsity_hint: float = 0.0) -> Tensor:
+    """Rows x (S, K) of a mixture-of-experts op, row s through the threshold linear of expert
+    expert[s]: weight_t (E, K, N), scores (E, K), thresholds (E,).  One launch on CUDA."""
+    if x.is_cuda:
+        return _launchers().expert_threshold_linear(x, expert, weight_t, scores, thresholds, sparsity_hint,
+                                                    _workspace(x, weight_t.shape[2], x.shape[0]))
+    return reference.expert_threshold_linear(x, expert, weight_t, scores, thresholds)
+
+
+@expert_threshold_linear.register_fake
+def _(x, expert, weight_t, scores, thresholds, sparsity_hint=0.0):
+    return x.new_empty((x.shape[0], weight_t.shape[2]))
 
 
 @torch.library.custom_op("wina::count_kept", mutates_args=("counts",))
