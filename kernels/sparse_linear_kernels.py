@@ -38,11 +38,15 @@ KEEP_NONZERO = 1
 
 
 @triton.jit
-def _keep(xf, score_ptr, offs, valid, threshold, MODE: tl.constexpr):
-    """Keep mask of float32 values xf (..., C) at channels offs (C,)."""
+def _keep(xf, score, valid, threshold, MODE: tl.constexpr):
+    """Keep mask of float32 values xf (..., C) whose channels have the loaded scores ``score``.
+
+    The callers load the score themselves (with mask valid & (MODE == 0)): torch's mutation
+    analysis of user kernels counts every pointer passed to a called function whose result
+    reaches a store address as written, and Inductor then clones and writes back that
+    tensor around each launch (the compaction's scratch store depends on the mask)."""
     if MODE == 0:
-        s = tl.load(score_ptr + offs, mask=valid, other=0.0)
-        return (tl.abs(xf) * s > threshold) & valid
+        return (tl.abs(xf) * score > threshold) & valid
     else:
         return (xf != 0.0) & valid
 
@@ -196,24 +200,29 @@ def _gemv_kernel(
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     x_row = x_ptr + m * stride_xm
-    if EXPERTS:
-        wt_ptr, score_ptr, threshold = _expert_of_row(m, K, wt_ptr, score_ptr, expert_ptr, thr_ptr, stride_we)
+    if EXPERTS:  # written out, not called: see _keep on torch's mutation analysis
+        e = tl.load(expert_ptr + m).to(tl.int64)
+        wt_ptr += e * stride_we
+        score_ptr += e * K
+        threshold = tl.load(thr_ptr + e)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     scr = scr_ptr + ((m * SPLIT_K + pid_k) * tl.num_programs(0) + pid_n) * K_PER_SPLIT
     col0 = pid_n * BLOCK_N
     n_end = N
     if GROUPS > 1:
-        col0, n_end, score_ptr, threshold = _segment(pid_n, col0, N, K, END0, END1, score_ptr, threshold,
-                                                     THRESHOLD1, THRESHOLD2, GROUPS, BLOCK_N)
+        col0, n_end, segment, threshold = _segment(pid_n, col0, N, END0, END1, threshold, THRESHOLD1, THRESHOLD2,
+                                                   GROUPS, BLOCK_N)
+        score_ptr += segment * K  # here, not in _segment: see _keep on torch's mutation analysis
         if ENDS_ALIGNED:
             col0 = tl.multiple_of(col0, 16)
     n_keep = tl.full([], 0, tl.int32)
     for c in range(k_lo, k_hi, BLOCK_KS):
         offs = c + tl.arange(0, BLOCK_KS)
         valid = offs < k_hi
-        keep = _keep(tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32), score_ptr, offs, valid,
-                     threshold, MODE).to(tl.int32)
+        score = tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0)
+        keep = _keep(tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32), score, valid, threshold,
+                     MODE).to(tl.int32)
         tl.store(scr + n_keep + tl.cumsum(keep, axis=0) - 1, offs, mask=keep != 0)
         n_keep += tl.sum(keep, axis=0)
     tl.debug_barrier()  # the scratch row is complete before any thread reads it
@@ -269,15 +278,19 @@ def _gemv_masked_kernel(
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     x_row = x_ptr + m * stride_xm
-    if EXPERTS:
-        wt_ptr, score_ptr, threshold = _expert_of_row(m, K, wt_ptr, score_ptr, expert_ptr, thr_ptr, stride_we)
+    if EXPERTS:  # written out, not called: see _keep on torch's mutation analysis
+        e = tl.load(expert_ptr + m).to(tl.int64)
+        wt_ptr += e * stride_we
+        score_ptr += e * K
+        threshold = tl.load(thr_ptr + e)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     col0 = pid_n * BLOCK_N
     n_end = N
     if GROUPS > 1:
-        col0, n_end, score_ptr, threshold = _segment(pid_n, col0, N, K, END0, END1, score_ptr, threshold,
-                                                     THRESHOLD1, THRESHOLD2, GROUPS, BLOCK_N)
+        col0, n_end, segment, threshold = _segment(pid_n, col0, N, END0, END1, threshold, THRESHOLD1, THRESHOLD2,
+                                                   GROUPS, BLOCK_N)
+        score_ptr += segment * K  # here, not in _segment: see _keep on torch's mutation analysis
         if ENDS_ALIGNED:  # tell the compiler, which lost track through _segment, for 16-byte loads
             col0 = tl.multiple_of(col0, 16)
     offs_n = col0 + tl.arange(0, BLOCK_N)
@@ -287,7 +300,7 @@ def _gemv_masked_kernel(
         offs = c + tl.arange(0, BLOCK_K)
         valid = offs < k_hi
         xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
-        keep = _keep(xf, score_ptr, offs, valid, threshold, MODE)
+        keep = _keep(xf, tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0), valid, threshold, MODE)
         w = tl.load(wt_ptr + offs[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & nmask[None, :],
                     other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None]  # where: a dropped NaN never reaches y
@@ -297,17 +310,10 @@ def _gemv_masked_kernel(
 
 
 @triton.jit
-def _expert_of_row(m, K, wt_ptr, score_ptr, expert_ptr, thr_ptr, stride_we):
-    """(weight, score row, threshold) of the expert row m is routed to."""
-    e = tl.load(expert_ptr + m).to(tl.int64)
-    return wt_ptr + e * stride_we, score_ptr + e * K, tl.load(thr_ptr + e)
-
-
-@triton.jit
-def _segment(pid_n, col0, N, K, END0, END1, score_ptr, threshold, THRESHOLD1, THRESHOLD2,
+def _segment(pid_n, col0, N, END0, END1, threshold, THRESHOLD1, THRESHOLD2,
              GROUPS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(first column, end column, score row, threshold) of column tile pid_n when the
-    tiles are counted linear by linear (see _gemv_masked_kernel)."""
+    """(first column, end column, linear, threshold) of column tile pid_n when the tiles
+    are counted linear by linear (see _gemv_masked_kernel)."""
     tiles0 = tl.cdiv(END0, BLOCK_N)
     in1 = pid_n >= tiles0
     col0 = tl.where(in1, END0 + (pid_n - tiles0) * BLOCK_N, col0)
@@ -321,7 +327,7 @@ def _segment(pid_n, col0, N, K, END0, END1, score_ptr, threshold, THRESHOLD1, TH
         n_end = tl.where(in2, N, n_end)
         seg = tl.where(in2, 2, seg)
         threshold = tl.where(in2, THRESHOLD2, threshold)
-    return col0, n_end, score_ptr + seg * K, threshold
+    return col0, n_end, seg, threshold
 
 
 @triton.jit
@@ -354,7 +360,8 @@ def _gemm_masked_kernel(
         kmask = offs_k < K
         inb = mmask[:, None] & kmask[None, :]
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=inb, other=0.0)
-        a = tl.where(_keep(a.to(tl.float32), score_ptr, offs_k[None, :], inb, threshold, MODE), a, tl.zeros_like(a))
+        score = tl.load(score_ptr + offs_k[None, :], mask=inb & (MODE == 0), other=0.0)
+        a = tl.where(_keep(a.to(tl.float32), score, inb, threshold, MODE), a, tl.zeros_like(a))
         w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=kmask[:, None] & nmask[None, :],
                     other=0.0)
         if IEEE:

@@ -90,11 +90,11 @@ def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, sco
     return reference.threshold_linear_group(x, weight_t.t(), bias, scores, thresholds, sizes)
 
 
-# Opaque to Inductor (a custom_op, not a triton_op): traced into, the GEMV kernels' stores
-# at addresses computed from loaded values (the kept-channel compaction, each row's expert)
-# make torch's mutation analysis of user kernels count the weight among the written
-# tensors, and Inductor then cloned and wrote back the whole 3-D expert weight at every
-# call (H200 run 30: 10 ms of copies per decode step, peak memory 2x).
+# Opaque to Inductor (a custom_op, not a triton_op): there is nothing for it to fuse, and
+# a traced user kernel is functionalized by torch's analysis of what it writes; a first
+# version, whose expert weight pointer reached a store address through a called function,
+# had the whole 3-D weight cloned and written back at every call (H200 run 31; the
+# kernels no longer do that: tests/test_kernel_effects.py).
 @torch.library.custom_op("wina::expert_threshold_linear", mutates_args=())
 def expert_threshold_linear(x: Tensor, expert: Tensor, weight_t: Tensor, scores: Tensor, thresholds: Tensor,
                             sparsity_hint: float = 0.0) -> Tensor:
