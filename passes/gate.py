@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 import wina_fx.ops  # noqa: F401  (registers torch.ops.wina)
+from wina_fx import sharded
 
 from .find_linears import LinearSite
 from .graph_utils import add_constant, shared_constant
@@ -64,7 +65,7 @@ def gate_linears(
         with gm.graph.inserting_before(node):
             rule = gate.rule
             if rule.k is not None:
-                op, args = torch.ops.wina.topk_linear.default, (rule.k,)
+                op, args = torch.ops.wina.topk_linear.default, (_shard_k(site, rule.k),)
             else:
                 op, args = torch.ops.wina.threshold_linear.default, (float(rule.threshold), float(rule.sparsity or 0.0))
             sparse = gm.graph.call_function(op, (x, weight_t_node, bias_node, score_node, *args))
@@ -88,6 +89,14 @@ def gate_linears(
     gm.graph.lint()
     gm.recompile()
     return {index: replaced[sites[index].node] for index in gates}
+
+
+def _shard_k(site: LinearSite, k: int) -> int:
+    """Top-k of a row-parallel linear keeps k per rank's slice of the channels (sharded.py):
+    the same share of its K / ranks channels as k of K."""
+    if not sharded.row_parallel(site.weight):
+        return k
+    return max(1, round(k * sharded.local_inputs(site.weight) / site.in_features))
 
 
 def dense_prefix(x: torch.Tensor, sparse: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,

@@ -27,8 +27,11 @@ MAX_SIDE_BY_SIDE = 3  # what one grouped launch takes (q/k/v)
 
 
 def kernels_read_rows(weight: torch.Tensor) -> bool:
-    """True where the sparse ops run the Triton kernels, which need W^T rows contiguous."""
-    return weight.is_cuda
+    """True where the sparse ops run the Triton kernels, which need W^T rows contiguous (not
+    yet for a DTensor's shards: they are read as stored, never re-laid out or grouped)."""
+    from wina_fx import sharded
+
+    return weight.is_cuda and not sharded.is_sharded(weight)
 
 
 def has_row_layout(weight: torch.Tensor) -> bool:

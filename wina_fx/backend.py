@@ -20,6 +20,7 @@ from wina_fx.passes.group import group_sibling_linears
 from wina_fx.passes.prepare import prepare
 from wina_fx.passes import weight_layout
 
+from . import sharded  # noqa: F401  (registers the wina ops' DTensor strategies)
 from .config import WinaConfig
 from .methods import Plan, get_method
 from .report import Report, ReportRow, record
@@ -139,6 +140,9 @@ def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Pla
     """Apply ``result`` (rewrite, gates, groups) to gm and record the report."""
     gates, rows = result.gates, result.rows
     counts = None
+    if config.measure and any(sharded.is_sharded(sites[i].weight) for i in gates):
+        raise ValueError("wina-fx: option measure is not supported on a tensor-parallel (DTensor) graph yet; "
+                         "measure the model in one process")
     if config.measure and gates:
         device = next(iter(gates.values())).score.device
         counts = torch.zeros(len(sites), 2, dtype=torch.float64, device=device)

@@ -145,6 +145,13 @@ class Calibration:
 def _checksum(weight: torch.Tensor, rows: int = 1024) -> float:
     """sum |W| in float64, by blocks of rows: a float64 copy of a whole 4096 x 14336 weight
     (and of its abs) would add 0.9 GiB to the peak memory of every compile."""
+    from . import sharded
+
+    if sharded.is_sharded(weight):  # tensor parallel: the sum over every rank's shard
+        local = torch.tensor([_checksum(weight.to_local(), rows)], dtype=torch.float64, device=weight.device)
+        if any(not p.is_replicate() for p in weight.placements):
+            torch.distributed.all_reduce(local, group=weight.device_mesh.get_group())
+        return float(local)
     flat = weight.detach().reshape(weight.shape[0], -1) if weight.dim() > 1 else weight.detach().reshape(1, -1)
     return float(sum(block.double().abs().sum() for block in flat.split(rows, dim=0)))
 

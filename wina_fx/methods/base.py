@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import torch
 import torch.fx as fx
 
+from wina_fx import sharded
+
 from .plan import Plan, plan_scored
 
 _REGISTRY: dict[str, "Method"] = {}
@@ -136,6 +138,8 @@ def column_norms(weight: torch.Tensor, rows: int = 1024) -> torch.Tensor:
     """||W[:, i]||_2 in float32, summed over blocks of rows: never a float32 copy of the
     whole weight (for an 8B model's largest matrix that copy would be 235 MB of memory
     the compile holds only to read it once)."""
+    if sharded.is_sharded(weight):  # tensor parallel: one all-reduce for a column-parallel W
+        return sharded.column_norms(weight)
     squares = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
     for block in weight.detach().split(rows, dim=0):
         squares += block.float().square().sum(dim=0)
@@ -144,4 +148,6 @@ def column_norms(weight: torch.Tensor, rows: int = 1024) -> torch.Tensor:
 
 def unit_scores(weight: torch.Tensor) -> torch.Tensor:
     """Ones: the importance of channel i is |x_i| alone."""
+    if sharded.is_sharded(weight):
+        return sharded.unit_scores(weight)
     return torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
