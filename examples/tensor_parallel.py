@@ -1,6 +1,7 @@
 """Sparse inference of a tensor-parallel model: backend="wina" on DTensor weights.
 
     torchrun --standalone --nproc-per-node 2 examples/tensor_parallel.py --device cpu --tiny
+    torchrun --standalone --nproc-per-node 3 examples/tensor_parallel.py --device cpu --model smollm2
 
 Every rank builds the same tiny random Llama, calibrates it (threshold selection), and
 compiles it twice: whole, in one process, and sharded with ``parallelize_module``
@@ -11,6 +12,11 @@ The last line printed compares the two models' logits:
 
 Threshold rules give the one-process masks exactly (wina_fx/sharded.py says why), so the
 error is float summation order only.
+
+``--model smollm2`` (SmolLM2-135M, 3 ranks: its 9 heads and 3 KV heads split in three):
+perplexity on windows of the evaluation text, one process against tensor parallel, for
+threshold (calibrated) and top-k.  Top-k on a row-parallel linear keeps k per rank's slice
+of the channels, not the top k of all of them; the paired difference says what that costs.
 """
 from __future__ import annotations
 
@@ -63,16 +69,53 @@ def collectives(sharded, ids, options) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
+def compare_perplexity(args) -> None:
+    """Perplexity of a real model, one process vs tensor parallel, threshold and top-k."""
+    from wina_fx.data import text
+    from wina_fx.eval import calibration_windows, token_windows, window_losses
+    from wina_fx.models import load_model
+    from wina_fx.stats import paired_difference
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model, tokenizer = load_model(args.model)
+    windows = token_windows(tokenizer, text("evaluation"), 512, args.windows)
+    calibration = wina_fx.calibrate(model, calibration_windows(tokenizer, 4), progress=False)
+    sharded = tensor_parallel(copy.deepcopy(model), init_device_mesh("cpu", (world,)))
+    rows = []
+    for selection in ("threshold", "topk"):
+        options = {"sparsity": args.sparsity, "selection": selection, "inductor": False,
+                   **({"calibration": calibration} if selection == "threshold" else {})}
+        losses = []
+        for candidate in (model, sharded):
+            torch._dynamo.reset()
+            losses.append(window_losses(torch.compile(candidate, backend="wina", options=options), windows))
+        (one, tokens), (tp, _) = losses
+        diff = paired_difference(tp, one, tokens)
+        ppl = [float(torch.tensor(sum(n) / sum(tokens)).exp()) for n in (one, tp)]
+        rows.append(f"| {selection} | {ppl[0]:.2f} | {ppl[1]:.2f} | {diff['log_ppl_difference']:+.4f} "
+                    f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}] | {'yes' if diff['significant'] else 'no'} |")
+    if rank == 0:
+        print(f"{args.model}, {args.sparsity:.0%}, {len(windows)} windows of 512 tokens, tp={world} (gloo)\n")
+        print("| selection | one process ppl | tp ppl | log ppl(tp) - log ppl(one) | significant |")
+        print("|---|---|---|---|---|")
+        print("\n".join(rows))
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu"], default="cpu",
                         help="cpu: gloo (the CUDA decode benchmark is not built yet)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama (the only model so far)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama")
+    parser.add_argument("--model", choices=["smollm2"], help="a real model: perplexity, one process vs tp")
+    parser.add_argument("--windows", type=int, default=8, help="--model: evaluation windows of 512 tokens")
     parser.add_argument("--sparsity", type=float, default=0.5)
     args = parser.parse_args()
-    if not args.tiny:
-        sys.exit("tensor_parallel.py: only --tiny is built so far")
+    if args.tiny == bool(args.model):
+        sys.exit("tensor_parallel.py: give --tiny or --model")
     dist.init_process_group("gloo")
+    if args.model:
+        return compare_perplexity(args)
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.set_num_threads(1)
 
