@@ -10,10 +10,11 @@ Invariant: every node but the expert ops named by ``gates`` (and the nodes inser
 before them) is left as it was; an expert op computes what it computed before on
 x * m; with gates that keep every channel, the graph computes what it computed before.
 
-On CUDA, with threshold rules and a decode-sized op (at most EXPERT_KERNEL_MAX_ROWS rows,
-fixed when traced), the op is replaced by ``wina::expert_threshold_linear``: one GEMV
-launch in which each row reads only the kept rows of its expert's W_e^T (the backend has
-stored the 3-D weight so, in place).  Elsewhere the op stays and reads its input masked.
+On CUDA, for a decode-sized op (at most EXPERT_KERNEL_MAX_ROWS rows, fixed when traced),
+the op is replaced by ``wina::expert_threshold_linear``: one GEMV launch in which each row
+reads only the kept rows of its expert's W_e^T (the backend has stored the 3-D weight so, in
+place); threshold rules run in the kernel, top-k masks x first and the kernel skips the
+zeroed channels.  Elsewhere the op stays and reads its input masked.
 """
 from __future__ import annotations
 
@@ -68,19 +69,24 @@ def gate_experts(gm: fx.GraphModule, gates: dict, sites: list[LinearSite],
         reader = first.reader  # the mask goes before it
         score_node = add_constant(gm, "wina_expert_score", scores, before=reader)
         keep_node = add_constant(gm, "wina_expert_keep", keep, before=reader)
-        kernel = not topk and _runs_on_kernels(first)
+        kernel = _runs_on_kernels(first)
         with gm.graph.inserting_before(reader):
             expert = gm.graph.call_function(reference.expert_of_rows, (rows.kind, rows.node, x, rows.experts))
-            if counts_node is not None or not kernel:
+            if counts_node is not None or not kernel or topk:
                 mask = gm.graph.call_function(reference.expert_keep_mask, (x, expert, score_node, keep_node, topk))
             if counts_node is not None:
                 gm.graph.call_function(torch.ops.wina.count_expert_kept.default, (counts_node, slots, mask, expert))
+            if not kernel or topk:
+                xm = gm.graph.call_function(zero_dropped, (x, mask))
         if kernel:
-            hint = min(float(gates[i].rule.sparsity or 0.0) for i in gated)
-            masked[node] = _replace_by_kernel(gm, node, first, reader, expert, score_node, keep_node, hint)
+            if topk:  # the mask in torch ops; the kernel then skips the zeroed channels (|x| * 1 > 0)
+                hint = 1.0 - max(int(gates[i].rule.k) for i in gated) / channels
+                score_node = add_constant(gm, "wina_expert_score", torch.ones_like(scores), before=reader)
+                keep_node = add_constant(gm, "wina_expert_keep", torch.zeros_like(scores[:, 0]), before=reader)
+            else:
+                hint, xm = min(float(gates[i].rule.sparsity or 0.0) for i in gated), x
+            masked[node] = _replace_by_kernel(gm, node, first, reader, xm, expert, score_node, keep_node, hint)
             continue
-        with gm.graph.inserting_before(reader):
-            xm = gm.graph.call_function(zero_dropped, (x, mask))
         reader.replace_input_with(x, xm)
         masked[node] = xm
     gm.graph.lint()
@@ -98,14 +104,15 @@ def _runs_on_kernels(site: LinearSite) -> bool:
             and weight_layout.has_expert_row_layout(site.stacked, site.weight_is_transposed))
 
 
-def _replace_by_kernel(gm, node, site: LinearSite, reader, expert, score_node, keep_node, hint: float) -> fx.Node:
-    """Replace the expert op by ``wina::expert_threshold_linear`` (its output in the op's
-    shape); the op's weight gather and x view go if nothing else reads them."""
+def _replace_by_kernel(gm, node, site: LinearSite, reader, x, expert, score_node, keep_node,
+                       hint: float) -> fx.Node:
+    """Replace the expert op by ``wina::expert_threshold_linear`` on rows ``x`` (its output in
+    the op's shape); the op's weight gather and x view go if nothing else reads them."""
     with gm.graph.inserting_before(node):
         weight_t = site.weight_node if site.weight_is_transposed else \
             gm.graph.call_method("transpose", (site.weight_node, 1, 2))
         y = gm.graph.call_function(torch.ops.wina.expert_threshold_linear.default,
-                                   (site.input, expert, weight_t, score_node, keep_node, hint))
+                                   (x, expert, weight_t, score_node, keep_node, hint))
         out = y
         if reader is not node:  # bmm(W[ids], x[..., None]) is (S, N, 1); bmm(x[:, None], W[ids]) (S, 1, N)
             out = gm.graph.call_method("unsqueeze", (y, -1 if node.args[1] is reader else 1))

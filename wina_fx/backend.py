@@ -95,8 +95,7 @@ def _kernel_layout(config: WinaConfig, sites: list[LinearSite], result: Plan):
     sets = weight_layout.sibling_sets(sites, grouped, set(linear_gates))
     lifted = [s for s in sets if any(_is_input(sites[i]) for i in s)]
     weight_layout.relayout(weight_layout.pending(sites, [s for s in sets if s not in lifted]))
-    experts = weight_layout.expert_pending(sites, set(result.gates) - set(linear_gates)) \
-        if config.selection == "threshold" else []
+    experts = weight_layout.expert_pending(sites, set(result.gates) - set(linear_gates))
     return on_kernels, grouped, weight_layout.pending(sites, lifted) + experts
 
 
@@ -159,7 +158,7 @@ def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Pla
     if len(expert_ops) > on_kernel:
         notes.append(f"experts: the inputs of {len(expert_ops) - on_kernel} expert ops masked row by row by each "
                      "row's expert; those ops read each routed expert's whole weight (the sparse expert kernel "
-                     "runs on CUDA, threshold selection, up to 16 routed rows)")
+                     "runs on CUDA, up to 16 routed rows)")
     gates = _linear_gates(gates, sites)
     if gates:
         copied = [sites[i].name for i in gates if weight_layout.needs_transposed_copy(sites[i])]
