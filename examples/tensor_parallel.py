@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 
 import torch

@@ -38,60 +38,66 @@ def zero_dropped(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def gate_experts(gm: fx.GraphModule, gates: dict, sites: list[LinearSite],
                  counts: torch.Tensor | None = None) -> dict[fx.Node, fx.Node]:
-    """Mask the input of every expert op that has a gated expert in ``gates`` (by site
-    index; each a ``Gate``); experts of the op without a gate keep every channel.  Returns
-    {expert op: its masked input node}.  With ``counts``, a ``wina::count_expert_kept`` op
-    adds each gated expert's kept and seen channel counts to counts[its site index]."""
+    """Gate every expert op that has a gated expert in ``gates`` (by site index; each a
+    ``Gate``); experts of the op without a gate keep every channel.  Returns {expert op:
+    the node now standing for it: its masked input, or the ``wina::expert_threshold_linear``
+    that replaced it}.  With ``counts``, a ``wina::count_expert_kept`` op adds each gated
+    expert's kept and seen channel counts to counts[its site index]."""
     ops: dict[fx.Node, list[int]] = {}
     for index, site in enumerate(sites):
         if site.expert is not None:
             ops.setdefault(site.node, []).append(index)
     counts_node = None if counts is None else shared_constant(gm, "wina_counts", counts)
-    masked = {}
+    done = {}
     for node, indices in ops.items():
-        gated = [i for i in indices if i in gates]
-        if not gated:
-            continue
-        first = sites[indices[0]]
-        rows, x = first.expert_rows, first.input
-        topk = gates[gated[0]].rule.k is not None
-        channels = first.in_features
-        keep_all = float(channels) if topk else -float("inf")
-        scores = torch.ones(rows.experts, channels, dtype=torch.float32, device=first.weight.device)
-        keep = torch.full((rows.experts,), keep_all, dtype=torch.float32, device=first.weight.device)
-        slots = [-1] * rows.experts
-        for i in gated:
-            rule = gates[i].rule
-            scores[sites[i].expert] = gates[i].score.float()
-            keep[sites[i].expert] = float(rule.k if topk else rule.threshold)
-            slots[sites[i].expert] = i
-        keep = keep.long() if topk else keep
-        reader = first.reader  # the mask goes before it
-        score_node = add_constant(gm, "wina_expert_score", scores, before=reader)
-        keep_node = add_constant(gm, "wina_expert_keep", keep, before=reader)
-        kernel = _runs_on_kernels(first)
-        with gm.graph.inserting_before(reader):
-            expert = gm.graph.call_function(reference.expert_of_rows, (rows.kind, rows.node, x, rows.experts))
-            if counts_node is not None or not kernel or topk:
-                mask = gm.graph.call_function(reference.expert_keep_mask, (x, expert, score_node, keep_node, topk))
-            if counts_node is not None:
-                gm.graph.call_function(torch.ops.wina.count_expert_kept.default, (counts_node, slots, mask, expert))
-            if not kernel or topk:
-                xm = gm.graph.call_function(zero_dropped, (x, mask))
-        if kernel:
-            if topk:  # the mask in torch ops; the kernel then skips the zeroed channels (|x| * 1 > 0)
-                hint = 1.0 - max(int(gates[i].rule.k) for i in gated) / channels
-                score_node = add_constant(gm, "wina_expert_score", torch.ones_like(scores), before=reader)
-                keep_node = add_constant(gm, "wina_expert_keep", torch.zeros_like(scores[:, 0]), before=reader)
-            else:
-                hint, xm = min(float(gates[i].rule.sparsity or 0.0) for i in gated), x
-            masked[node] = _replace_by_kernel(gm, node, first, reader, xm, expert, score_node, keep_node, hint)
-            continue
-        reader.replace_input_with(x, xm)
-        masked[node] = xm
+        gated = {i: gates[i] for i in indices if i in gates}
+        if gated:
+            done[node] = _gate_op(gm, node, sites[indices[0]], gated, sites, counts_node)
     gm.graph.lint()
     gm.recompile()
-    return masked
+    return done
+
+
+def _rule_tables(first: LinearSite, gated: dict, sites: list[LinearSite], topk: bool):
+    """(scores (E, K), keep (E,): k per expert or its threshold, count slots (E,)) of one op."""
+    experts, channels = first.expert_rows.experts, first.in_features
+    scores = torch.ones(experts, channels, dtype=torch.float32, device=first.weight.device)
+    keep = torch.full((experts,), float(channels) if topk else -float("inf"), dtype=torch.float32,
+                      device=first.weight.device)
+    slots = [-1] * experts
+    for i, gate in gated.items():
+        e = sites[i].expert
+        scores[e] = gate.score.float()
+        keep[e] = float(gate.rule.k if topk else gate.rule.threshold)
+        slots[e] = i
+    return scores, keep.long() if topk else keep, slots
+
+
+def _gate_op(gm, node, first: LinearSite, gated: dict, sites: list[LinearSite], counts_node) -> fx.Node:
+    rules = [g.rule for g in gated.values()]
+    topk = rules[0].k is not None
+    scores, keep, slots = _rule_tables(first, gated, sites, topk)
+    rows, x, reader = first.expert_rows, first.input, first.reader  # the mask goes before reader
+    score_node = add_constant(gm, "wina_expert_score", scores, before=reader)
+    keep_node = add_constant(gm, "wina_expert_keep", keep, before=reader)
+    kernel = _runs_on_kernels(first)
+    with gm.graph.inserting_before(reader):
+        expert = gm.graph.call_function(reference.expert_of_rows, (rows.kind, rows.node, x, rows.experts))
+        if counts_node is not None or not kernel or topk:
+            mask = gm.graph.call_function(reference.expert_keep_mask, (x, expert, score_node, keep_node, topk))
+        if counts_node is not None:
+            gm.graph.call_function(torch.ops.wina.count_expert_kept.default, (counts_node, slots, mask, expert))
+        xm = gm.graph.call_function(zero_dropped, (x, mask)) if not kernel or topk else x
+    if not kernel:
+        reader.replace_input_with(x, xm)
+        return xm
+    if topk:  # x masked in torch ops; the kernel skips the zeroed channels (|x| * 1 > 0)
+        hint = 1.0 - max(r.k for r in rules) / first.in_features
+        score_node = add_constant(gm, "wina_expert_score", torch.ones_like(scores), before=reader)
+        keep_node = add_constant(gm, "wina_expert_keep", torch.zeros_like(scores[:, 0]), before=reader)
+    else:
+        hint = min(float(r.sparsity or 0.0) for r in rules)
+    return _replace_by_kernel(gm, node, first, reader, xm, expert, score_node, keep_node, hint)
 
 
 def _runs_on_kernels(site: LinearSite) -> bool:
