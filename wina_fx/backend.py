@@ -2,8 +2,10 @@
 
 dynamo graph -> [orthogonalize] -> find linears -> plan per method (a keep rule per linear,
 and for cats / rsparse a graph rewrite the gates rely on) -> [CUDA: weights not yet stored
-as W^T: re-lay them out on the first call, compile at the next] -> [rewrite] -> gate pass
--> [group siblings, CUDA] -> Inductor.
+as W^T: re-lay them out on the first call, compile at the next] -> [rewrite] -> experts pass
+(mixture-of-experts ops) -> gate pass -> [group siblings, CUDA] -> Inductor.  A tensor-parallel
+graph (DTensor weights) goes the same way; its sparse ops run on the local shards
+(``sharded.py``).
 """
 from __future__ import annotations
 
