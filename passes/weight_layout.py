@@ -27,15 +27,21 @@ MAX_SIDE_BY_SIDE = 3  # what one grouped launch takes (q/k/v)
 
 
 def kernels_read_rows(weight: torch.Tensor) -> bool:
-    """True where the sparse ops run the Triton kernels, which need W^T rows contiguous (not
-    yet for a DTensor's shards: they are read as stored, never re-laid out or grouped)."""
+    """True where the sparse ops run the Triton kernels, which need W^T rows contiguous (for
+    a DTensor: its local shard's; those are re-laid out alone, never side by side)."""
+    return weight.is_cuda
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """The tensor holding the values: a DTensor's local shard, else the weight itself."""
     from wina_fx import sharded
 
-    return weight.is_cuda and not sharded.is_sharded(weight)
+    return weight._local_tensor if sharded.is_sharded(weight) else weight
 
 
 def has_row_layout(weight: torch.Tensor) -> bool:
     """W (N, K) is stored as W^T with unit column stride: input channel i is a contiguous row."""
+    weight = _local(weight)
     n, k = weight.shape
     wt = weight.t()
     return (wt.stride(1) == 1 or n == 1) and (wt.stride(0) >= n or k == 1)
@@ -69,8 +75,10 @@ def needs_transposed_copy(site: LinearSite) -> bool:
     caller of the passes alone gets here).  Never for a weight being trained: a copy would
     go stale at the first optimizer step and cut the gradient; it is read through a view
     (the launcher copies it per one-token call; batched steps run cuBLAS on the view)."""
+    from wina_fx import sharded
+
     return (not site.weight_is_transposed and kernels_read_rows(site.weight) and not has_row_layout(site.weight)
-            and not trains(site.weight))
+            and not trains(site.weight) and not sharded.is_sharded(site.weight))
 
 
 def trains(weight: torch.Tensor) -> bool:
@@ -123,7 +131,8 @@ def pending(sites: list[LinearSite], sets: list[list[int]]) -> list[list[torch.T
                 weights.append(w)
         if not weights or not kernels_read_rows(weights[0]):
             continue
-        if all(has_row_layout(w) for w in weights) and side_by_side([w.t() for w in weights]) is not None:
+        if all(has_row_layout(w) for w in weights) and (
+                len(weights) == 1 or side_by_side([w.t() for w in weights]) is not None):
             continue
         todo.append(weights)
     return todo
@@ -137,6 +146,7 @@ def relayout(sets: list[list[torch.Tensor]]) -> int:
     moved = 0
     with torch.no_grad():
         for weights in sets:
+            weights = [_local(w) for w in weights]  # a DTensor (alone in its set): its local shard
             if weights[0].dim() == 3:  # an expert weight (E, N, K): each W_e^T contiguous
                 w = weights[0]
                 w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)

@@ -26,3 +26,58 @@ def test_two_ranks_match_one_process_with_the_same_collectives():
     dense, sparse = (int(part.rsplit(" ", 1)[1]) for part in comm.split(":", 1)[1].split(","))
     assert dense == sparse == 4, comm
     assert "14 of 15 linears sparse" in result.stdout
+
+
+def _relayout_worker(rank: int, world: int, port: int) -> None:
+    """One rank of the test below."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import tensor_parallel as example
+
+    import wina_fx
+    from wina_fx.passes import weight_layout
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = example.tiny_llama()
+        ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+        calibration = wina_fx.calibrate(model, [ids], progress=False)
+        options = {"sparsity": 0.5, "selection": "threshold", "calibration": calibration, "inductor": False}
+        with torch.no_grad():
+            expected = torch.compile(model, backend="wina", options=options)(ids).logits
+        sharded = example.tensor_parallel(copy.deepcopy(model), init_device_mesh("cpu", (world,)))
+        q = sharded.model.layers[0].self_attn.q_proj.weight
+        before = q.to_local().clone()
+        weight_layout.kernels_read_rows = lambda weight: True  # the CUDA decisions, on the CPU
+        torch._dynamo.reset()
+        step = torch.compile(sharded, backend="wina", options=options)
+        with torch.no_grad():
+            outs = [step(ids).logits for _ in range(2)]  # the first call re-lays the shards out
+        local = q._local_tensor
+        assert local.t().is_contiguous() and torch.equal(local, before), "local shard not stored as W^T in place"
+        for out in outs:
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert not any(n.startswith("group:") for n in wina_fx.last_report().notes)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_local_shards_are_stored_as_the_kernels_read_them():
+    """With the backend's CUDA decisions (patched in on the CPU), each rank stores its shard
+    of every sparse weight as W^T, in place and bit for bit, groups nothing (a grouped op has
+    no DTensor strategy), and still computes what one process computes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_relayout_worker, args=(2, port), nprocs=2)

@@ -93,7 +93,9 @@ def _kernel_layout(config: WinaConfig, sites: list[LinearSite], result: Plan):
         # training would recompile the graph with scores taken from the updated weights.
         result.notes.append("training graph: weights read as stored (not grouped, not re-laid out)")
         return False, set(), []
-    grouped = {i for i, g in linear_gates.items() if g.rule.k is None} if config.group and on_kernels else set()
+    # a grouped op has no DTensor strategy: the linears of a tensor-parallel graph run one by one
+    groupable = config.group and on_kernels and not any(sharded.is_sharded(sites[i].weight) for i in linear_gates)
+    grouped = {i for i, g in linear_gates.items() if g.rule.k is None} if groupable else set()
     sets = weight_layout.sibling_sets(sites, grouped, set(linear_gates))
     lifted = [s for s in sets if any(_is_input(sites[i]) for i in s)]
     weight_layout.relayout(weight_layout.pending(sites, [s for s in sets if s not in lifted]))
