@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc-per-node 2 examples/tensor_parallel.py --device cpu --tiny
     torchrun --standalone --nproc-per-node 3 examples/tensor_parallel.py --device cpu --model smollm2
+    torchrun --standalone --nproc-per-node 2 examples/tensor_parallel.py --device cuda   # decode benchmark
 
 Every rank builds the same tiny random Llama, calibrates it (threshold selection), and
 compiles it twice: whole, in one process, and sharded with ``parallelize_module``
@@ -17,11 +18,17 @@ error is float summation order only.
 perplexity on windows of the evaluation text, one process against tensor parallel, for
 threshold (calibrated) and top-k.  Top-k on a row-parallel linear keeps k per rank's slice
 of the channels, not the top k of all of them; the paired difference says what that costs.
+
+``--device cuda`` (NCCL, one GPU a rank; ``--decode`` on the CPU with ``--tiny`` runs the same
+code on gloo): greedy decoding of the Llama-3-8B shape with random bf16 weights and a static
+cache under CUDA graphs, dense tensor parallel against wina at 0 / 50 / 65 %; writes
+``benchmarks/results/decode_tp<ranks>_<gpu>.json`` and a PNG (``$OUT`` if set).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 
 import torch
@@ -101,20 +108,144 @@ def compare_perplexity(args) -> None:
     dist.destroy_process_group()
 
 
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+TINY_DECODE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+
+
+def random_llama(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """A Llama of ``shape`` with random weights, the same on every rank (same seed)."""
+    config = transformers.LlamaConfig(**shape)
+    config.head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype).eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02, generator=generator)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    return model
+
+
+@torch.no_grad()
+def tokens_per_s(model, step, prompt, new_tokens: int, warmup: int) -> float:
+    """Prefill eagerly, then time ``new_tokens`` greedy decode steps of ``step`` (static cache)."""
+    import time
+
+    cache = transformers.StaticCache(config=model.config, max_cache_len=prompt.shape[1] + warmup + new_tokens + 1)
+    position = torch.arange(prompt.shape[1], device=prompt.device)
+    token = model(prompt, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1:].argmax(-1)
+    position = position[-1:] + 1
+    for i in range(warmup + new_tokens):
+        if i == warmup:
+            torch.cuda.synchronize() if prompt.is_cuda else None
+            dist.barrier()
+            started = time.perf_counter()
+        token = step(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        token = token[:, -1:].argmax(-1)
+        position = position + 1
+    torch.cuda.synchronize() if prompt.is_cuda else None
+    return new_tokens / (time.perf_counter() - started)
+
+
+def decode_benchmark(args) -> None:
+    """Greedy decode, batch 1: dense tensor parallel (Inductor) against backend="wina" on the
+    same sharded model at each sparsity (threshold, calibrated on the whole model first)."""
+    import json
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cuda = args.device == "cuda"
+    device = f"cuda:{rank % torch.cuda.device_count()}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = random_llama(TINY_DECODE if args.tiny else LLAMA3_8B, device, dtype)
+    vocab = model.config.vocab_size
+    generator = torch.Generator(device=device).manual_seed(1)
+    prompts = [torch.randint(0, vocab, (1, 64), device=device, generator=generator) for _ in range(4)]
+    calibration = wina_fx.calibrate(model, prompts, progress=False)
+    prompt = torch.randint(0, vocab, (1, 32), device=device, generator=generator)
+    sharded = tensor_parallel(model, init_device_mesh(device.split(":")[0], (world,)))
+    # the static cache holds this rank's heads
+    sharded.config.num_attention_heads //= world
+    sharded.config.num_key_value_heads //= world
+    mode = {"mode": "reduce-overhead"} if cuda else {}
+    records = []
+    for sparsity in [None] + [float(s) for s in args.sparsities.split(",")]:
+        torch._dynamo.reset()
+        if sparsity is None:
+            step = torch.compile(sharded, fullgraph=True, dynamic=False, **mode)
+        else:
+            options = {"sparsity": sparsity, "selection": "threshold", "calibration": calibration, **mode}
+            step = torch.compile(sharded, backend="wina", options=options, fullgraph=True, dynamic=False)
+        rate = tokens_per_s(sharded, step, prompt, args.tokens, args.warmup)
+        dense = records[0]["tokens_per_s"] if records else rate
+        records.append({"impl": "dense_tp" if sparsity is None else "wina_tp", "sparsity": sparsity or 0.0,
+                        "tokens_per_s": rate, "speedup_vs_dense": rate / dense,
+                        # measure=True is refused on a tensor-parallel graph; the calibrated target
+                        "measured_sparsity": None, "calibrated_sparsity": sparsity or 0.0})
+        if rank == 0:
+            print(f"{records[-1]['impl']} {sparsity or 0:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense tp",
+                  flush=True)
+    if rank == 0:
+        gpu = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu-tiny"
+        header = {"gpu": gpu, "ranks": world, "torch": torch.__version__, "transformers": transformers.__version__,
+                  "model": "tiny Llama" if args.tiny else "Llama-3-8B shape, random bf16 weights",
+                  "batch": 1, "tokens": args.tokens, "selection": "threshold", "backend": dist.get_backend()}
+        out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                                         "benchmarks", "results")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"decode_tp{world}_{gpu}.json")
+        with open(path, "w") as f:
+            json.dump({"header": header, "records": records}, f, indent=1)
+        _plot(records, header, path.replace(".json", ".png"))
+        print(f"wrote {path}")
+
+
+def _plot(records, header, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = [f"{r['impl']} {r['sparsity']:.0%}" for r in records]
+    ax.bar(labels, [r["tokens_per_s"] for r in records], color=["grey"] + ["tab:blue"] * (len(records) - 1))
+    for i, r in enumerate(records):
+        ax.text(i, r["tokens_per_s"], f"{r['speedup_vs_dense']:.2f}x", ha="center", va="bottom")
+    ax.set_ylabel("tokens/s (batch 1)")
+    ax.set_title(f"{header['model']}, tp={header['ranks']}, {header['gpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu"], default="cpu",
-                        help="cpu: gloo (the CUDA decode benchmark is not built yet)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu: gloo; cuda: NCCL, one GPU a rank")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama")
     parser.add_argument("--model", choices=["smollm2"], help="a real model: perplexity, one process vs tp")
+    parser.add_argument("--decode", action="store_true",
+                        help="decode tokens/s, dense tp vs wina tp (default on cuda; the Llama-3-8B shape unless --tiny)")
+    parser.add_argument("--sparsities", default="0,0.5,0.65", help="--decode: wina sparsities")
+    parser.add_argument("--tokens", type=int, default=64, help="--decode: timed tokens")
+    parser.add_argument("--warmup", type=int, default=4, help="--decode: untimed tokens first")
     parser.add_argument("--windows", type=int, default=8, help="--model: evaluation windows of 512 tokens")
     parser.add_argument("--sparsity", type=float, default=0.5)
     args = parser.parse_args()
-    if args.tiny == bool(args.model):
-        sys.exit("tensor_parallel.py: give --tiny or --model")
-    dist.init_process_group("gloo")
+    args.decode = args.decode or args.device == "cuda"
+    if not (args.tiny or args.model or args.decode) or (args.model and (args.tiny or args.decode)):
+        sys.exit("tensor_parallel.py: give --tiny, --model or --decode (see --help)")
+    if args.device == "cuda":  # NVLink multicast stays off, also for what NCCL starts
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     if args.model:
         return compare_perplexity(args)
+    if args.decode:
+        decode_benchmark(args)
+        return dist.destroy_process_group()
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.set_num_threads(1)
 

@@ -81,3 +81,22 @@ def test_local_shards_are_stored_as_the_kernels_read_them():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_relayout_worker, args=(2, port), nprocs=2)
+
+
+def test_decode_benchmark_runs_on_two_cpu_ranks(tmp_path):
+    """The decode benchmark's code path (static cache, dense tp, then wina tp at each
+    sparsity) on gloo with a tiny model: every record the GPU run writes is there."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OUT"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         os.path.join(ROOT, "examples", "tensor_parallel.py"), "--device", "cpu", "--decode", "--tiny",
+         "--tokens", "4", "--warmup", "1", "--sparsities", "0.5"],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "decode_tp2_cpu-tiny.json").read_text())
+    assert [(r["impl"], r["sparsity"]) for r in data["records"]] == [("dense_tp", 0.0), ("wina_tp", 0.5)]
+    assert all(r["tokens_per_s"] > 0 for r in data["records"]) and data["header"]["ranks"] == 2
+    assert (tmp_path / "decode_tp2_cpu-tiny.png").exists()
