@@ -53,6 +53,12 @@ def _relayout_worker(rank: int, world: int, port: int) -> None:
         with torch.no_grad():
             expected = torch.compile(model, backend="wina", options=options)(ids).logits
         sharded = example.tensor_parallel(copy.deepcopy(model), init_device_mesh("cpu", (world,)))
+        # calibrating the sharded model gives the one-process thresholds (activations gathered whole)
+        sharded_calibration = wina_fx.calibrate(sharded, [ids], progress=False)
+        assert sharded_calibration.names == calibration.names
+        for name in calibration.names:
+            assert abs(sharded_calibration.threshold(name, 0.5) - calibration.threshold(name, 0.5)) <= \
+                1e-5 * abs(calibration.threshold(name, 0.5)), name
         q = sharded.model.layers[0].self_attn.q_proj.weight
         before = q.to_local().clone()
         weight_layout.kernels_read_rows = lambda weight: True  # the CUDA decisions, on the CPU
@@ -70,7 +76,8 @@ def _relayout_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_local_shards_are_stored_as_the_kernels_read_them():
-    """With the backend's CUDA decisions (patched in on the CPU), each rank stores its shard
+    """Calibrating the sharded model gives the one-process thresholds.  With the backend's
+    CUDA decisions (patched in on the CPU), each rank stores its shard
     of every sparse weight as W^T, in place and bit for bit, groups nothing (a grouped op has
     no DTensor strategy), and still computes what one process computes."""
     import socket

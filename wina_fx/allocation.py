@@ -57,6 +57,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
+from wina_fx import sharded
 from wina_fx.kernels import reference
 from wina_fx.passes.find_linears import LinearSite
 from wina_fx.passes.prepare import prepare
@@ -380,6 +381,9 @@ class AllocationRecorder:
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **_):
         _, sites = prepare(gm, example_inputs, *self.prepass)
+        if any(sharded.is_sharded(s.weight) for s in sites):
+            raise ValueError("allocation: greedy allocation of a tensor-parallel (DTensor) model is not supported "
+                             "yet; allocate on the unsharded model (same linear names) and use that calibration")
         gated = [s for s in sites if s.dense_reason is None]  # what the backend may gate
         evaluators = [_Evaluator(gm, b, self.method, self.recipe) for b in find_blocks(gm, gated)]
         keep = set().union(*(e.block.frontier for e in evaluators)) if evaluators else set()

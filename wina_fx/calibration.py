@@ -163,18 +163,26 @@ class _ImportanceSampler(torch.nn.Module):
 
     def __init__(self, score: torch.Tensor, capacity: int, generator: torch.Generator):
         super().__init__()
-        self.score = score
+        self.score = _whole(score)
         self.capacity = capacity
         self.generator = generator
         self.sample = torch.empty(0)
         self.seen = 0
 
     def forward(self, x: torch.Tensor) -> None:
-        values = reference.importance(x.detach(), self.score).flatten().cpu()
+        values = reference.importance(_whole(x.detach()), self.score).flatten().cpu()
         new = _subsample(values, self.capacity, self.generator)
         self.sample, self.seen = _merge_uniform(
             self.sample, self.seen, new, values.numel(), self.capacity, self.generator
         )
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (the same on every rank: each samples the same values), or
+    the tensor itself."""
+    from . import sharded
+
+    return tensor.full_tensor() if sharded.is_sharded(tensor) else tensor
 
 
 def _subsample(values: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -206,7 +214,8 @@ class _RowSampler(torch.nn.Module):
         self.seen = 0
 
     def forward(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        x = _whole(x.detach())
+        rows = x.reshape(-1, x.shape[-1]).float().cpu()
         self.rows, self.seen = _merge_uniform(self.rows, self.seen, rows, len(rows), self.capacity, self.generator)
 
     @property
