@@ -182,8 +182,11 @@ class RelayoutFirst:
     def __call__(self, *args):
         if self.sets is not None:
             moved = relayout(self.sets)
+            experts = sum(w[0].dim() == 3 for w in self.sets)
+            what = f"{sum(map(len, self.sets)) - experts} sparse linears" + (f" and {experts} expert weights"
+                                                                            if experts else "")
             warnings.warn(
-                f"wina: stored the weights of {sum(map(len, self.sets))} sparse linears transposed, in place "
+                f"wina: stored the weights of {what} transposed, in place "
                 f"({moved / 2**20:.0f} MiB; values unchanged, q/k/v and gate/up side by side) so that the "
                 "compiled model holds one copy of them; dense use of the module is unaffected, but the "
                 "tensors are no longer contiguous (call .contiguous() before saving with safetensors). "
