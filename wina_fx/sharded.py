@@ -13,7 +13,7 @@ shards, by the strategies registered here:
   a slice of the channels of x, their scores and weight rows; a threshold rule decides each
   channel alone, so the masks are exactly one process's; the output is a ``Partial`` sum
   (the all-reduce RowwiseParallel already has).  A top-k rule keeps k channels per rank's
-  slice: the gate pass gives it k = keep_count(K / ranks, sparsity) ("top-k per shard").
+  slice: the gate pass gives it round(k * K_local / K), the same share ("top-k per shard").
   Without a row-parallel strategy for a linear with a bias (its bias would be added once per
   rank), DTensor falls back to a replicated one: correct, with the weight gathered.
 * anything else: everything replicated.
@@ -44,7 +44,8 @@ def column_norms(weight) -> "DTensor":
 
 
 def unit_scores(weight) -> "DTensor":
-    """Ones over the inputs of a DTensor weight, placed as ``column_norms`` places scores."""
+    """Ones over the inputs of a DTensor weight, placed as ``column_norms`` places scores
+    (computed from the weight so that DTensor gives them that placement)."""
     return weight.detach().float().sum(dim=0) * 0.0 + 1.0
 
 
