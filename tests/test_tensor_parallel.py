@@ -71,15 +71,44 @@ def _relayout_worker(rank: int, world: int, port: int) -> None:
         for out in outs:
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert not any(n.startswith("group:") for n in wina_fx.last_report().notes)
+        _row_parallel_bias_matches(world)
     finally:
         dist.destroy_process_group()
+
+
+def _row_parallel_bias_matches(world: int) -> None:
+    """A row-parallel linear with a bias (no row-parallel strategy: its bias would be added
+    once per rank) still computes what one process computes."""
+    import copy
+
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import wina_fx
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    options = {"sparsity": 0.5, "selection": "threshold", "calibration": wina_fx.calibrate(mlp, [x], progress=False),
+               "inductor": False}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        expected = torch.compile(mlp, backend="wina", options=options)(x)
+        sharded = parallelize_module(copy.deepcopy(mlp), init_device_mesh("cpu", (world,)),
+                                     {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(sharded, backend="wina", options=options)(x), expected,
+                                   rtol=1e-5, atol=1e-5)
+    assert [r.status for r in wina_fx.last_report().rows] == ["sparse", "sparse"]
 
 
 def test_local_shards_are_stored_as_the_kernels_read_them():
     """Calibrating the sharded model gives the one-process thresholds.  With the backend's
     CUDA decisions (patched in on the CPU), each rank stores its shard
     of every sparse weight as W^T, in place and bit for bit, groups nothing (a grouped op has
-    no DTensor strategy), and still computes what one process computes."""
+    no DTensor strategy), and still computes what one process computes; so does a row-parallel
+    linear with a bias."""
     import socket
 
     import torch.multiprocessing as mp
