@@ -205,7 +205,11 @@ def decode_benchmark(args) -> None:
 
 
 def _plot(records, header, path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {os.path.basename(path)}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

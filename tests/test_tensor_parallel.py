@@ -135,4 +135,7 @@ def test_decode_benchmark_runs_on_two_cpu_ranks(tmp_path):
     data = json.loads((tmp_path / "decode_tp2_cpu-tiny.json").read_text())
     assert [(r["impl"], r["sparsity"]) for r in data["records"]] == [("dense_tp", 0.0), ("wina_tp", 0.5)]
     assert all(r["tokens_per_s"] > 0 for r in data["records"]) and data["header"]["ranks"] == 2
-    assert (tmp_path / "decode_tp2_cpu-tiny.png").exists()
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional
+        assert (tmp_path / "decode_tp2_cpu-tiny.png").exists()
