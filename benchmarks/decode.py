@@ -66,8 +66,10 @@ def build_model(shape: dict, device: str, dtype: torch.dtype, seed: int = 0, mod
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, step, prompt, new_tokens: int, warmup: int) -> float:
-    """Prefill eagerly, then time ``new_tokens`` compiled decode steps (after ``warmup``)."""
+def decode_tokens_per_s(model, step, prompt, new_tokens: int, warmup: int, sync=None) -> float:
+    """Prefill eagerly, then time ``new_tokens`` compiled decode steps (after ``warmup``).
+    ``sync``, when given, is called just before the clock starts (ranks of a tensor-parallel
+    run: ``torch.distributed.barrier``)."""
     device = prompt.device
     cache = transformers.StaticCache(config=model.config, max_cache_len=prompt.shape[1] + warmup + new_tokens + 1)
     position = torch.arange(prompt.shape[1], device=device)
@@ -79,6 +81,8 @@ def decode_tokens_per_s(model, step, prompt, new_tokens: int, warmup: int) -> fl
         if i == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            if sync is not None:
+                sync()
             started = time.perf_counter()
         logits = step(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
         token = logits[:, -1:].argmax(-1)

@@ -17,13 +17,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import torch  # noqa: E402
 
 import wina_fx  # noqa: E402
-from zoo_models import ZOO, linear_weights  # noqa: E402
+from zoo_models import ZOO, build, linear_weights  # noqa: E402
 
 
 def coverage(family: str) -> tuple[float, str]:
-    torch.manual_seed(0)
-    config, model_class = ZOO[family]()
-    model = model_class(config).eval()
+    model = build(family)
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     with torch.no_grad():

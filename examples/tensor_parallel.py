@@ -108,46 +108,16 @@ def compare_perplexity(args) -> None:
     dist.destroy_process_group()
 
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
-TINY_DECODE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+def _decode_script():
+    """benchmarks/decode.py, loaded by path: its model shapes, random-weight builder and timed
+    decode loop serve this benchmark too."""
+    import importlib.util
 
-
-def random_llama(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
-    """A Llama of ``shape`` with random weights, the same on every rank (same seed)."""
-    config = transformers.LlamaConfig(**shape)
-    config.head_dim = shape["hidden_size"] // shape["num_attention_heads"]
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype).eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02, generator=generator)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
-    return model
-
-
-@torch.no_grad()
-def tokens_per_s(model, step, prompt, new_tokens: int, warmup: int) -> float:
-    """Prefill eagerly, then time ``new_tokens`` greedy decode steps of ``step`` (static cache)."""
-    import time
-
-    cache = transformers.StaticCache(config=model.config, max_cache_len=prompt.shape[1] + warmup + new_tokens + 1)
-    position = torch.arange(prompt.shape[1], device=prompt.device)
-    token = model(prompt, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1:].argmax(-1)
-    position = position[-1:] + 1
-    for i in range(warmup + new_tokens):
-        if i == warmup:
-            torch.cuda.synchronize() if prompt.is_cuda else None
-            dist.barrier()
-            started = time.perf_counter()
-        token = step(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
-        token = token[:, -1:].argmax(-1)
-        position = position + 1
-    torch.cuda.synchronize() if prompt.is_cuda else None
-    return new_tokens / (time.perf_counter() - started)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "decode.py")
+    spec = importlib.util.spec_from_file_location("wina_bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def decode_benchmark(args) -> None:
@@ -161,7 +131,9 @@ def decode_benchmark(args) -> None:
     if cuda:
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = random_llama(TINY_DECODE if args.tiny else LLAMA3_8B, device, dtype)
+    decode = _decode_script()
+    # every rank builds the same weights (same seed)
+    model = decode.build_model(decode.TINY if args.tiny else decode.LLAMA3_8B, device, dtype)
     vocab = model.config.vocab_size
     generator = torch.Generator(device=device).manual_seed(1)
     prompts = [torch.randint(0, vocab, (1, 64), device=device, generator=generator) for _ in range(4)]
@@ -180,7 +152,7 @@ def decode_benchmark(args) -> None:
         else:
             options = {"sparsity": sparsity, "selection": "threshold", "calibration": calibration, **mode}
             step = torch.compile(sharded, backend="wina", options=options, fullgraph=True, dynamic=False)
-        rate = tokens_per_s(sharded, step, prompt, args.tokens, args.warmup)
+        rate = decode.decode_tokens_per_s(sharded, step, prompt, args.tokens, args.warmup, sync=dist.barrier)
         dense = records[0]["tokens_per_s"] if records else rate
         records.append({"impl": "dense_tp" if sparsity is None else "wina_tp", "sparsity": sparsity or 0.0,
                         "tokens_per_s": rate, "speedup_vs_dense": rate / dense,

@@ -34,6 +34,12 @@ def threshold_mask(x: torch.Tensor, score: torch.Tensor, threshold: float) -> to
     return importance(x, score) > threshold
 
 
+def zero_dropped(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x with the channels ``keep`` drops zeroed (``where``, not a product: a dropped NaN or
+    inf never reaches y)."""
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def kth_largest_importance(x: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
     """Per-token value t such that keeping importance >= t keeps the top k (ties aside)."""
     return importance(x, score).topk(k, dim=-1).values[..., -1:]
@@ -96,5 +102,4 @@ def expert_threshold_linear(x, expert, weight_t, scores, thresholds):
     (x[s] * m_s) @ weight_t[e], weight_t (E, K, N), m_s keeping |x[s, i]| * scores[e, i] >
     thresholds[e].  Returns (S, N)."""
     keep = expert_keep_mask(x, expert, scores, thresholds, topk=False)
-    xm = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return torch.bmm(xm.unsqueeze(1), weight_t[expert].to(x.dtype)).squeeze(1)
+    return torch.bmm(zero_dropped(x, keep).unsqueeze(1), weight_t[expert].to(x.dtype)).squeeze(1)

@@ -139,7 +139,7 @@ def _torch_mask(x: Tensor, score: Tensor, threshold: float, k: int | None = None
     every buffer itself.  Eagerly _prep's one kernel is cheaper.  (Traced, _prep's top-k
     gave wrong, run-to-run different results under Inductor on CUDA, torch 2.11.)"""
     keep = reference.threshold_mask(x, score, threshold) if k is None else reference.topk_mask(x, score, k)
-    return torch.where(keep, x, torch.zeros_like(x))
+    return reference.zero_dropped(x, keep)
 
 
 def _prep(x: Tensor, score: Tensor, threshold: float, k: int | None, cnt: Tensor | None = None):

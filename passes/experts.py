@@ -31,11 +31,6 @@ from .graph_utils import add_constant, shared_constant
 EXPERT_KERNEL_MAX_ROWS = 16  # routed rows (tokens x top-k) up to which the GEMV kernel runs them
 
 
-def zero_dropped(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x with its dropped channels zeroed (``where``: a dropped NaN or inf never reaches y)."""
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 def gate_experts(gm: fx.GraphModule, gates: dict, sites: list[LinearSite],
                  counts: torch.Tensor | None = None) -> dict[fx.Node, fx.Node]:
     """Gate every expert op that has a gated expert in ``gates`` (by site index; each a
@@ -58,19 +53,25 @@ def gate_experts(gm: fx.GraphModule, gates: dict, sites: list[LinearSite],
     return done
 
 
+def rule_tables(experts: int, channels: int, rules: dict, topk: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (E, K), keep (E,)): the inputs of ``reference.expert_keep_mask`` for
+    ``rules`` {expert: (its (K,) score, its k or threshold)}; an expert without a rule keeps
+    every channel (score 1, k = K or threshold -inf)."""
+    scores = torch.ones(experts, channels, dtype=torch.float32, device=device)
+    keep = torch.full((experts,), float(channels) if topk else -float("inf"), dtype=torch.float32, device=device)
+    for e, (score, value) in rules.items():
+        scores[e] = score.float()
+        keep[e] = float(value)
+    return scores, keep.long() if topk else keep
+
+
 def _rule_tables(first: LinearSite, gated: dict, sites: list[LinearSite], topk: bool):
     """(scores (E, K), keep (E,): k per expert or its threshold, count slots (E,)) of one op."""
-    experts, channels = first.expert_rows.experts, first.in_features
-    scores = torch.ones(experts, channels, dtype=torch.float32, device=first.weight.device)
-    keep = torch.full((experts,), float(channels) if topk else -float("inf"), dtype=torch.float32,
-                      device=first.weight.device)
-    slots = [-1] * experts
-    for i, gate in gated.items():
-        e = sites[i].expert
-        scores[e] = gate.score.float()
-        keep[e] = float(gate.rule.k if topk else gate.rule.threshold)
-        slots[e] = i
-    return scores, keep.long() if topk else keep, slots
+    rules = {sites[i].expert: (g.score, g.rule.k if topk else g.rule.threshold) for i, g in gated.items()}
+    slots = [-1] * first.expert_rows.experts
+    for i in gated:
+        slots[sites[i].expert] = i
+    return (*rule_tables(first.expert_rows.experts, first.in_features, rules, topk, first.weight.device), slots)
 
 
 def _gate_op(gm, node, first: LinearSite, gated: dict, sites: list[LinearSite], counts_node) -> fx.Node:
@@ -87,7 +88,7 @@ def _gate_op(gm, node, first: LinearSite, gated: dict, sites: list[LinearSite], 
             mask = gm.graph.call_function(reference.expert_keep_mask, (x, expert, score_node, keep_node, topk))
         if counts_node is not None:
             gm.graph.call_function(torch.ops.wina.count_expert_kept.default, (counts_node, slots, mask, expert))
-        xm = gm.graph.call_function(zero_dropped, (x, mask)) if not kernel or topk else x
+        xm = gm.graph.call_function(reference.zero_dropped, (x, mask)) if not kernel or topk else x
     if not kernel:
         reader.replace_input_with(x, xm)
         return xm

@@ -193,6 +193,8 @@ def _against_parameter(x, rhs, bias):
 
 
 def _grouped_mm_targets() -> tuple:
+    """The grouped matmul ops of torch, and transformers' fallback when it is registered
+    (looked up per graph: transformers registers it when its MoE code is first imported)."""
     targets = [getattr(torch, "_grouped_mm", None), getattr(torch.nn.functional, "grouped_mm", None)]
     transformers_ops = getattr(torch.ops, "transformers", None)
     if transformers_ops is not None and hasattr(transformers_ops, "grouped_mm_fallback"):
@@ -218,11 +220,12 @@ def _is_parameter_node(node) -> bool:
     return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr")
 
 
-def _match_experts(node: fx.Node):
-    """(input, 3-D parameter node, parameter stored (E, K, N), ExpertRows without E) or None."""
+def _match_experts(node: fx.Node, grouped_mm: tuple):
+    """(input, 3-D parameter node, parameter stored (E, K, N), ExpertRows without E) or None;
+    ``grouped_mm``: the grouped matmul targets."""
     if node.op != "call_function":
         return None
-    if node.target in _grouped_mm_targets():
+    if node.target in grouped_mm:
         x, rhs = node.args[:2]
         offs = node.kwargs.get("offs", node.args[2] if len(node.args) > 2 else None)
         if not isinstance(offs, fx.Node):
@@ -308,9 +311,10 @@ def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
     linear_nodes = {node for node in gm.graph.nodes if _match_linear(node) is not None}
     last_linears = _linears_feeding_output(gm, linear_nodes)
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    grouped_mm = _grouped_mm_targets()
     sites = []
     for node in gm.graph.nodes:
-        sites += _expert_sites(gm, node, example_inputs)
+        sites += _expert_sites(gm, node, example_inputs, grouped_mm)
         matched = _match_linear(node)
         if matched is None:
             continue
@@ -350,10 +354,10 @@ def find_linears(gm: fx.GraphModule, example_inputs=None) -> list[LinearSite]:
     return sites
 
 
-def _expert_sites(gm: fx.GraphModule, node: fx.Node, example_inputs) -> list[LinearSite]:
+def _expert_sites(gm: fx.GraphModule, node: fx.Node, example_inputs, grouped_mm: tuple) -> list[LinearSite]:
     """The sites of an op reading a 3-D expert weight, one per expert (none if it is not one,
     or if the weight's tensor is not at hand)."""
-    matched = _match_experts(node)
+    matched = _match_experts(node, grouped_mm)
     if matched is None:
         return []
     x, weight_node, transposed, (kind, rows_node) = matched

@@ -21,6 +21,8 @@ import warnings
 import torch
 import torch.fx as fx
 
+from wina_fx import sharded
+
 from .find_linears import LinearSite
 
 MAX_SIDE_BY_SIDE = 3  # what one grouped launch takes (q/k/v)
@@ -34,8 +36,6 @@ def kernels_read_rows(weight: torch.Tensor) -> bool:
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
     """The tensor holding the values: a DTensor's local shard, else the weight itself."""
-    from wina_fx import sharded
-
     return weight._local_tensor if sharded.is_sharded(weight) else weight
 
 
@@ -75,8 +75,6 @@ def needs_transposed_copy(site: LinearSite) -> bool:
     caller of the passes alone gets here).  Never for a weight being trained: a copy would
     go stale at the first optimizer step and cut the gradient; it is read through a view
     (the launcher copies it per one-token call; batched steps run cuBLAS on the view)."""
-    from wina_fx import sharded
-
     return (not site.weight_is_transposed and kernels_read_rows(site.weight) and not has_row_layout(site.weight)
             and not trains(site.weight) and not sharded.is_sharded(site.weight))
 

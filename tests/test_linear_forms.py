@@ -6,16 +6,7 @@ import transformers
 
 import wina_fx
 from tiny_models import masked_input_hooks
-
-
-def _model(family):
-    torch.manual_seed(0)
-    if family == "gpt2":
-        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128)
-        return transformers.GPT2LMHeadModel(config).eval()
-    config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-                                       new_decoder_architecture=False)
-    return transformers.FalconForCausalLM(config).eval()
+from zoo_models import build as _model
 
 
 @pytest.mark.parametrize("family, projections", [

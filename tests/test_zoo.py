@@ -6,14 +6,12 @@ import pytest
 import torch
 
 import wina_fx
-from zoo_models import ROUTERS, ZOO, linear_weights
+from zoo_models import ROUTERS, ZOO, build, linear_weights
 
 @pytest.mark.parametrize("family", list(ZOO))
 @torch.no_grad()
 def test_zoo(family):
-    torch.manual_seed(0)
-    config, model_class = ZOO[family]()
-    model = model_class(config).eval()
+    model = build(family)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
     eager = model(ids).logits
     for sparsity in (0.0, 0.5):

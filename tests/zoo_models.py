@@ -31,6 +31,15 @@ ZOO = {
 ROUTERS = {"mixtral": ("mlp.gate",), "qwen2_moe": ("mlp.gate", "mlp.shared_expert_gate")}
 
 
+def build(family: str, seed: int = 0):
+    """The tiny random model of ``family``, in eval mode, its weights drawn from ``seed``."""
+    import torch
+
+    torch.manual_seed(seed)
+    config, model_class = ZOO[family]()
+    return model_class(config).eval()
+
+
 def linear_weights(model) -> dict[str, int]:
     """Report name -> element count of every linear weight: Linear and Conv1D modules,
     routers kept as a bare weight (Mixtral's ``mlp.gate``), and each expert of a 3-D

@@ -59,6 +59,7 @@ import torch.fx as fx
 
 from wina_fx import sharded
 from wina_fx.kernels import reference
+from wina_fx.passes.experts import rule_tables
 from wina_fx.passes.find_linears import LinearSite
 from wina_fx.passes.prepare import prepare
 
@@ -257,15 +258,12 @@ class _Evaluator(fx.Interpreter):
         first = self.block.sites[experts[0]]
         rows, x_node = first.expert_rows, first.input
         x = self.env[x_node]
-        scores = torch.ones(rows.experts, x.shape[-1], dtype=torch.float32, device=x.device)
-        keep = torch.full((rows.experts,), x.shape[-1], dtype=torch.long, device=x.device)
-        for j in experts:
-            site = self.block.sites[j]
-            scores[site.expert] = self.scores[j]
-            keep[site.expert] = keep_count(site.in_features, sparsities[j])
+        rules = {self.block.sites[j].expert: (self.scores[j], keep_count(first.in_features, sparsities[j]))
+                 for j in experts}
+        scores, keep = rule_tables(rows.experts, x.shape[-1], rules, True, x.device)
         expert = reference.expert_of_rows(rows.kind, self.env[rows.node], x, rows.experts)
         mask = reference.expert_keep_mask(x, expert, scores, keep, topk=True)
-        self.env[x_node] = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        self.env[x_node] = reference.zero_dropped(x, mask)
         try:
             return self.run_node(reader)
         finally:

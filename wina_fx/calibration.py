@@ -18,7 +18,7 @@ from wina_fx.kernels import reference
 from wina_fx.passes.find_linears import LinearSite
 from wina_fx.passes.prepare import prepare
 
-from . import allocation
+from . import allocation, sharded
 from .methods import get_method, method_names
 from .options import WinaOptionError, orthogonalize_variant
 
@@ -145,8 +145,6 @@ class Calibration:
 def _checksum(weight: torch.Tensor, rows: int = 1024) -> float:
     """sum |W| in float64, by blocks of rows: a float64 copy of a whole 4096 x 14336 weight
     (and of its abs) would add 0.9 GiB to the peak memory of every compile."""
-    from . import sharded
-
     if sharded.is_sharded(weight):  # tensor parallel: the sum over every rank's shard
         local = torch.tensor([_checksum(weight.to_local(), rows)], dtype=torch.float64, device=weight.device)
         if any(not p.is_replicate() for p in weight.placements):
@@ -180,8 +178,6 @@ class _ImportanceSampler(torch.nn.Module):
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor gathered whole (the same on every rank: each samples the same values), or
     the tensor itself."""
-    from . import sharded
-
     return tensor.full_tensor() if sharded.is_sharded(tensor) else tensor
 
 
@@ -237,6 +233,7 @@ def _observing_backend(method, recipe, samplers: dict, fingerprint: dict, capaci
     def backend(gm: fx.GraphModule, example_inputs, **_):
         _, sites = prepare(gm, example_inputs, *prepass)
         observed = method.observed_inputs(sites)
+        expert_ids: dict[fx.Node, fx.Node] = {}  # expert op -> its rows' experts, computed once per op
         for index, site in enumerate(sites):
             if site.problem is not None or site.is_output_head or index not in observed:
                 continue
@@ -246,28 +243,29 @@ def _observing_backend(method, recipe, samplers: dict, fingerprint: dict, capaci
                 fingerprint[site.name] = (tuple(site.weight.shape), _checksum(site.weight))
                 if rows is not None:
                     rows[site.name] = _RowSampler(ROW_SAMPLES, generator)
-            with gm.graph.inserting_before(site.node):
-                seen = _routed_rows(gm.graph, site, observed[index])
             gm.add_submodule(f"wina_observer_{index}", samplers[site.name])
-            with gm.graph.inserting_before(site.node):
-                gm.graph.call_module(f"wina_observer_{index}", (seen,))
             if rows is not None:
                 gm.add_submodule(f"wina_rows_{index}", rows[site.name])
-                with gm.graph.inserting_before(site.node):
-                    gm.graph.call_module(f"wina_rows_{index}", (_routed_rows(gm.graph, site, site.input),))
+            with gm.graph.inserting_before(site.node):
+                gm.graph.call_module(f"wina_observer_{index}",
+                                     (_routed_rows(gm.graph, site, observed[index], expert_ids),))
+                if rows is not None:
+                    gm.graph.call_module(f"wina_rows_{index}", (_routed_rows(gm.graph, site, site.input, expert_ids),))
         gm.recompile()
         return gm.forward  # op by op: calibration needs the side effect, not speed
 
     return backend
 
 
-def _routed_rows(graph: fx.Graph, site: LinearSite, x: fx.Node) -> fx.Node:
-    """x itself, or for an expert of an expert op the rows of x routed to that expert."""
+def _routed_rows(graph: fx.Graph, site: LinearSite, x: fx.Node, expert_ids: dict) -> fx.Node:
+    """x itself, or for an expert of an expert op the rows of x routed to that expert (the
+    op's row-to-expert node is made once, in ``expert_ids``, and shared by its experts)."""
     if site.expert is None:
         return x
-    rows = site.expert_rows
-    expert = graph.call_function(reference.expert_of_rows, (rows.kind, rows.node, x, rows.experts))
-    return graph.call_function(_rows_of, (x, expert, site.expert))
+    if site.node not in expert_ids:
+        rows = site.expert_rows
+        expert_ids[site.node] = graph.call_function(reference.expert_of_rows, (rows.kind, rows.node, x, rows.experts))
+    return graph.call_function(_rows_of, (x, expert_ids[site.node], site.expert))
 
 
 def _rows_of(x: torch.Tensor, expert: torch.Tensor, wanted: int) -> torch.Tensor:
