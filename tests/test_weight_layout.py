@@ -5,6 +5,8 @@ is forced on the CPU (``kernels_read_rows`` patched to True), where the torch re
 reads any layout, so the whole flow runs: first call, dynamo's retrace, grouped views.
 """
 import copy
+import gc
+import weakref
 import warnings
 
 import pytest
@@ -33,6 +35,27 @@ def test_relayout_keeps_values_and_puts_siblings_side_by_side():
     assert weight_layout.side_by_side([params[1].t(), params[0].t()]) is None  # not in column order
     assert weight_layout.side_by_side([params[0].t(), originals[1].t()]) is None  # another buffer
     assert not weight_layout.has_row_layout(originals[0])
+
+
+def test_relayout_first_lets_go_of_views_of_the_old_storage():
+    """An expert site's weight is a view W[e] of the 3-D parameter taken before the re-layout;
+    once the rewrite has run, nothing may keep that view (and so the old storage) alive."""
+    stacked = torch.nn.Parameter(torch.randn(4, 8, 6), requires_grad=False)
+
+    def rewrite_holding_a_view():
+        view = stacked[1]
+        return weakref.ref(view), lambda: view.sum()
+
+    view_ref, rewrite = rewrite_holding_a_view()
+    gm = torch.fx.symbolic_trace(torch.nn.Identity())
+    first = weight_layout.RelayoutFirst([[stacked]], rewrite, gm, compile_graph=lambda: gm.forward)
+    del rewrite  # the backend keeps no reference of its own
+    with pytest.warns(UserWarning, match="1 expert weights"):
+        x = torch.randn(3)
+        assert torch.equal(first(x), x)
+    gc.collect()
+    assert view_ref() is None
+    assert weight_layout.has_expert_row_layout(stacked, transposed=False)
 
 
 def test_sibling_sets_follow_the_group_pass():
