@@ -366,8 +366,22 @@ def _expert_sites(gm: fx.GraphModule, node: fx.Node, example_inputs, grouped_mm:
         return []
     name = _parameter_name(weight_node)
     rows = ExpertRows(kind, rows_node, weight.shape[0])
-    return [LinearSite(node, f"{name}.{e}", x, weight_node, None, weight[e].t() if transposed else weight[e],
+    return [LinearSite(node, f"{name}.{e}", x, weight_node, None, _expert_weight(weight, e, transposed),
                        transposed, expert=e, expert_rows=rows, stacked=weight) for e in range(weight.shape[0])]
+
+
+def _expert_weight(stacked: torch.Tensor, expert: int, transposed: bool) -> torch.Tensor:
+    """W_e (N, K) of a 3-D expert weight (stored (E, N, K), or (E, K, N) when transposed): a view."""
+    return stacked[expert].t() if transposed else stacked[expert]
+
+
+def reread_expert_weights(sites: list[LinearSite]) -> None:
+    """Make each expert site's weight a view of its 3-D weight's current storage again.  The
+    backend re-lays expert weights out after finding the sites, and a view taken before
+    would keep the old storage, a second copy of the weight, alive as long as the sites."""
+    for site in sites:
+        if site.expert is not None:
+            site.weight = _expert_weight(site.stacked, site.expert, site.weight_is_transposed)
 
 
 def unrecognized_weights(gm: fx.GraphModule, sites: list[LinearSite], example_inputs=None):

@@ -191,10 +191,7 @@ class RelayoutFirst:
                 "This call runs op by op; dynamo recompiles at the next one.",
                 stacklevel=2)
             self.sets = None
-            # the rewrite's closure holds the sites, whose expert weights are views of the old
-            # storage: let it go, or the compiled model keeps both copies of every expert weight
-            rewrite, self.rewrite = self.rewrite, None
-            rewrite()
+            self.rewrite()
             return self.gm(*args)
         if self.compiled is None:
             self.compiled = self.compile_graph()

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.fx as fx
 
-from wina_fx.passes.find_linears import LinearSite, unrecognized_weights
+from wina_fx.passes.find_linears import LinearSite, reread_expert_weights, unrecognized_weights
 from wina_fx.passes.experts import gate_experts
 from wina_fx.passes.gate import Gate, gate_linears
 from wina_fx.passes.group import group_sibling_linears
@@ -73,6 +73,7 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
     on_kernels, grouped, todo = _kernel_layout(config, sites, result)
 
     def rewrite():
+        reread_expert_weights(sites)  # after RelayoutFirst's re-layout: views of the new storage
         _rewrite(gm, example_inputs, config, prepass, sites, result, on_kernels, grouped)
 
     if todo:  # the model's parameters: once dynamo's guards are built
