@@ -98,6 +98,13 @@ CANDIDATES = {
     "m64x64p8": masked(64, 64, 8), "m128x64p8": masked(128, 64, 8), "m128x32p16": masked(128, 32, 16, 2),
     "m256x32p8w8": masked(256, 32, 8, 2, 8), "m64x128p4s4": masked(64, 128, 4, 4),
     "cmp4_r1": compacted(4, 1),
+    # run 4 (session 8): x loaded by asynchronous copies.  With 128 threads and a 128-row step each
+    # thread loads one fp16 of x, under cp.async's 4 bytes, so the load is synchronous and each
+    # step waits for it before its weight rows can be issued; 2 warps or 256-row steps make it async.
+    "m64x128p2w2": masked(64, 128, 2, 3, 2), "m64x128p4w2": masked(64, 128, 4, 3, 2),
+    "m64x256p2": masked(64, 256, 2), "m32x256p2": masked(32, 256, 2), "m32x512p2": masked(32, 512, 2),
+    # Also timed in run 4 and dropped: the compacted kernel with the kept x values written beside
+    # the kept ids (async loads instead of a gather of x): slower everywhere (255 registers).
 }
 QUICK = ["dispatched", "loop_r1", "cmp2_r1"]
 

@@ -78,13 +78,24 @@ def _gemv_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
 
 
 def _gemv_masked_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
-    """Tiles of _gemv_masked_kernel: 32 columns x 256 rows per step, about two programs per
-    SM; wide outputs (N >= 16384) 64 x 128 (VARIANTS of benchmarks/kernels.py; NOTES.md).
+    """Tiles of _gemv_masked_kernel, about two programs per SM (H200 runs, benchmarks/NOTES.md):
+    32 columns x 256 rows per step, 4 warps; outputs 2.5-5x wider than the input and under
+    16384 (4096x14336), 64 x 128 with 2 warps; wider outputs (N >= 16384) 64 x 128 with 4
+    warps, except a single linear 2.5-5x wider than its input (5120x17920), 32 x 256.
+    Each thread must load at least 4 bytes of x per step (2 fp16): below that the
+    x load is synchronous, and every step waits for it before issuing its weight rows.
     REDUCE=0 (a second reduce launch) needs no zeroed buffer; the dispatch (_gemv_choice)
     sets REDUCE=1, whose tickets live in the shared workspace."""
-    block_n, block_k = (64, 128) if N >= 16384 else (32, 256)
+    block_n, block_k, warps = (64, 128, 4) if N >= 16384 else (32, 256, 4)
+    if _widening(N, K):
+        block_n, block_k, warps = (32, 256, 4) if N >= 16384 else (64, 128, 2)
     split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(N, block_n) * M), K // 256, 32))
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=3, REDUCE=0, num_warps=4)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=3, REDUCE=0, num_warps=warps)
+
+
+def _widening(N: int, K: int) -> bool:
+    """A single up-projection shape: 2.5 <= N / K <= 5 (4096x14336, 5120x17920)."""
+    return 2.5 <= N / K <= 5
 
 
 def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
@@ -103,8 +114,9 @@ _CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _g
 def _compact_from(N: int, K: int) -> float:
     """Sparsity from which the compacted-rows kernel beats the masked one at one token, by
     the shape's N / K (measured on an H200: kernels_h200_tune_run*.json, benchmarks/NOTES.md)."""
-    ratio = N / K
-    return 0.4 if 2.5 <= ratio <= 5 else 0.5 if ratio > 5 else 0.75
+    if _widening(N, K):
+        return 0.65 if N >= 16384 else 0.4
+    return 0.5 if N / K > 5 else 0.75
 
 
 def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: float) -> tuple[str, dict]:
