@@ -119,6 +119,21 @@ def kernel_profile(model, step, prompt, steps: int = 4, top: int = 14) -> dict:
             "all": rows}
 
 
+def print_live_blocks(min_bytes: int = 64 << 20, frames: int = 12) -> None:
+    """The live CUDA blocks of at least ``min_bytes``, largest first, each with the Python
+    frames that allocated it (needs torch.cuda.memory._record_memory_history on)."""
+    blocks = [b for seg in torch.cuda.memory._snapshot()["segments"] for b in seg["blocks"]
+              if b["state"] == "active_allocated" and b["size"] >= min_bytes]
+    print(f"  {len(blocks)} live blocks >= {min_bytes >> 20} MiB, {sum(b['size'] for b in blocks) / 2**30:.2f} GiB")
+    seen = set()
+    for b in sorted(blocks, key=lambda b: -b["size"]):
+        stack = tuple(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in b.get("frames", [])
+                      if f["filename"].endswith(".py"))[:frames]
+        if stack not in seen:
+            seen.add(stack)
+            print(f"  {b['size'] >> 20} MiB:\n    " + "\n    ".join(stack))
+
+
 SPARSE_KERNELS = ("_gemv", "_splitk_reduce", "_prep_kernel")  # the wina launches
 
 
@@ -168,9 +183,14 @@ def main():
                         help="also time option group=False (one launch per linear) at each sparsity")
     parser.add_argument("--tiles", help='also time M=1 kernel tile overrides, JSON {name: {...}}, e.g. '
                                         '\'{"prefetch": {"PREFETCH": true}}\' (tuning runs)')
+    parser.add_argument("--snapshot", action="store_true",
+                        help="after each configuration, print the largest live CUDA blocks and where they "
+                             "were allocated (finds a second copy of the weights)")
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
+    if args.snapshot and device == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=200000)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     mode = None if args.tiny else "reduce-overhead"
     gpu_shape, tiny_shape, _, _, description = MODELS[args.model]
@@ -203,6 +223,8 @@ def main():
     def peak() -> dict:  # what the configuration held at most: weights, caches, graphs, pools
         if device != "cuda":
             return {"peak_memory_bytes": 0}
+        if args.snapshot:
+            print_live_blocks()
         return {"peak_memory_bytes": torch.cuda.max_memory_allocated(),
                 "resident_bytes": torch.cuda.memory_allocated()}
 

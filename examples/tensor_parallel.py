@@ -133,7 +133,8 @@ def decode_benchmark(args) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     decode = _decode_script()
     # every rank builds the same weights (same seed)
-    model = decode.build_model(decode.TINY if args.tiny else decode.LLAMA3_8B, device, dtype)
+    shape = decode.TINY if args.tiny else decode.LLAMA3_8B
+    model = decode.build_model(dict(shape, num_hidden_layers=args.layers or shape["num_hidden_layers"]), device, dtype)
     vocab = model.config.vocab_size
     generator = torch.Generator(device=device).manual_seed(1)
     prompts = [torch.randint(0, vocab, (1, 64), device=device, generator=generator) for _ in range(4)]
@@ -144,13 +145,21 @@ def decode_benchmark(args) -> None:
     sharded.config.num_attention_heads //= world
     sharded.config.num_key_value_heads //= world
     mode = {"mode": "reduce-overhead"} if cuda else {}
+    gpu = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu-tiny"
+    header = {"gpu": gpu, "ranks": world, "torch": torch.__version__, "transformers": transformers.__version__,
+              "model": f"{'tiny Llama' if args.tiny else 'Llama-3-8B shape'}, {model.config.num_hidden_layers} layers, "
+                       "random weights", "batch": 1, "tokens": args.tokens, "selection": args.selection,
+              "backend": dist.get_backend()}
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                                     "benchmarks", "results")
+    path = os.path.join(out_dir, f"decode_tp{world}_{gpu}{args.suffix}.json")
     records = []
     for sparsity in [None] + [float(s) for s in args.sparsities.split(",")]:
         torch._dynamo.reset()
         if sparsity is None:
             step = torch.compile(sharded, fullgraph=True, dynamic=False, **mode)
         else:
-            options = {"sparsity": sparsity, "selection": "threshold", "calibration": calibration, **mode}
+            options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration, **mode}
             step = torch.compile(sharded, backend="wina", options=options, fullgraph=True, dynamic=False)
         rate = decode.decode_tokens_per_s(sharded, step, prompt, args.tokens, args.warmup, sync=dist.barrier)
         dense = records[0]["tokens_per_s"] if records else rate
@@ -158,20 +167,20 @@ def decode_benchmark(args) -> None:
                         "tokens_per_s": rate, "speedup_vs_dense": rate / dense,
                         # measure=True is refused on a tensor-parallel graph; the calibrated target
                         "measured_sparsity": None, "calibrated_sparsity": sparsity or 0.0})
+        if sparsity is not None:
+            records[-1]["notes"] = wina_fx.last_report().notes
+        if args.profile and cuda:  # every rank steps (the collectives need both); rank 0 keeps it
+            records[-1]["profile"] = decode.kernel_profile(sharded, step, prompt)
+            records[-1]["profile"].pop("all")
         if rank == 0:
             print(f"{records[-1]['impl']} {sparsity or 0:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense tp",
                   flush=True)
+            for row in records[-1].get("profile", {}).get("top", []):
+                print(f"    {row['us_per_step']:8.1f} us x{row['calls_per_step']:g}  {row['kernel']}", flush=True)
+            os.makedirs(out_dir, exist_ok=True)
+            with open(path, "w") as f:  # after every configuration: a run cut short keeps what it measured
+                json.dump({"header": header, "records": records}, f, indent=1)
     if rank == 0:
-        gpu = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu-tiny"
-        header = {"gpu": gpu, "ranks": world, "torch": torch.__version__, "transformers": transformers.__version__,
-                  "model": "tiny Llama" if args.tiny else "Llama-3-8B shape, random bf16 weights",
-                  "batch": 1, "tokens": args.tokens, "selection": "threshold", "backend": dist.get_backend()}
-        out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                                         "benchmarks", "results")
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"decode_tp{world}_{gpu}.json")
-        with open(path, "w") as f:
-            json.dump({"header": header, "records": records}, f, indent=1)
         _plot(records, header, path.replace(".json", ".png"))
         print(f"wrote {path}")
 
@@ -209,6 +218,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="--decode: untimed tokens first")
     parser.add_argument("--windows", type=int, default=8, help="--model: evaluation windows of 512 tokens")
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--selection", choices=["threshold", "topk"], default="threshold",
+                        help="--decode: the wina selection (topk: per shard)")
+    parser.add_argument("--layers", type=int, default=None, help="--decode: decoder layers (default: the shape's)")
+    parser.add_argument("--profile", action="store_true", help="--decode on cuda: GPU time per step by kernel")
+    parser.add_argument("--suffix", default="", help="--decode: appended to the result file name")
     args = parser.parse_args()
     args.decode = args.decode or args.device == "cuda"
     if not (args.tiny or args.model or args.decode) or (args.model and (args.tiny or args.decode)):

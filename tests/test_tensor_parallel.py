@@ -129,12 +129,14 @@ def test_decode_benchmark_runs_on_two_cpu_ranks(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          os.path.join(ROOT, "examples", "tensor_parallel.py"), "--device", "cpu", "--decode", "--tiny",
-         "--tokens", "4", "--warmup", "1", "--sparsities", "0.5"],
+         "--tokens", "4", "--warmup", "1", "--sparsities", "0.5", "--layers", "1"],
         capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "decode_tp2_cpu-tiny.json").read_text())
     assert [(r["impl"], r["sparsity"]) for r in data["records"]] == [("dense_tp", 0.0), ("wina_tp", 0.5)]
     assert all(r["tokens_per_s"] > 0 for r in data["records"]) and data["header"]["ranks"] == 2
+    assert "1 layers" in data["header"]["model"] and data["header"]["selection"] == "threshold"
+    assert data["records"][1]["notes"] is not None
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional
