@@ -72,6 +72,14 @@ def _relayout_worker(rank: int, world: int, port: int) -> None:
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert not any(n.startswith("group:") for n in wina_fx.last_report().notes)
         _row_parallel_bias_matches(world)
+        # TEAL's unit scores on a sharded weight: ones, placed like column norms, whatever its values
+        from wina_fx import sharded as sharding
+        down = sharded.model.layers[0].mlp.down_proj.weight.detach().clone()
+        down._local_tensor[0, 0] = float("nan")
+        down._local_tensor[-1, -1] = float("inf")
+        ones = sharding.unit_scores(down)
+        assert ones.placements == sharding.column_norms(down).placements
+        assert torch.equal(ones.full_tensor(), torch.ones(down.shape[1]))
     finally:
         dist.destroy_process_group()
 

@@ -45,8 +45,9 @@ def column_norms(weight) -> "DTensor":
 
 def unit_scores(weight) -> "DTensor":
     """Ones over the inputs of a DTensor weight, placed as ``column_norms`` places scores
-    (computed from the weight so that DTensor gives them that placement)."""
-    return weight.detach().float().sum(dim=0) * 0.0 + 1.0
+    (computed from the weight so that DTensor gives them that placement; a NaN or inf in the
+    weight still gives a score of 1)."""
+    return (weight.detach().float().sum(dim=0) * 0.0).nan_to_num(0.0, 0.0, 0.0) + 1.0
 
 
 def row_parallel(weight) -> bool:
