@@ -25,7 +25,9 @@ def topk_mask(x: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros_like(x, dtype=torch.bool)
     if k <= 0:
         return mask
-    kept = importance(x, score).topk(k, dim=-1).indices
+    # unsorted: the mask needs the set, and sorting it cost a second kernel per linear on CUDA
+    # (radixSortKVInPlace beside gatherTopK, about as long: benchmarks/NOTES.md, session 8)
+    kept = importance(x, score).topk(k, dim=-1, sorted=False).indices
     return mask.scatter_(-1, kept, True)
 
 
@@ -38,11 +40,6 @@ def zero_dropped(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x with the channels ``keep`` drops zeroed (``where``, not a product: a dropped NaN or
     inf never reaches y)."""
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def kth_largest_importance(x: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-token value t such that keeping importance >= t keeps the top k (ties aside)."""
-    return importance(x, score).topk(k, dim=-1).values[..., -1:]
 
 
 def masked_linear(
