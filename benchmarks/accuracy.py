@@ -73,6 +73,7 @@ def run(args) -> None:
     from wina_fx.models import DESCRIPTIONS, load_model
 
     torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"accuracy_{args.model}{args.suffix}.json")
     started = time.time()
     model, tokenizer = load_model(args.model)
@@ -247,6 +248,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.only = set(args.only.split(",")) if args.only else None
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"accuracy_{args.model}{args.suffix}.json")
     if args.table or args.plot:
         results = load(path)
