@@ -9,6 +9,8 @@ per-task item limit (the first N after a seeded shuffle) so that a grid fits on 
     python benchmarks/accuracy.py --model smollm2                 # run (resumes), then plot
     python benchmarks/accuracy.py --model smollm2 --table         # markdown tables from the JSON
     python benchmarks/accuracy.py --model smollm2 --plot          # only the PNG
+    python benchmarks/accuracy.py --model smollm2 --search --only wina+prefix --sparsities 0.5,0.65
+                                    # WINA recipes beyond both papers' (search_recipes())
 
 Writes ``benchmarks/results/accuracy_<model>.json`` after every configuration (records
 already there are skipped, so an interrupted run resumes; a run with other data settings
@@ -43,11 +45,40 @@ VARIANTS = (("wina", False, "default"), ("teal", False, "default"), ("wina", Fal
 TASKS = ("wordnet_gloss", "wordnet_example", "quiz_facts", "mmlu_cloze")
 
 
-def grid(allocations) -> list[EvalConfig]:
+def search_recipes() -> dict:
+    """Issue 13, part 4: WINA configurations beyond both papers' recipes, the paper's pieces
+    taken one at a time (option ``--search`` registers them as recipes of method "wina")."""
+    from wina_fx.methods.base import Recipe
+    from wina_fx.methods.wina import PAPER
+
+    return {
+        "prefix": Recipe("prefix", dense_prefix=PAPER.dense_prefix),  # default + the 1 % dense prefix
+        "kgate": Recipe("kgate", scored_kinds=PAPER.scored_kinds),  # the paper's score choice, no transform
+        "paper-allnorms": Recipe("paper-allnorms", transform=PAPER.transform,  # the paper's transform,
+                                 dense_prefix=PAPER.dense_prefix),          # column norms everywhere
+        "shared": Recipe("shared", shared_gate_up=True),  # up keeps the gate's channels
+    }
+
+
+def register_search_recipes() -> list[tuple]:
+    """Replace method "wina" by one that also has ``search_recipes()``; the grid variants
+    they add."""
+    from wina_fx.methods import Wina, register_method
+
+    extra = search_recipes()
+
+    class WinaSearch(Wina):
+        recipes = {**Wina.recipes, **extra}
+
+    register_method(WinaSearch(), replace=True)
+    return [("wina", False, name) for name in extra]
+
+
+def grid(allocations, extra_variants=()) -> list[EvalConfig]:
     configs = [EvalConfig("dense")]
     for allocation in allocations:
         for sparsity in SPARSITIES:
-            for method, orth, recipe in VARIANTS:
+            for method, orth, recipe in VARIANTS + tuple(extra_variants):
                 configs.append(EvalConfig(method, sparsity, "topk", allocation, orth, recipe=recipe))
     return configs
 
@@ -73,7 +104,6 @@ def run(args) -> None:
     from wina_fx.models import DESCRIPTIONS, load_model
 
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"accuracy_{args.model}{args.suffix}.json")
     started = time.time()
     model, tokenizer = load_model(args.model)
@@ -96,13 +126,15 @@ def run(args) -> None:
     if args.no_greedy:
         notes = set(results["header"].get("notes", [])) | {"greedy allocation not run (--no-greedy)"}
         results["header"]["notes"] = sorted(notes)
-    targets = list(SPARSITIES)
+    targets = sorted(args.sparsities or SPARSITIES)  # the greedy calibration serves every target at once
     calibrations: dict = {}
     results["skipped"] = []
     unchanged = next((f"the orthogonalization prepass left every graph of this model unchanged ({'; '.join(r['notes'])})"
                       for r in results["records"] if r["orthogonalize"] and r.get("orthogonalized_graphs") == 0), None)
-    for config in grid(allocations):
+    for config in grid(allocations, register_search_recipes() if args.search else ()):
         if config.key() in done or (args.only and variant(_as_record(config)) not in args.only):
+            continue
+        if args.sparsities and config.sparsity not in args.sparsities and config.method != "dense":
             continue
         if config.orthogonalize and unchanged:  # the prepass refused this model: wina+orth would be wina again
             results["skipped"].append({**_as_record(config), "reason": unchanged})
@@ -243,11 +275,15 @@ def main(argv=None) -> None:
     parser.add_argument("--deadline", type=float, default=0, help="start no configuration after this many seconds")
     parser.add_argument("--suffix", default="", help="results file accuracy_<model><suffix>.json")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--sparsities", help=f"comma-separated targets to run (default: all of {SPARSITIES})")
+    parser.add_argument("--search", action="store_true",
+                        help="also run the WINA recipes of search_recipes() (beyond both papers' recipes)")
     parser.add_argument("--table", action="store_true", help="print markdown tables from the JSON and exit")
     parser.add_argument("--plot", action="store_true", help="only redraw the PNG from the JSON")
     args = parser.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.only = set(args.only.split(",")) if args.only else None
+    args.sparsities = {float(s) for s in args.sparsities.split(",")} if args.sparsities else None
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"accuracy_{args.model}{args.suffix}.json")
     if args.table or args.plot:
