@@ -118,6 +118,7 @@ def test_paper_recipe_matches_an_eager_reimplementation(family, method):
 
 def test_paper_recipe_options_and_calibration_agree():
     model, ids = _model("llama")
+    model.eval()
     with pytest.raises(wina_fx.WinaOptionError, match="option 'recipe' of method 'cats' must be one of 'default'"):
         wina_fx.WinaConfig(method="cats", recipe="paper")
     with pytest.raises(wina_fx.WinaOptionError, match="brings its own transform"):
@@ -144,3 +145,37 @@ def test_eval_grid_takes_recipes_where_methods_have_them():
                       "teal+orth+paper uniform 50%", "cats uniform 50%", "cats+orth uniform 50%"]
     assert len({c.key() for c in configs}) == len(configs)
     assert configs[3].options()["recipe"] == "paper"
+
+
+def test_search_recipes_of_the_accuracy_grid_compile_and_keep_sparsity_zero_exact():
+    """benchmarks/accuracy.py --search registers WINA recipes beyond both papers' (issue 13,
+    part 4): each is selectable, sparsifies at 50 % and reproduces the dense model at 0 %."""
+    import importlib.util
+    import os
+
+    from wina_fx.methods import Wina, get_method, register_method
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accuracy.py")
+    spec = importlib.util.spec_from_file_location("accuracy_grid", path)
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    model, ids = _model("llama")
+    model.eval()
+    try:
+        variants = grid.register_search_recipes()
+        assert {recipe for _, _, recipe in variants} == set(grid.search_recipes()) <= set(get_method("wina").recipes)
+        with torch.no_grad():
+            dense = model(ids).logits
+            for _, _, recipe in variants:
+                for sparsity in (0.0, SPARSITY):
+                    torch._dynamo.reset()
+                    out = torch.compile(model, backend="wina", options={"sparsity": sparsity, "recipe": recipe,
+                                                                        "inductor": False})(ids).logits
+                    if sparsity == 0:
+                        torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-4)
+                    else:
+                        assert (out - dense).abs().max() > 1e-3, recipe
+                        assert any(r.status == "sparse" for r in wina_fx.last_report().rows), recipe
+    finally:
+        register_method(Wina(), replace=True)
+    assert "prefix" not in get_method("wina").recipes
