@@ -57,6 +57,8 @@ def search_recipes() -> dict:
         "paper-allnorms": Recipe("paper-allnorms", transform=PAPER.transform,  # the paper's transform,
                                  dense_prefix=PAPER.dense_prefix),          # column norms everywhere
         "shared": Recipe("shared", shared_gate_up=True),  # up keeps the gate's channels
+        # TEAL's paper recipe (1 % dense prefix, gate and up sharing a mask) with WINA's score
+        "prefix-shared": Recipe("prefix-shared", dense_prefix=PAPER.dense_prefix, shared_gate_up=True),
     }
 
 
