@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from wina_fx.cli import header_for, summarize  # noqa: E402
 from wina_fx.eval import (  # noqa: E402
-    EvalConfig, EvalData, calibrate_for, calibration_kind, calibration_windows, comparison_table, comparisons,
+    EvalConfig, EvalData, accuracy_comparison_table, accuracy_comparisons, calibrate_for, calibration_kind, calibration_windows, comparison_table, comparisons,
     evaluate, markdown_table, record_key, variant,
 )
 
@@ -249,6 +249,10 @@ def tables(results: dict) -> str:
         out += ["Mean length-normalised accuracy (acc_norm):", "", markdown_table(records, "acc_norm_mean"), ""]
         for task in h["task_items"]:
             out += [f"acc on {task}:", "", markdown_table(records, f"acc_{task}"), ""]
+        if accuracy_comparisons(records):
+            out += ["Paired accuracy differences on the same items, all tasks together (positive: a answers "
+                    "more right; significant: the 95% paired-bootstrap interval excludes 0):", "",
+                    accuracy_comparison_table(records), ""]
     out += ["Measured sparsity (size-weighted over all linears but the head):", "",
             markdown_table(records, "measured_sparsity"), ""]
     if results.get("skipped"):

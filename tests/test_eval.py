@@ -198,3 +198,25 @@ def test_markdown_table():
         "| 50% | 12.00 | 11.00 | 13.00 |",
     ])
     assert "| 50% | 0.120 | 0.110 | 0.130 |" in markdown_table(records, "acc_t")
+
+
+def test_accuracy_comparisons_pair_configurations_on_the_same_items():
+    """Records scored by the harness (per-item acc) are compared pairwise at equal sparsity
+    over all their items; dense records, other sparsities and records without items are not."""
+    from wina_fx.eval import accuracy_comparison_table, accuracy_comparisons
+
+    def record(method, sparsity, first, second=None):
+        tasks = {"a": {"acc": sum(first) / len(first), "items": first}}
+        if second is not None:
+            tasks["b"] = {"acc": sum(second) / len(second), "items": second}
+        return {"method": method, "orthogonalize": False, "allocation": "uniform", "selection": "topk",
+                "sparsity": sparsity, "recipe": "default", "tasks": tasks}
+
+    ones, zeros = [1] * 60 + [0] * 40, [1] * 30 + [0] * 70
+    records = [record("dense", 0.0, ones, ones), record("wina", 0.5, ones, ones), record("teal", 0.5, zeros, ones),
+               record("rsparse", 0.65, ones, ones),
+               {**record("cats", 0.5, ones), "tasks": {"a": {"acc": 0.6}, "b": {"acc": 0.6}}}]
+    (found,) = accuracy_comparisons(records)
+    assert (found["a"], found["b"], found["items"]) == ("wina", "teal", 200)
+    assert found["acc_difference"] == pytest.approx(0.15) and found["significant"]
+    assert "| 50% | wina | teal | 200 | +0.1500 |" in accuracy_comparison_table(records)

@@ -86,5 +86,6 @@ def test_harness_scores_the_shipped_tasks_as_the_builtin_scorer_does(smollm2):
         mine = multiple_choice_accuracy(scored, tokenizer, items, 8)
         assert got["n"] == 8 and 0 < got["acc_stderr"] < 0.25
         assert (got["acc"], got["acc_norm"]) == (mine["acc"], mine["acc_norm"])
+        assert len(got["items"]) == 8 and set(got["items"]) <= {0, 1} and sum(got["items"]) / 8 == got["acc"]
     assert wina_fx.last_report().sparse_rows  # the sparse model was the one scored
     torch._dynamo.reset()

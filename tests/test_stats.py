@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from wina_fx.stats import paired_difference, perplexity_interval
+from wina_fx.stats import paired_accuracy_difference, paired_difference, perplexity_interval
 
 
 def _windows(n, seed, mean=3.0, spread=0.3, tokens=511):
@@ -39,3 +39,23 @@ def test_paired_difference_finds_a_small_consistent_shift_that_unpaired_interval
     assert paired_difference(nll, nll, tokens) == {"log_ppl_difference": 0.0, "ci": [0.0, 0.0], "significant": False}
     with pytest.raises(ValueError, match="same windows"):
         paired_difference(nll[:3], nll[:4], tokens[:3])
+
+
+def test_paired_accuracy_difference_separates_a_real_gap_from_noise():
+    """Two configurations on the same 500 items: one that answers 40 more right is
+    significantly ahead; one that trades 20 items for 20 others is not; the sign and the
+    point value are acc(a) - acc(b)."""
+    rng = np.random.default_rng(0)
+    base = (rng.random(500) < 0.6).astype(int)
+    better = base.copy()
+    better[np.flatnonzero(base == 0)[:40]] = 1
+    swapped = base.copy()
+    swapped[np.flatnonzero(base == 0)[:20]] = 1
+    swapped[np.flatnonzero(base == 1)[:20]] = 0
+    gap = paired_accuracy_difference(better, base)
+    assert gap["acc_difference"] == pytest.approx(40 / 500) and gap["significant"] and gap["ci"][0] > 0
+    same = paired_accuracy_difference(swapped, base)
+    assert same["acc_difference"] == 0 and not same["significant"]
+    assert paired_accuracy_difference(base, base) == {"acc_difference": 0.0, "ci": [0.0, 0.0], "significant": False}
+    with pytest.raises(ValueError, match="same items"):
+        paired_accuracy_difference(base, base[:-1])

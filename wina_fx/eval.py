@@ -22,7 +22,7 @@ import torch
 
 from .config import needs_calibration
 from .options import orthogonalize_variant
-from .stats import paired_difference, perplexity_interval
+from .stats import paired_accuracy_difference, paired_difference, perplexity_interval
 
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None) -> list[torch.Tensor]:
@@ -417,6 +417,38 @@ def comparisons(records: list[dict]) -> list[dict]:
             found.append({"a": variant(a), "b": variant(b), "sparsity": a["sparsity"],
                           **paired_difference(a["window_nll"], b["window_nll"], a["window_tokens"])})
     return found
+
+
+def accuracy_comparisons(records: list[dict]) -> list[dict]:
+    """Every pair of sparse configurations at the same sparsity scored on the same task items
+    (harness scorer): the paired bootstrap of their accuracy difference over all items."""
+    def items(record):
+        tasks = record.get("tasks") or {}
+        if not tasks or not all("items" in t for t in tasks.values()):
+            return None
+        return {name: t["items"] for name, t in sorted(tasks.items())}
+
+    scored = [(r, items(r)) for r in records if r["method"] != "dense" and items(r)]
+    found = []
+    for i, (a, items_a) in enumerate(scored):
+        for b, items_b in scored[i + 1:]:
+            if a["sparsity"] != b["sparsity"] or {k: len(v) for k, v in items_a.items()} != \
+                    {k: len(v) for k, v in items_b.items()}:
+                continue
+            joined_a = [x for v in items_a.values() for x in v]
+            joined_b = [x for v in items_b.values() for x in v]
+            found.append({"a": variant(a), "b": variant(b), "sparsity": a["sparsity"], "items": len(joined_a),
+                          **paired_accuracy_difference(joined_a, joined_b)})
+    return found
+
+
+def accuracy_comparison_table(records: list[dict]) -> str:
+    """Markdown: for each pair at one sparsity, acc(a) - acc(b) over all items with its 95 % interval."""
+    lines = ["| sparsity | a | b | items | acc(a) - acc(b) | 95% interval | significant |", "|---|---|---|---|---|---|---|"]
+    for c in accuracy_comparisons(records):
+        lines.append(f"| {c['sparsity']:.0%} | {c['a']} | {c['b']} | {c['items']} | {c['acc_difference']:+.4f} | "
+                     f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] | {'yes' if c['significant'] else 'no'} |")
+    return "\n".join(lines)
 
 
 def comparison_table(records: list[dict]) -> str:

@@ -50,8 +50,10 @@ def write_tasks(folder: str, names) -> None:
 
 
 def harness_accuracy(model, tokenizer, names, limit: int | None = None, batch_size: int = 16) -> dict:
-    """{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}} of ``model`` scored by
-    lm-evaluation-harness on the first ``limit`` items of each shipped task (all by default)."""
+    """{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "items"}} of ``model``
+    scored by lm-evaluation-harness on the first ``limit`` items of each shipped task (all by
+    default); "items": each item's acc (0 or 1) in item order, what a paired comparison of two
+    configurations on the same items needs (``wina_fx.stats.paired_accuracy_difference``)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the data files are local
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -61,10 +63,11 @@ def harness_accuracy(model, tokenizer, names, limit: int | None = None, batch_si
         write_tasks(folder, names)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = simple_evaluate(model=lm, tasks=[task_name(n) for n in names], limit=limit,
-                              task_manager=TaskManager(include_path=folder), log_samples=False)
+                              task_manager=TaskManager(include_path=folder), log_samples=True)
     results = {}
     for name in names:
         r = out["results"][task_name(name)]
         results[name] = {"acc": r["acc,none"], "acc_stderr": r["acc_stderr,none"], "acc_norm": r["acc_norm,none"],
-                         "acc_norm_stderr": r["acc_norm_stderr,none"], "n": out["n-samples"][task_name(name)]["effective"]}
+                         "acc_norm_stderr": r["acc_norm_stderr,none"], "n": out["n-samples"][task_name(name)]["effective"],
+                         "items": [int(x["acc"]) for x in sorted(out["samples"][task_name(name)], key=lambda x: x["doc_id"])]}
     return results

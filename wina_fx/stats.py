@@ -8,7 +8,8 @@ is exp(sum nll / sum tokens).  Intervals are scipy's bootstrap (BCa) over window
 * ``perplexity_interval``: the 95 % interval of one configuration's perplexity;
 * ``paired_difference``: two configurations scored on the same windows, the interval of
   the difference of their log-perplexities, resampling windows jointly (paired), which
-  removes the variance the windows share (a hard window is hard for both).
+  removes the variance the windows share (a hard window is hard for both);
+* ``paired_accuracy_difference``: the same for multiple-choice accuracy, items as the unit.
 """
 from __future__ import annotations
 
@@ -49,6 +50,22 @@ def paired_difference(nll_a: Sequence[float], nll_b: Sequence[float], window_tok
     low, high = _interval((a, b, tokens), difference, (a - b) / tokens, confidence, resamples, seed)
     return {"log_ppl_difference": float(difference(a, b, tokens)), "ci": [low, high],
             "significant": not low <= 0.0 <= high}
+
+
+def paired_accuracy_difference(correct_a: Sequence[int], correct_b: Sequence[int], confidence: float = CONFIDENCE,
+                               resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """acc(a) - acc(b) on the same multiple-choice items (each 0 or 1, in the same order), its
+    interval resampling items jointly, and whether the interval excludes 0 (``significant``).
+    Positive: a answers more items right."""
+    a, b = np.asarray(correct_a, dtype=np.float64), np.asarray(correct_b, dtype=np.float64)
+    if len(a) != len(b):
+        raise ValueError(f"paired_accuracy_difference needs the same items: {len(a)} and {len(b)} values")
+
+    def difference(x, y, axis=-1):
+        return x.mean(axis=axis) - y.mean(axis=axis)
+
+    low, high = _interval((a, b), difference, a - b, confidence, resamples, seed)
+    return {"acc_difference": float(difference(a, b)), "ci": [low, high], "significant": not low <= 0.0 <= high}
 
 
 def _interval(samples: tuple, statistic, per_window: np.ndarray, confidence: float, resamples: int,
