@@ -82,8 +82,10 @@ def _gemv_masked_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) ->
     32 columns x 256 rows per step, 4 warps; outputs 2.5-5x wider than the input and under
     16384 (4096x14336), 64 x 128 with 2 warps; wider outputs (N >= 16384) 64 x 128 with 4
     warps, except a single linear 2.5-5x wider than its input (5120x17920), 32 x 256.
-    Each thread must load at least 4 bytes of x per step (2 fp16): below that the
-    x load is synchronous, and every step waits for it before issuing its weight rows.
+    Why the warps matter: a thread that loads under 4 bytes of x per step (one fp16) cannot
+    use an asynchronous copy, so each step waits for x before issuing its weight rows; the
+    2-warp and 256-row tiles avoid that (64 x 128 with 4 warps does not, and still measured
+    best on the gate/up groups).
     REDUCE=0 (a second reduce launch) needs no zeroed buffer; the dispatch (_gemv_choice)
     sets REDUCE=1, whose tickets live in the shared workspace."""
     block_n, block_k, warps = (64, 128, 4) if N >= 16384 else (32, 256, 4)
