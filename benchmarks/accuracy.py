@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 from wina_fx.cli import header_for, summarize  # noqa: E402
 from wina_fx.eval import (  # noqa: E402
-    EvalConfig, EvalData, accuracy_comparison_table, accuracy_comparisons, calibrate_for, calibration_kind, calibration_windows, comparison_table, comparisons,
-    evaluate, markdown_table, record_key, variant,
+    EvalConfig, EvalData, accuracy_comparison_table, accuracy_comparisons, calibrate_for, calibration_kind,
+    calibration_windows, comparison_table, comparisons, evaluate, markdown_table, record_key, variant,
 )
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -405,56 +405,65 @@ def markdown_table(records: list[dict], metric: str = "ppl") -> str:
     return "\n".join(lines)
 
 
+def _pairs(records: list[dict], scored_on):
+    """(a, b) for every pair of sparse configurations at the same sparsity scored on the same
+    data: ``scored_on(record)`` says on what (None: not scored)."""
+    scored = [(r, scored_on(r)) for r in records if r["method"] != "dense"]
+    scored = [(r, on) for r, on in scored if on is not None]
+    for i, (a, on_a) in enumerate(scored):
+        for b, on_b in scored[i + 1:]:
+            if a["sparsity"] == b["sparsity"] and on_a == on_b:
+                yield a, b
+
+
 def comparisons(records: list[dict]) -> list[dict]:
     """Every pair of sparse configurations at the same sparsity scored on the same windows:
     the paired bootstrap of their log-perplexity difference (``wina_fx.stats``)."""
-    scored = [r for r in records if r["method"] != "dense" and r.get("window_nll")]
-    found = []
-    for i, a in enumerate(scored):
-        for b in scored[i + 1:]:
-            if a["sparsity"] != b["sparsity"] or a["window_tokens"] != b["window_tokens"]:
-                continue
-            found.append({"a": variant(a), "b": variant(b), "sparsity": a["sparsity"],
-                          **paired_difference(a["window_nll"], b["window_nll"], a["window_tokens"])})
-    return found
+    return [{"a": variant(a), "b": variant(b), "sparsity": a["sparsity"],
+             **paired_difference(a["window_nll"], b["window_nll"], a["window_tokens"])}
+            for a, b in _pairs(records, lambda r: r["window_tokens"] if r.get("window_nll") else None)]
+
+
+def _task_items(record: dict) -> dict | None:
+    """{task: each item's acc} of a record scored by the harness, tasks in name order; None
+    when it holds no per-item results."""
+    tasks = record.get("tasks") or {}
+    if not tasks or not all("items" in t for t in tasks.values()):
+        return None
+    return {name: t["items"] for name, t in sorted(tasks.items())}
 
 
 def accuracy_comparisons(records: list[dict]) -> list[dict]:
     """Every pair of sparse configurations at the same sparsity scored on the same task items
     (harness scorer): the paired bootstrap of their accuracy difference over all items."""
-    def items(record):
-        tasks = record.get("tasks") or {}
-        if not tasks or not all("items" in t for t in tasks.values()):
-            return None
-        return {name: t["items"] for name, t in sorted(tasks.items())}
+    def item_counts(record):
+        items = _task_items(record)
+        return None if items is None else {name: len(v) for name, v in items.items()}
 
-    scored = [(r, items(r)) for r in records if r["method"] != "dense" and items(r)]
     found = []
-    for i, (a, items_a) in enumerate(scored):
-        for b, items_b in scored[i + 1:]:
-            if a["sparsity"] != b["sparsity"] or {k: len(v) for k, v in items_a.items()} != \
-                    {k: len(v) for k, v in items_b.items()}:
-                continue
-            joined_a = [x for v in items_a.values() for x in v]
-            joined_b = [x for v in items_b.values() for x in v]
-            found.append({"a": variant(a), "b": variant(b), "sparsity": a["sparsity"], "items": len(joined_a),
-                          **paired_accuracy_difference(joined_a, joined_b)})
+    for a, b in _pairs(records, item_counts):
+        joined_a, joined_b = ([x for v in _task_items(r).values() for x in v] for r in (a, b))
+        found.append({"a": variant(a), "b": variant(b), "sparsity": a["sparsity"], "items": len(joined_a),
+                      **paired_accuracy_difference(joined_a, joined_b)})
     return found
+
+
+def _interval_cells(c: dict) -> str:
+    """The last cells of a comparison row: the 95 % interval and whether it excludes 0."""
+    return f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] | {'yes' if c['significant'] else 'no'} |"
 
 
 def accuracy_comparison_table(records: list[dict]) -> str:
     """Markdown: for each pair at one sparsity, acc(a) - acc(b) over all items with its 95 % interval."""
     lines = ["| sparsity | a | b | items | acc(a) - acc(b) | 95% interval | significant |", "|---|---|---|---|---|---|---|"]
-    for c in accuracy_comparisons(records):
-        lines.append(f"| {c['sparsity']:.0%} | {c['a']} | {c['b']} | {c['items']} | {c['acc_difference']:+.4f} | "
-                     f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] | {'yes' if c['significant'] else 'no'} |")
+    lines += [f"| {c['sparsity']:.0%} | {c['a']} | {c['b']} | {c['items']} | {c['acc_difference']:+.4f} | "
+              + _interval_cells(c) for c in accuracy_comparisons(records)]
     return "\n".join(lines)
 
 
 def comparison_table(records: list[dict]) -> str:
     """Markdown: for each pair at one sparsity, log ppl(a) - log ppl(b) with its 95 % interval."""
     lines = ["| sparsity | a | b | log ppl(a) - log ppl(b) | 95% interval | significant |", "|---|---|---|---|---|---|"]
-    for c in comparisons(records):
-        lines.append(f"| {c['sparsity']:.0%} | {c['a']} | {c['b']} | {c['log_ppl_difference']:+.4f} | "
-                     f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] | {'yes' if c['significant'] else 'no'} |")
+    lines += [f"| {c['sparsity']:.0%} | {c['a']} | {c['b']} | {c['log_ppl_difference']:+.4f} | " + _interval_cells(c)
+              for c in comparisons(records)]
     return "\n".join(lines)
