@@ -85,7 +85,7 @@ class _ConstantValues:
             return value if isinstance(value, torch.Tensor) else None
         if node.op == "placeholder":
             return self.inputs.get(node)
-        if node.op == "call_method" and node.target == "t" and len(node.args) == 1:
+        if _is_transpose(node):
             value = self(node.args[0])
             return None if value is None else value.t()
         return None
@@ -149,5 +149,11 @@ def _drop_if_unused(gm: fx.GraphModule, node: fx.Node) -> None:
         if target.startswith("wina_") and not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
             delattr(gm, target)
             getattr(gm, "_param_name_to_source", {}).pop(target, None)
-    elif node.op == "call_method" and node.target == "t":
+    elif _is_transpose(node):
         gm.graph.erase_node(node)
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    """``w.t()``: a method call in a dynamo graph, ``aten.t`` in a traced one."""
+    return len(node.args) == 1 and ((node.op == "call_method" and node.target == "t") or
+                                    (node.op == "call_function" and node.target is torch.ops.aten.t.default))

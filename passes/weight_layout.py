@@ -30,7 +30,7 @@ MAX_SIDE_BY_SIDE = 3  # what one grouped launch takes (q/k/v)
 
 def kernels_read_rows(weight: torch.Tensor) -> bool:
     """True where the sparse ops run the Triton kernels, which need W^T rows contiguous (for
-    a DTensor: its local shard's; those are re-laid out alone, never side by side)."""
+    a DTensor: its local shard's)."""
     return weight.is_cuda
 
 
@@ -107,7 +107,7 @@ def sibling_sets(sites: list[LinearSite], grouped: set[int], alone: set[int]) ->
     merges); every index of ``alone`` on its own."""
     by_input: dict[fx.Node, list[int]] = {}
     for index in sorted(grouped):
-        by_input.setdefault(sites[index].input, []).append(index)
+        by_input.setdefault(sharded.wrapped_local(sites[index].input), []).append(index)
     sets = [[i] for i in sorted(alone - grouped)]
     for members in by_input.values():
         for start in range(0, len(members), MAX_SIDE_BY_SIDE):
@@ -130,7 +130,7 @@ def pending(sites: list[LinearSite], sets: list[list[int]]) -> list[list[torch.T
         if not weights or not kernels_read_rows(weights[0]):
             continue
         if all(has_row_layout(w) for w in weights) and (
-                len(weights) == 1 or side_by_side([w.t() for w in weights]) is not None):
+                len(weights) == 1 or side_by_side([_local(w).t() for w in weights]) is not None):
             continue
         todo.append(weights)
     return todo
@@ -144,23 +144,34 @@ def relayout(sets: list[list[torch.Tensor]]) -> int:
     moved = 0
     with torch.no_grad():
         for weights in sets:
-            weights = [_local(w) for w in weights]  # a DTensor (alone in its set): its local shard
             if weights[0].dim() == 3:  # an expert weight (E, N, K): each W_e^T contiguous
                 w = weights[0]
                 w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
                 moved += w.numel() * w.element_size()
                 continue
-            k = weights[0].shape[1]
-            buffer = torch.empty(k, sum(w.shape[0] for w in weights), dtype=weights[0].dtype,
-                                 device=weights[0].device)
+            local = [_local(w) for w in weights]  # DTensors: their local shards side by side
+            buffer = torch.empty(local[0].shape[1], sum(w.shape[0] for w in local), dtype=local[0].dtype,
+                                 device=local[0].device)
             col = 0
-            for w in weights:
+            for outer, w in zip(weights, local):
                 n = w.shape[0]
                 buffer[:, col:col + n].copy_(w.t())
                 w.data = buffer[:, col:col + n].t()
+                if outer is not w:
+                    _match_local(outer)
                 col += n
             moved += buffer.numel() * buffer.element_size()
     return moved
+
+
+def _match_local(weight) -> None:
+    """Give a DTensor the storage offset and strides of its re-laid-out local shard (the
+    same object, its values unchanged): dynamo cannot make a fake DTensor whose local
+    tensor starts at another offset than its own (pytorch/pytorch#119071)."""
+    local = weight._local_tensor
+    weight.data = type(weight).from_local(local, weight.device_mesh, weight.placements, run_check=False,
+                                          shape=weight.shape, stride=local.stride())
+    weight._local_tensor = local
 
 
 class RelayoutFirst:

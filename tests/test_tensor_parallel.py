@@ -71,6 +71,19 @@ def _relayout_worker(rank: int, world: int, port: int) -> None:
         for out in outs:
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert not any(n.startswith("group:") for n in wina_fx.last_report().notes)
+        # through Inductor the graph is traced to its local shards, where q/k/v and gate/up
+        # (their shards now side by side in one buffer) run as one launch each
+        torch._dynamo.reset()
+        step = torch.compile(sharded, backend="wina", options={**options, "inductor": True})
+        with torch.no_grad():
+            outs = [step(ids).logits for _ in range(2)]
+        assert "group: 10 threshold linears sharing an input run as 4 launches" in wina_fx.last_report().notes
+        attention = sharded.model.layers[0].self_attn
+        shards = [p._local_tensor.t() for p in (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight)]
+        assert weight_layout.side_by_side(shards) is not None, "q/k/v shards not side by side: the group copies them"
+        for out in outs:
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(q._local_tensor, before)
         _row_parallel_bias_matches(world)
         # TEAL's unit scores on a sharded weight: ones, placed like column norms, whatever its values
         from wina_fx import sharded as sharding
@@ -113,10 +126,11 @@ def _row_parallel_bias_matches(world: int) -> None:
 
 def test_local_shards_are_stored_as_the_kernels_read_them():
     """Calibrating the sharded model gives the one-process thresholds.  With the backend's
-    CUDA decisions (patched in on the CPU), each rank stores its shard
-    of every sparse weight as W^T, in place and bit for bit, groups nothing (a grouped op has
-    no DTensor strategy), and still computes what one process computes; so does a row-parallel
-    linear with a bias."""
+    CUDA decisions (patched in on the CPU), each rank stores its shard of every sparse weight
+    as W^T, in place and bit for bit, and still computes what one process computes: op by op
+    with each linear alone (a grouped op has no DTensor strategy), through Inductor with the
+    linears sharing an input grouped over the local shards; so does a row-parallel linear
+    with a bias."""
     import socket
 
     import torch.multiprocessing as mp

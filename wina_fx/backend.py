@@ -19,13 +19,14 @@ from wina_fx.passes.find_linears import LinearSite, reread_expert_weights, unrec
 from wina_fx.passes.experts import gate_experts
 from wina_fx.passes.gate import Gate, gate_linears
 from wina_fx.passes.group import group_sibling_linears
+from wina_fx.passes.localize import local_arguments, localize, sharded_inputs
 from wina_fx.passes.prepare import prepare
 from wina_fx.passes import weight_layout
 
 from . import sharded  # noqa: F401  (registers the wina ops' DTensor strategies)
 from .config import WinaConfig
 from .methods import Plan, get_method
-from .report import Report, ReportRow, record
+from .report import Report, ReportRow, last_report, record
 
 
 def plan(config: WinaConfig, sites: list[LinearSite]) -> Plan:
@@ -42,8 +43,10 @@ def plan_gates(config: WinaConfig, sites: list[LinearSite]) -> tuple[dict[int, G
     return result.gates, result.rows
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: str | None):
-    """Inductor (with the mode's settings) or, with inductor=False, the FX graph itself."""
+def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: str | None, group: bool = False):
+    """Inductor (with the mode's settings) or, with inductor=False, the FX graph itself.
+    A tensor-parallel graph is compiled over its local shards (``passes/localize.py``),
+    where ``group`` merges its sibling sparse linears (they have no DTensor op)."""
     if not config.inductor:
         return gm.forward
     from torch._inductor import list_mode_options
@@ -51,7 +54,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: 
 
     mode = mode if mode not in (None, "default") else config.mode
     patches = list_mode_options(mode) if mode != "default" else {}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    local = localize(gm, example_inputs)
+    if local is None:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    positions = sharded_inputs(example_inputs)
+    local_inputs = [x._local_tensor if i in positions else x for i, x in enumerate(example_inputs)]
+    if group:
+        _note_groups(group_sibling_linears(local, local_inputs), last_report().notes)
+    return local_arguments(compile_fx(local, local_inputs, config_patches=patches), positions)
 
 
 def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | None = None):
@@ -72,14 +82,20 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
         result = _dense_prefill(result, sites)
     on_kernels, grouped, todo = _kernel_layout(config, sites, result)
 
+    # the sparse ops of a tensor-parallel graph are grouped once it is traced to its local shards
+    group_local = bool(grouped) and bool(sharded_inputs(example_inputs))
+
     def rewrite():
         reread_expert_weights(sites)  # after RelayoutFirst's re-layout: views of the new storage
-        _rewrite(gm, example_inputs, config, prepass, sites, result, on_kernels, grouped)
+        _rewrite(gm, example_inputs, config, prepass, sites, result, on_kernels, set() if group_local else grouped)
+
+    def compiled():
+        return compile_graph(gm, example_inputs, config, mode, group=group_local)
 
     if todo:  # the model's parameters: once dynamo's guards are built
-        return weight_layout.RelayoutFirst(todo, rewrite, gm, lambda: compile_graph(gm, example_inputs, config, mode))
+        return weight_layout.RelayoutFirst(todo, rewrite, gm, compiled)
     rewrite()
-    return compile_graph(gm, example_inputs, config, mode)
+    return compiled()
 
 
 def _kernel_layout(config: WinaConfig, sites: list[LinearSite], result: Plan):
@@ -94,8 +110,10 @@ def _kernel_layout(config: WinaConfig, sites: list[LinearSite], result: Plan):
         # training would recompile the graph with scores taken from the updated weights.
         result.notes.append("training graph: weights read as stored (not grouped, not re-laid out)")
         return False, set(), []
-    # a grouped op has no DTensor strategy: the linears of a tensor-parallel graph run one by one
-    groupable = config.group and on_kernels and not any(sharded.is_sharded(sites[i].weight) for i in linear_gates)
+    # a grouped op has no DTensor strategy: a tensor-parallel graph is grouped over its local
+    # shards, after Inductor's tracing (compile_graph); op by op its linears run one by one
+    groupable = config.group and on_kernels and (config.inductor or not any(
+        sharded.is_sharded(sites[i].weight) for i in linear_gates))
     grouped = {i for i, g in linear_gates.items() if g.rule.k is None} if groupable else set()
     sets = weight_layout.sibling_sets(sites, grouped, set(linear_gates))
     lifted = [s for s in sets if any(_is_input(sites[i]) for i in s)]
@@ -173,8 +191,10 @@ def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Pla
                          f"weights: {len(copied)} sparse linears read a transposed copy (" + ", ".join(copied[:3]) + ")")
         # Grouping pays where the kernels run; on the CPU it would only add a concatenation.
         if grouped:
-            groups = group_sibling_linears(gm, example_inputs)
-            if groups:
-                notes.append(f"group: {sum(map(len, groups))} threshold linears sharing an input run as "
-                             f"{len(groups)} launches")
+            _note_groups(group_sibling_linears(gm, example_inputs), notes)
     record(Report(rows, config.method, config.selection, list(notes), orthogonalize=prepass))
+
+
+def _note_groups(groups: list[list[fx.Node]], notes: list[str]) -> None:
+    if groups:
+        notes.append(f"group: {sum(map(len, groups))} threshold linears sharing an input run as {len(groups)} launches")

@@ -50,6 +50,14 @@ def unit_scores(weight) -> "DTensor":
     return (weight.detach().float().sum(dim=0) * 0.0).nan_to_num(0.0, 0.0, 0.0) + 1.0
 
 
+def wrapped_local(node):
+    """The node a chain of ``DTensor.from_local`` calls wraps: q, k and v each wrap the same
+    hidden state in a DTensor of their own, and still read one input."""
+    while getattr(node, "op", None) == "call_function" and getattr(node.target, "__name__", None) == "from_local":
+        node = node.args[0]
+    return node
+
+
 def row_parallel(weight) -> bool:
     """W (N, K) is sharded over its inputs (RowwiseParallel)."""
     return is_sharded(weight) and any(isinstance(p, Shard) and p.dim % 2 == 1 for p in weight.placements)
