@@ -66,17 +66,19 @@ def build_model(shape: dict, device: str, dtype: torch.dtype, seed: int = 0, mod
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, step, prompt, new_tokens: int, warmup: int, sync=None) -> float:
+def decode_tokens_per_s(model, step, prompt, new_tokens: int, warmup: int, sync=None, host=None) -> float:
     """Prefill eagerly, then time ``new_tokens`` compiled decode steps (after ``warmup``).
     ``sync``, when given, is called just before the clock starts (ranks of a tensor-parallel
-    run: ``torch.distributed.barrier``)."""
+    run: ``torch.distributed.barrier``).  ``host``, a dict, receives ``host_us_per_step``: the
+    time spent inside the step calls (guards, argument handling, graph launch); when it is
+    close to the wall time per step, the host, not the GPU, sets the pace."""
     device = prompt.device
     cache = transformers.StaticCache(config=model.config, max_cache_len=prompt.shape[1] + warmup + new_tokens + 1)
     position = torch.arange(prompt.shape[1], device=device)
     logits = model(prompt, past_key_values=cache, cache_position=position, use_cache=True).logits
     token = logits[:, -1:].argmax(-1)
     position = position[-1:] + 1
-    started = None
+    started, inside = None, 0.0
     for i in range(warmup + new_tokens):
         if i == warmup:
             if device.type == "cuda":
@@ -84,11 +86,16 @@ def decode_tokens_per_s(model, step, prompt, new_tokens: int, warmup: int, sync=
             if sync is not None:
                 sync()
             started = time.perf_counter()
+        called = time.perf_counter()
         logits = step(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        if started is not None:
+            inside += time.perf_counter() - called
         token = logits[:, -1:].argmax(-1)
         position = position + 1
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if host is not None:
+        host["host_us_per_step"] = inside / new_tokens * 1e6
     return new_tokens / (time.perf_counter() - started)
 
 
@@ -117,6 +124,13 @@ def kernel_profile(model, step, prompt, steps: int = 4, top: int = 14) -> dict:
     total = sum(r["us_per_step"] for r in rows)
     return {"gpu_us_per_step": total, "launches_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:top],
             "all": rows}
+
+
+def dump_memory_history(path: str) -> None:
+    """Every allocation and free since the history was switched on, with stacks, for
+    torch.cuda.memory's viewer (https://pytorch.org/memory_viz): the peak's live blocks."""
+    torch.cuda.memory._dump_snapshot(path)
+    print(f"  memory history: {path}")
 
 
 def print_live_blocks(min_bytes: int = 64 << 20, frames: int = 12) -> None:
@@ -220,11 +234,12 @@ def main():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    def peak() -> dict:  # what the configuration held at most: weights, caches, graphs, pools
+    def peak(label: str) -> dict:  # what the configuration held at most: weights, caches, graphs, pools
         if device != "cuda":
             return {"peak_memory_bytes": 0}
         if args.snapshot:
             print_live_blocks()
+            dump_memory_history(os.path.join(out_dir, f"memory_{gpu}{args.suffix}_{label}.pickle"))
         return {"peak_memory_bytes": torch.cuda.max_memory_allocated(),
                 "resident_bytes": torch.cuda.memory_allocated()}
 
@@ -246,9 +261,11 @@ def main():
     def dense_run(impl):
         fresh()
         step = compiled_step()
-        rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
+        host = {}
+        rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup, host=host)
         records.append({"impl": impl, "sparsity": 0.0, "measured_sparsity": 0.0, "tokens_per_s": rate,
-                        "speedup_vs_dense": rate / records[0]["tokens_per_s"] if records else 1.0, **peak()})
+                        "speedup_vs_dense": rate / records[0]["tokens_per_s"] if records else 1.0, **host,
+                        **peak(impl)})
         print(f"{impl}: {rate:.1f} tokens/s, peak {records[-1]['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
         if args.profile:
             records[-1]["profile"] = profiled(model, step, prompt, rate)
@@ -263,8 +280,9 @@ def main():
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             fresh()
             step = compiled_step(sparsity)
-            rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup)
-            memory = peak()
+            host = {}
+            rate = decode_tokens_per_s(model, step, prompt, args.tokens, args.warmup, host=host)
+            memory = peak(f"wina{sparsity:g}")
             notes = wina_fx.last_report().notes
             prof = profiled(model, step, prompt, rate) if args.profile else None
             # measured sparsity from a separate, eager run with counters (counters cost time); at
@@ -279,7 +297,7 @@ def main():
                             if r.measured_sparsity is not None]
             records.append({
                 "impl": "wina", "sparsity": sparsity, "measured_sparsity": sum(measured) / len(measured),
-                "tokens_per_s": rate, "speedup_vs_dense": rate / dense, "notes": notes, **memory,
+                "tokens_per_s": rate, "speedup_vs_dense": rate / dense, "notes": notes, **host, **memory,
                 "peak_memory_vs_dense": memory["peak_memory_bytes"] / max(records[0]["peak_memory_bytes"], 1),
             })
             if prof:
@@ -310,7 +328,7 @@ def main():
             step = compiled_step(sparsity)
             rate = batch * decode_tokens_per_s(model, step, batch_prompt, args.tokens, args.warmup)
             base = base or rate
-            memory = peak()
+            memory = peak(f"batch{batch}_{'dense' if sparsity is None else f'wina{sparsity:g}'}")
             base_memory = base_memory if sparsity is not None else memory["peak_memory_bytes"]
             records.append({"impl": "dense" if sparsity is None else "wina", "batch": batch,
                             "sparsity": sparsity or 0.0, "measured_sparsity": None, "tokens_per_s": rate,

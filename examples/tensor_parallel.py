@@ -161,10 +161,11 @@ def decode_benchmark(args) -> None:
         else:
             options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration, **mode}
             step = torch.compile(sharded, backend="wina", options=options, fullgraph=True, dynamic=False)
-        rate = decode.decode_tokens_per_s(sharded, step, prompt, args.tokens, args.warmup, sync=dist.barrier)
+        host = {}
+        rate = decode.decode_tokens_per_s(sharded, step, prompt, args.tokens, args.warmup, sync=dist.barrier, host=host)
         dense = records[0]["tokens_per_s"] if records else rate
         records.append({"impl": "dense_tp" if sparsity is None else "wina_tp", "sparsity": sparsity or 0.0,
-                        "tokens_per_s": rate, "speedup_vs_dense": rate / dense,
+                        "tokens_per_s": rate, "speedup_vs_dense": rate / dense, **host,
                         # measure=True is refused on a tensor-parallel graph; the calibrated target
                         "measured_sparsity": None, "calibrated_sparsity": sparsity or 0.0})
         if sparsity is not None:
@@ -173,8 +174,8 @@ def decode_benchmark(args) -> None:
             records[-1]["profile"] = decode.kernel_profile(sharded, step, prompt)
             records[-1]["profile"].pop("all")
         if rank == 0:
-            print(f"{records[-1]['impl']} {sparsity or 0:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense tp",
-                  flush=True)
+            print(f"{records[-1]['impl']} {sparsity or 0:.0%}: {rate:.1f} tokens/s, {rate / dense:.2f}x dense tp "
+                  f"(host {host['host_us_per_step']:.0f} of {1e6 / rate:.0f} us a step)", flush=True)
             for row in records[-1].get("profile", {}).get("top", []):
                 print(f"    {row['us_per_step']:8.1f} us x{row['calls_per_step']:g}  {row['kernel']}", flush=True)
             os.makedirs(out_dir, exist_ok=True)
