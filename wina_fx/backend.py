@@ -4,8 +4,9 @@ dynamo graph -> [orthogonalize] -> find linears -> plan per method (a keep rule 
 and for cats / rsparse a graph rewrite the gates rely on) -> [CUDA: weights not yet stored
 as W^T: re-lay them out on the first call, compile at the next] -> [rewrite] -> experts pass
 (mixture-of-experts ops) -> gate pass -> [group siblings, CUDA] -> Inductor.  A tensor-parallel
-graph (DTensor weights) goes the same way; its sparse ops run on the local shards
-(``sharded.py``).
+graph (DTensor weights) goes the same way up to the gate pass, its sparse ops running on the
+local shards (``sharded.py``); before Inductor it is traced down to those shards
+(``passes/localize.py``), and its siblings are grouped there.
 """
 from __future__ import annotations
 
