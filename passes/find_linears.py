@@ -384,6 +384,15 @@ def reread_expert_weights(sites: list[LinearSite]) -> None:
             site.weight = _expert_weight(site.stacked, site.expert, site.weight_is_transposed)
 
 
+def release_expert_weights(sites: list[LinearSite]) -> None:
+    """Drop the expert sites' views of their 3-D weights until ``reread_expert_weights``:
+    while a view holds a weight's storage, re-laying the weight out cannot free it, and the
+    re-layout of all of them would peak at two copies of every expert."""
+    for site in sites:
+        if site.expert is not None:
+            site.weight = None
+
+
 def unrecognized_weights(gm: fx.GraphModule, sites: list[LinearSite], example_inputs=None):
     """Parameters of two or more dims that the graph reads other than as a found linear's
     weight or an embedding table (mixture-of-experts weights read by a grouped matmul, a

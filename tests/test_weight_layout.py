@@ -105,8 +105,10 @@ def test_backend_stores_weights_in_place_then_compiles(monkeypatch, selection):
 def test_re_laid_out_expert_weights_leave_no_second_copy(monkeypatch):
     """The backend finds the expert sites (views W[e] of each 3-D weight) before it re-lays
     the 3-D weights out; once compiled, nothing may hold the old storage (on an H200 the
-    compiled Mixtral-shaped model kept both copies: peak memory 1.95x dense).  The CUDA
-    layout decision is forced on the CPU; the expert ops take their masked path."""
+    compiled Mixtral-shaped model kept both copies: peak memory 1.95x dense), and while it
+    re-lays them out each old storage is freed as soon as its replacement exists (else the
+    peak holds two copies of every expert).  The CUDA layout decision is forced on the CPU;
+    the expert ops take their masked path."""
     from torch.multiprocessing.reductions import StorageWeakRef
     from wina_fx.passes import experts
     from zoo_models import build
@@ -117,6 +119,17 @@ def test_re_laid_out_expert_weights_leave_no_second_copy(monkeypatch):
     stacked = [p for p in model.parameters() if p.dim() == 3]
     values = [p.detach().clone() for p in stacked]
     old_storage = [StorageWeakRef(p.untyped_storage()) for p in stacked]
+    relayout, freed_at_once = weight_layout.relayout, []
+
+    def one_set_at_a_time(sets):  # each old storage freed as its set is re-laid out: one copy at the peak
+        moved = 0
+        for weights in sets:
+            before = [StorageWeakRef(w.untyped_storage()) for w in weights]
+            moved += relayout([weights])
+            freed_at_once.append(all(ref.expired() for ref in before))
+        return moved
+
+    monkeypatch.setattr(weight_layout, "relayout", one_set_at_a_time)
     step = torch.compile(model, backend="wina", options={"sparsity": 0.5, "selection": "topk", "inductor": False},
                          fullgraph=True, dynamic=False)
     ids = torch.randint(0, 100, (1, 1))
@@ -128,3 +141,4 @@ def test_re_laid_out_expert_weights_leave_no_second_copy(monkeypatch):
     assert all(weight_layout.has_expert_row_layout(p, transposed=False) for p in stacked)
     assert all(torch.equal(p, v) for p, v in zip(stacked, values))
     assert all(ref.expired() for ref in old_storage)
+    assert freed_at_once and all(freed_at_once), freed_at_once

@@ -16,7 +16,8 @@ import math
 import torch
 import torch.fx as fx
 
-from wina_fx.passes.find_linears import LinearSite, reread_expert_weights, unrecognized_weights
+from wina_fx.passes.find_linears import (LinearSite, release_expert_weights, reread_expert_weights,
+                                         unrecognized_weights)
 from wina_fx.passes.experts import gate_experts
 from wina_fx.passes.gate import Gate, gate_linears
 from wina_fx.passes.group import group_sibling_linears
@@ -94,7 +95,7 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
         return compile_graph(gm, example_inputs, config, mode, group=group_local)
 
     if todo:  # the model's parameters: once dynamo's guards are built
-        return weight_layout.RelayoutFirst(todo, rewrite, gm, compiled)
+        return weight_layout.RelayoutFirst(todo, rewrite, gm, compiled, release=lambda: release_expert_weights(sites))
     rewrite()
     return compiled()
 
