@@ -93,10 +93,29 @@ def load(path: str) -> dict | None:
 
 
 def save(path: str, results: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    """Write ``results``, first taking in the records another run added to the file since
+    (two runs over different configurations may share a file; a lock orders their writes)."""
+    import fcntl
+
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merge(results, load(path))
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, path)
+
+
+def merge(results: dict, other: dict | None) -> int:
+    """Add to ``results`` the records of ``other`` (same data settings) it lacks; returns how many."""
+    if not other:
+        return 0
+    if any(results["header"].get(k) != other["header"].get(k) for k in SAME_DATA):
+        raise ValueError(f"cannot merge results on other data: { {k: other['header'].get(k) for k in SAME_DATA} }")
+    have = {record_key(r) for r in results["records"]}
+    new = [r for r in other["records"] if record_key(r) not in have]
+    results["records"].extend(new)
+    return len(new)
 
 
 SAME_DATA = ("model", "ppl_tokens", "ppl_window_len", "task_items", "seed", "calibration_windows", "device")
@@ -286,12 +305,23 @@ def main(argv=None) -> None:
                         help="also run the WINA recipes of search_recipes() (beyond both papers' recipes)")
     parser.add_argument("--table", action="store_true", help="print markdown tables from the JSON and exit")
     parser.add_argument("--plot", action="store_true", help="only redraw the PNG from the JSON")
+    parser.add_argument("--merge-from", metavar="JSON",
+                        help="add the records of another results file on the same data (e.g. a run written "
+                             "with another --suffix) to this model's file, then exit")
     args = parser.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.only = set(args.only.split(",")) if args.only else None
     args.sparsities = {float(s) for s in args.sparsities.split(",")} if args.sparsities else None
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"accuracy_{args.model}{args.suffix}.json")
+    if args.merge_from:
+        results, other = load(path), load(args.merge_from)
+        if results is None or other is None:
+            sys.exit(f"--merge-from: both {path} and {args.merge_from} must exist")
+        added = merge(results, other)
+        save(path, results)
+        print(f"added {added} records of {args.merge_from} to {path}")
+        return
     if args.table or args.plot:
         results = load(path)
         if results is None:

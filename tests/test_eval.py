@@ -220,3 +220,36 @@ def test_accuracy_comparisons_pair_configurations_on_the_same_items():
     assert (found["a"], found["b"], found["items"]) == ("wina", "teal", 200)
     assert found["acc_difference"] == pytest.approx(0.15) and found["significant"]
     assert "| 50% | wina | teal | 200 | +0.1500 |" in accuracy_comparison_table(records)
+
+
+def test_two_runs_sharing_a_results_file_keep_each_others_records(tmp_path):
+    """benchmarks/accuracy.py: a run saving its results takes in what another run wrote to the
+    same file meanwhile (resumable background runs over different configurations), and
+    --merge-from refuses records measured on other data."""
+    import importlib.util
+    import json
+    import os
+
+    import pytest
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accuracy.py")
+    spec = importlib.util.spec_from_file_location("accuracy_grid_save", path)
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    header = {k: 1 for k in grid.SAME_DATA}
+
+    def record(method, sparsity):
+        return {"method": method, "orthogonalize": False, "allocation": "uniform", "sparsity": sparsity}
+
+    out = str(tmp_path / "accuracy_x.json")
+    first = {"header": dict(header), "records": [record("wina", 0.5)], "skipped": []}
+    second = {"header": dict(header), "records": [record("teal", 0.5)], "skipped": []}
+    grid.save(out, first)
+    grid.save(out, second)  # loaded before the first run wrote: must not drop wina
+    first["records"].append(record("wina", 0.65))
+    grid.save(out, first)
+    on_disk = json.loads(open(out).read())
+    assert sorted((r["method"], r["sparsity"]) for r in on_disk["records"]) == [
+        ("teal", 0.5), ("wina", 0.5), ("wina", 0.65)]
+    with pytest.raises(ValueError, match="other data"):
+        grid.merge(first, {"header": {**header, "seed": 2}, "records": [record("cats", 0.5)]})
