@@ -236,6 +236,12 @@ def main() -> None:
         return compare_perplexity(args)
     if args.decode:
         decode_benchmark(args)
+        # the CUDA graphs captured NCCL work: release them, and let every rank finish its
+        # last step, before the process group goes (session 9: the exit hung on two H200s)
+        torch._dynamo.reset()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
         return dist.destroy_process_group()
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.set_num_threads(1)
