@@ -159,6 +159,9 @@ def test_decode_benchmark_runs_on_two_cpu_ranks(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in data["records"]) and data["header"]["ranks"] == 2
     assert "1 layers" in data["header"]["model"] and data["header"]["selection"] == "threshold"
     assert data["records"][1]["notes"] is not None
+    # measured on the unsharded model with the same thresholds, as a share of dropped channels
+    assert 0.3 < data["records"][1]["measured_sparsity"] < 0.7, data["records"][1]
+    assert all(r["host_us_per_step"] > 0 for r in data["records"])
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional
