@@ -59,6 +59,8 @@ def search_recipes() -> dict:
         "shared": Recipe("shared", shared_gate_up=True),  # up keeps the gate's channels
         # TEAL's paper recipe (1 % dense prefix, gate and up sharing a mask) with WINA's score
         "prefix-shared": Recipe("prefix-shared", dense_prefix=PAPER.dense_prefix, shared_gate_up=True),
+        # between TEAL (|x|) and WINA (|x| * ||W[:, i]||): the column norm's square root
+        "sqrtnorms": Recipe("sqrtnorms", score_power=0.5),
     }
 
 

@@ -179,3 +179,34 @@ def test_search_recipes_of_the_accuracy_grid_compile_and_keep_sparsity_zero_exac
     finally:
         register_method(Wina(), replace=True)
     assert "prefix" not in get_method("wina").recipes
+
+
+def test_score_power_spans_teal_to_wina():
+    """Recipe.score_power: 0 ranks by |x| alone (TEAL's masks, so TEAL's output), 1 is WINA,
+    0.5 lies elsewhere (the tiny model's column norms differ enough to change some masks)."""
+    from wina_fx.methods import Wina, register_method
+    from wina_fx.methods.base import Recipe
+
+    model, ids = _model("llama")
+    model.eval()
+
+    class WinaPowers(Wina):
+        recipes = {**Wina.recipes, **{f"p{p:g}": Recipe(f"p{p:g}", score_power=p) for p in (0.0, 0.5, 1.0)}}
+
+    register_method(WinaPowers(), replace=True)
+    try:
+        outs, labels = {}, {}
+        with torch.no_grad():
+            for method, recipe in (("teal", "default"), ("wina", "default"), ("wina", "p0"), ("wina", "p0.5"),
+                                   ("wina", "p1")):
+                torch._dynamo.reset()
+                options = {"method": method, "recipe": recipe, "sparsity": SPARSITY, "inductor": False}
+                outs[method, recipe] = torch.compile(model, backend="wina", options=options)(ids).logits
+                labels[method, recipe] = {row.score for row in wina_fx.last_report().rows if row.score}
+        assert torch.equal(outs["wina", "p0"], outs["teal", "default"])
+        assert torch.equal(outs["wina", "p1"], outs["wina", "default"])
+        assert not torch.equal(outs["wina", "p0.5"], outs["wina", "default"])
+        assert not torch.equal(outs["wina", "p0.5"], outs["teal", "default"])
+        assert labels["wina", "p0.5"] == {"column norms ^ 0.5"}, labels
+    finally:
+        register_method(Wina(), replace=True)

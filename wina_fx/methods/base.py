@@ -33,6 +33,8 @@ class Recipe:
     dense_prefix: the share of each sequence's first positions left dense (a forward over
                   T tokens keeps the first T - int((1 - share) T) of them dense).
     shared_gate_up: the up projection of a gated MLP keeps the channels its gate keeps.
+    score_power:  scored linears rank by |x_i| * score_i ** score_power (1: the method's own
+                  score; 0: |x| alone; 0.5 weighs the score halfway, on a log scale).
     """
 
     name: str = "default"
@@ -40,6 +42,7 @@ class Recipe:
     scored_kinds: tuple[str, ...] | None = None
     dense_prefix: float = 0.0
     shared_gate_up: bool = False
+    score_power: float = 1.0
 
     def prepass(self, orthogonalize: str | None) -> tuple[str | None, Mapping[str, str] | None]:
         """(variant, sources) of the orthogonalization prepass: this recipe's transform, or
@@ -76,6 +79,8 @@ class Method:
     def site_score(self, site, recipe: Recipe = DEFAULT_RECIPE) -> tuple[torch.Tensor, str]:
         """(score vector, label) of one linear under ``recipe``."""
         if recipe.scored(site.name):
+            if recipe.score_power != 1.0:
+                return self.score(site.weight).pow(recipe.score_power), f"{self.score_label} ^ {recipe.score_power:g}"
             return self.score(site.weight), self.score_label
         return unit_scores(site.weight), "|x| only (recipe)"
 
