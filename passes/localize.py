@@ -13,7 +13,8 @@ DTensor argument's local tensor, an attribute read.
 Invariant: the local graph computes on every rank exactly the local shards the DTensor
 graph computes (the same ops and collectives, in the same order), with symbolic sizes
 kept symbolic; the graph's constants are read, never copied.  A graph returning a DTensor
-(its caller expects one) is left as it is.
+(its caller expects one), or training a DTensor weight (its gradient belongs to the
+DTensor), is left as it is.
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def _local(value):
 
 def localize(gm: fx.GraphModule, example_inputs) -> fx.GraphModule | None:
     """The graph over local shards (same placeholders, each DTensor one now its local
-    tensor), or None when ``gm`` has no DTensor input or returns a DTensor."""
-    if not sharded_inputs(example_inputs):
-        return None
+    tensor), or None when ``gm`` has no DTensor input, trains one, or returns a DTensor."""
+    positions = sharded_inputs(example_inputs)
+    if not positions or (torch.is_grad_enabled() and any(example_inputs[i].requires_grad for i in positions)):
+        return None  # a training graph: gradients must reach the DTensor parameters themselves
     from torch._subclasses.fake_tensor import FakeTensor
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -84,6 +84,7 @@ def _relayout_worker(rank: int, world: int, port: int) -> None:
         for out in outs:
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(q._local_tensor, before)
+        _gradients_reach_the_sharded_weights(sharded, ids, options)
         _row_parallel_bias_matches(world)
         # TEAL's unit scores on a sharded weight: ones, placed like column norms, whatever its values
         from wina_fx import sharded as sharding
@@ -95,6 +96,22 @@ def _relayout_worker(rank: int, world: int, port: int) -> None:
         assert torch.equal(ones.full_tensor(), torch.ones(down.shape[1]))
     finally:
         dist.destroy_process_group()
+
+
+def _gradients_reach_the_sharded_weights(sharded, ids, options) -> None:
+    """A training step through the backend (Inductor) gives the DTensor weights the gradients
+    eager tensor parallel gives them (the graph is not traced down to local shards then)."""
+    import torch
+
+    grads = []
+    for step in (sharded, torch.compile(sharded, backend="wina", options={**options, "sparsity": 0.0,
+                                                                        "inductor": True})):
+        torch._dynamo.reset()
+        sharded.zero_grad(set_to_none=True)
+        step(ids).logits.square().mean().backward()
+        grads.append(sharded.model.layers[0].mlp.down_proj.weight.grad)
+    assert grads[1] is not None, "no gradient reached the sharded weight"
+    torch.testing.assert_close(grads[1].full_tensor(), grads[0].full_tensor(), rtol=1e-4, atol=1e-6)
 
 
 def _row_parallel_bias_matches(world: int) -> None:
