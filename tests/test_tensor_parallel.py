@@ -84,6 +84,7 @@ def _relayout_worker(rank: int, world: int, port: int) -> None:
         for out in outs:
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(q._local_tensor, before)
+        _local_graph_keeps_what_aot_reads(sharded, ids)
         _gradients_reach_the_sharded_weights(sharded, ids, options)
         _row_parallel_bias_matches(world)
         # TEAL's unit scores on a sharded weight: ones, placed like column norms, whatever its values
@@ -96,6 +97,37 @@ def _relayout_worker(rank: int, world: int, port: int) -> None:
         assert torch.equal(ones.full_tensor(), torch.ones(down.shape[1]))
     finally:
         dist.destroy_process_group()
+
+
+def _local_graph_keeps_what_aot_reads(sharded, ids) -> None:
+    """passes/localize.py on dynamo's graph of the sharded model: no DTensor is left, the
+    collectives are there, and each input keeps its dynamo source and static mark (CUDA
+    graphs would copy every weight at each replay without them)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from wina_fx.passes.localize import localize
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["local"], seen["gm"] = localize(gm, example_inputs), gm
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(sharded, backend=backend)(ids)
+    local, gm = seen["local"], seen["gm"]
+    values = [n.meta.get("val") for n in local.graph.nodes]
+    assert not any(isinstance(v, DTensor) for v in values)
+    assert any("all_reduce" in str(n.target) for n in local.graph.nodes)
+    old, new = gm.graph.find_nodes(op="placeholder"), local.graph.find_nodes(op="placeholder")
+    assert len(old) == len(new) and local.meta["dynamo_compile_id"] == gm.meta["dynamo_compile_id"]
+    static = [n.name for n in old if n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")]
+    assert len(static) >= 14  # the sparse linears' weights at least
+    for a, b in zip(old, new):
+        assert b._dynamo_source == a._dynamo_source
+        assert b.meta.get("tensor_dict") == a.meta.get("tensor_dict")
 
 
 def _gradients_reach_the_sharded_weights(sharded, ids, options) -> None:
