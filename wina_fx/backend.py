@@ -28,7 +28,7 @@ from wina_fx.passes import weight_layout
 from . import sharded  # noqa: F401  (registers the wina ops' DTensor strategies)
 from .config import WinaConfig
 from .methods import Plan, get_method
-from .report import Report, ReportRow, last_report, record
+from .report import Report, ReportRow, record
 
 
 def plan(config: WinaConfig, sites: list[LinearSite]) -> Plan:
@@ -45,10 +45,12 @@ def plan_gates(config: WinaConfig, sites: list[LinearSite]) -> tuple[dict[int, G
     return result.gates, result.rows
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: str | None, group: bool = False):
+def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: str | None,
+                  group_notes: list[str] | None = None):
     """Inductor (with the mode's settings) or, with inductor=False, the FX graph itself.
-    A tensor-parallel graph is compiled over its local shards (``passes/localize.py``),
-    where ``group`` merges its sibling sparse linears (they have no DTensor op)."""
+    A tensor-parallel graph is compiled over its local shards (``passes/localize.py``);
+    given ``group_notes`` (its report's notes), its sibling sparse linears are merged there
+    (the grouped op has no DTensor strategy)."""
     if not config.inductor:
         return gm.forward
     from torch._inductor import list_mode_options
@@ -61,8 +63,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: 
         return compile_fx(gm, example_inputs, config_patches=patches)
     positions = sharded_inputs(example_inputs)
     local_inputs = [x._local_tensor if i in positions else x for i, x in enumerate(example_inputs)]
-    if group:
-        _note_groups(group_sibling_linears(local, local_inputs), last_report().notes)
+    if group_notes is not None:
+        _note_groups(group_sibling_linears(local, local_inputs), group_notes)
     return local_arguments(compile_fx(local, local_inputs, config_patches=patches), positions)
 
 
@@ -86,13 +88,15 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
 
     # the sparse ops of a tensor-parallel graph are grouped once it is traced to its local shards
     group_local = bool(grouped) and bool(sharded_inputs(example_inputs))
+    report: list[Report] = []
 
     def rewrite():
         reread_expert_weights(sites)  # after RelayoutFirst's re-layout: views of the new storage
-        _rewrite(gm, example_inputs, config, prepass, sites, result, on_kernels, set() if group_local else grouped)
+        report.append(_rewrite(gm, example_inputs, config, prepass, sites, result, on_kernels,
+                               set() if group_local else grouped))
 
     def compiled():
-        return compile_graph(gm, example_inputs, config, mode, group=group_local)
+        return compile_graph(gm, example_inputs, config, mode, group_notes=report[0].notes if group_local else None)
 
     if todo:  # the model's parameters: once dynamo's guards are built
         return weight_layout.RelayoutFirst(todo, rewrite, gm, compiled, release=lambda: release_expert_weights(sites))
@@ -160,8 +164,8 @@ def _is_input(site: LinearSite) -> bool:
 
 
 def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Plan, on_kernels: bool,
-             grouped: set[int]) -> None:
-    """Apply ``result`` (rewrite, gates, groups) to gm and record the report."""
+             grouped: set[int]) -> Report:
+    """Apply ``result`` (rewrite, gates, groups) to gm; record the report and return it."""
     gates, rows = result.gates, result.rows
     counts = None
     if config.measure and any(sharded.is_sharded(sites[i].weight) for i in gates):
@@ -194,7 +198,9 @@ def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Pla
         # Grouping pays where the kernels run; on the CPU it would only add a concatenation.
         if grouped:
             _note_groups(group_sibling_linears(gm, example_inputs), notes)
-    record(Report(rows, config.method, config.selection, list(notes), orthogonalize=prepass))
+    report = Report(rows, config.method, config.selection, list(notes), orthogonalize=prepass)
+    record(report)
+    return report
 
 
 def _note_groups(groups: list[list[fx.Node]], notes: list[str]) -> None:
