@@ -2,8 +2,8 @@
 
 A model sharded with ``parallelize_module`` reaches the backend as a graph whose weights
 are DTensors.  Compiled as it is, every call pays AOTAutograd's unwrapping of each DTensor
-input into its local tensor, in Python: 10-20 us a weight, milliseconds per decode step
-of an 8B model, more than the step's GPU time once its linears are sparse.  This pass
+input into its local tensor, in Python (on two H200s, half the host time of a decode step,
+which the host, not the GPU, then paced: benchmarks/NOTES.md, session 9).  This pass
 traces the graph once more, under dynamo's fake tensors, with every DTensor (input or
 constant of the graph) rebuilt from its local shard, so that DTensor's own dispatch (the
 sharding strategies of ``sharded.py`` included) writes the graph each rank runs: local
@@ -90,9 +90,8 @@ def _carry_dynamo_metadata(gm: fx.GraphModule, local_gm: fx.GraphModule) -> None
     CUDA graphs would take every weight for an activation and copy it at each replay."""
     from torch._dynamo.source import ConstantSource
 
-    for key in ("dynamo_compile_id",):
-        if key in gm.meta:
-            local_gm.meta[key] = gm.meta[key]
+    if "dynamo_compile_id" in gm.meta:  # how AOTAutograd tells a dynamo graph
+        local_gm.meta["dynamo_compile_id"] = gm.meta["dynamo_compile_id"]
     for old, new in zip(gm.graph.find_nodes(op="placeholder"), local_gm.graph.find_nodes(op="placeholder")):
         if hasattr(old, "_dynamo_source"):
             new._dynamo_source = old._dynamo_source
