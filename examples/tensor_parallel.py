@@ -22,7 +22,9 @@ of the channels, not the top k of all of them; the paired difference says what t
 ``--device cuda`` (NCCL, one GPU a rank; ``--decode`` on the CPU with ``--tiny`` runs the same
 code on gloo): greedy decoding of the Llama-3-8B shape with random bf16 weights and a static
 cache under CUDA graphs, dense tensor parallel against wina at 0 / 50 / 65 %; writes
-``benchmarks/results/decode_tp<ranks>_<gpu>.json`` and a PNG (``$OUT`` if set).
+``benchmarks/results/decode_tp<ranks>_<gpu>.json`` and a PNG (``$OUT`` if set).  Each record
+has the sparsity measured on the unsharded model with the same thresholds, and the host time
+per step (``--skip-guard-eval`` times dense and wina with dynamo's guards skipped).
 """
 from __future__ import annotations
 
