@@ -126,6 +126,20 @@ def kernel_profile(model, step, prompt, steps: int = 4, top: int = 14) -> dict:
             "all": rows}
 
 
+def measured_sparsity(model, prompt, options: dict, steps: int = 4) -> float:
+    """Mean share of input channels dropped per sparse linear over ``steps`` decode steps of
+    ``model`` through backend="wina" with ``options``, run op by op with counters (counters
+    cost time: never the timed run).  An expert no probe token was routed to measured nothing
+    and is left out."""
+    torch._dynamo.reset()
+    probe = torch.compile(model, backend="wina", options={**options, "measure": True, "inductor": False},
+                          fullgraph=True, dynamic=False)
+    decode_tokens_per_s(model, probe, prompt, steps, 0)
+    rows = [r.measured_sparsity for r in wina_fx.last_report().sparse_rows if r.measured_sparsity is not None]
+    torch._dynamo.reset()
+    return sum(rows) / len(rows)
+
+
 def dump_memory_history(path: str) -> None:
     """Every allocation and free since the history was switched on, with stacks, for
     torch.cuda.memory's viewer (https://pytorch.org/memory_viz): the peak's live blocks."""
@@ -285,18 +299,11 @@ def main():
             memory = peak(f"wina{sparsity:g}")
             notes = wina_fx.last_report().notes
             prof = profiled(model, step, prompt, rate) if args.profile else None
-            # measured sparsity from a separate, eager run with counters (counters cost time); at
-            # sparsity 0 the calibrated threshold is -inf, which keeps every channel by definition
-            measured = [0.0]
-            if sparsity > 0:
-                torch._dynamo.reset()
-                probe = compiled_step(sparsity, measure=True, inductor=False)  # op by op: mode plays no part
-                decode_tokens_per_s(model, probe, prompt, 4, 0)
-                # (an expert no probe token was routed to measured nothing: None)
-                measured = [r.measured_sparsity for r in wina_fx.last_report().sparse_rows
-                            if r.measured_sparsity is not None]
+            # at sparsity 0 the calibrated threshold is -inf, which keeps every channel by definition
+            measured = 0.0 if sparsity == 0 else measured_sparsity(
+                model, prompt, {"sparsity": sparsity, "selection": args.selection, "calibration": calibration})
             records.append({
-                "impl": "wina", "sparsity": sparsity, "measured_sparsity": sum(measured) / len(measured),
+                "impl": "wina", "sparsity": sparsity, "measured_sparsity": measured,
                 "tokens_per_s": rate, "speedup_vs_dense": rate / dense, "notes": notes, **host, **memory,
                 "peak_memory_vs_dense": memory["peak_memory_bytes"] / max(records[0]["peak_memory_bytes"], 1),
             })

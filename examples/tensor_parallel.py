@@ -122,19 +122,13 @@ def _decode_script():
     return module
 
 
-def measured_sparsity(decode, model, prompt, options, steps: int = 4) -> float | None:
-    """Mean share of input channels dropped per sparse linear over a few decode steps of the
-    unsharded model, op by op (``measure=True`` is refused on a tensor-parallel graph).
-    Threshold masks are the tensor-parallel masks (sharded.py); top-k per shard keeps its
-    share of k by construction, so that one is not measured here (None)."""
+def measured_sparsity(decode, model, prompt, options) -> float | None:
+    """The sparsity measured on the unsharded model (``measure=True`` is refused on a
+    tensor-parallel graph).  Threshold masks are the tensor-parallel masks (sharded.py); top-k
+    per shard keeps its share of k by construction, so that one is not measured here (None)."""
     if options["selection"] != "threshold" or options["sparsity"] == 0:
         return None if options["sparsity"] else 0.0
-    torch._dynamo.reset()
-    probe = torch.compile(model, backend="wina", options={**options, "measure": True, "inductor": False})
-    decode.decode_tokens_per_s(model, probe, prompt, steps, 0)
-    rows = [r.measured_sparsity for r in wina_fx.last_report().sparse_rows if r.measured_sparsity is not None]
-    torch._dynamo.reset()
-    return sum(rows) / len(rows)
+    return decode.measured_sparsity(model, prompt, options)
 
 
 def decode_benchmark(args) -> None:

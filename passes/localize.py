@@ -32,10 +32,6 @@ def sharded_inputs(example_inputs) -> list[int]:
     return [i for i, value in enumerate(example_inputs) if sharded.is_sharded(value)]
 
 
-def _local(value):
-    return value._local_tensor if sharded.is_sharded(value) else value
-
-
 def localize(gm: fx.GraphModule, example_inputs) -> fx.GraphModule | None:
     """The graph over local shards (same placeholders, each DTensor one now its local
     tensor), or None when ``gm`` has no DTensor input, trains one, or returns a DTensor."""
@@ -47,12 +43,12 @@ def localize(gm: fx.GraphModule, example_inputs) -> fx.GraphModule | None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     traced = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
     # the fake mode dynamo traced the placeholders with (not always the tracing context's)
-    fake_mode = next((_local(t).fake_mode for t in traced if isinstance(_local(t), FakeTensor)), None)
+    fake_mode = next((sharded.local(t).fake_mode for t in traced if isinstance(sharded.local(t), FakeTensor)), None)
     if fake_mode is None or len(traced) != len(example_inputs):
         return None
     constants = dict(gm.named_buffers())
     constants.update(gm.named_parameters())
-    fakes = [fake_mode.from_tensor(_local(value), static_shapes=True) for value in constants.values()]
+    fakes = [fake_mode.from_tensor(sharded.local(value), static_shapes=True) for value in constants.values()]
     like = traced + list(constants.values())  # a DTensor's mesh, placements, shape, stride
     returns_dtensor = []
 
@@ -65,13 +61,13 @@ def localize(gm: fx.GraphModule, example_inputs) -> fx.GraphModule | None:
         return out
 
     with fake_mode:
-        local_gm = make_fx(local_forward)(*[_local(t) for t in traced], *fakes)
+        local_gm = make_fx(local_forward)(*[sharded.local(t) for t in traced], *fakes)
     if returns_dtensor:
         return None
     # the constants' placeholders become the graph's own buffers: their real local tensors
     for node, (name, value) in zip(list(local_gm.graph.find_nodes(op="placeholder"))[len(traced):], constants.items()):
         target = "wina_local_" + name.replace(".", "_")
-        local_gm.register_buffer(target, _local(value))
+        local_gm.register_buffer(target, sharded.local(value))
         with local_gm.graph.inserting_before(node):
             attr = local_gm.graph.get_attr(target)
         attr.meta.update(node.meta)

@@ -34,14 +34,9 @@ def kernels_read_rows(weight: torch.Tensor) -> bool:
     return weight.is_cuda
 
 
-def _local(weight: torch.Tensor) -> torch.Tensor:
-    """The tensor holding the values: a DTensor's local shard, else the weight itself."""
-    return weight._local_tensor if sharded.is_sharded(weight) else weight
-
-
 def has_row_layout(weight: torch.Tensor) -> bool:
     """W (N, K) is stored as W^T with unit column stride: input channel i is a contiguous row."""
-    weight = _local(weight)
+    weight = sharded.local(weight)
     n, k = weight.shape
     wt = weight.t()
     return (wt.stride(1) == 1 or n == 1) and (wt.stride(0) >= n or k == 1)
@@ -130,7 +125,7 @@ def pending(sites: list[LinearSite], sets: list[list[int]]) -> list[list[torch.T
         if not weights or not kernels_read_rows(weights[0]):
             continue
         if all(has_row_layout(w) for w in weights) and (
-                len(weights) == 1 or side_by_side([_local(w).t() for w in weights]) is not None):
+                len(weights) == 1 or side_by_side([sharded.local(w).t() for w in weights]) is not None):
             continue
         todo.append(weights)
     return todo
@@ -149,7 +144,7 @@ def relayout(sets: list[list[torch.Tensor]]) -> int:
                 w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
                 moved += w.numel() * w.element_size()
                 continue
-            local = [_local(w) for w in weights]  # DTensors: their local shards side by side
+            local = [sharded.local(w) for w in weights]  # DTensors: their local shards side by side
             buffer = torch.empty(local[0].shape[1], sum(w.shape[0] for w in local), dtype=local[0].dtype,
                                  device=local[0].device)
             col = 0
@@ -171,7 +166,7 @@ def _match_local(weight) -> None:
     local = weight._local_tensor
     weight.data = type(weight).from_local(local, weight.device_mesh, weight.placements, run_check=False,
                                           shape=weight.shape, stride=local.stride())
-    weight._local_tensor = local
+    weight._local_tensor = local  # the shard object the sites and graphs already hold (torch 2.13 keeps it)
 
 
 class RelayoutFirst:

@@ -61,11 +61,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: 
     local = localize(gm, example_inputs)
     if local is None:
         return compile_fx(gm, example_inputs, config_patches=patches)
-    positions = sharded_inputs(example_inputs)
-    local_inputs = [x._local_tensor if i in positions else x for i, x in enumerate(example_inputs)]
+    local_inputs = [sharded.local(x) for x in example_inputs]
     if group_notes is not None:
         _note_groups(group_sibling_linears(local, local_inputs), group_notes)
-    return local_arguments(compile_fx(local, local_inputs, config_patches=patches), positions)
+    return local_arguments(compile_fx(local, local_inputs, config_patches=patches), sharded_inputs(example_inputs))
 
 
 def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | None = None):

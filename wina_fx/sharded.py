@@ -50,6 +50,11 @@ def unit_scores(weight) -> "DTensor":
     return (weight.detach().float().sum(dim=0) * 0.0).nan_to_num(0.0, 0.0, 0.0) + 1.0
 
 
+def local(tensor):
+    """The tensor holding the values: a DTensor's local shard, else the tensor itself."""
+    return tensor._local_tensor if is_sharded(tensor) else tensor
+
+
 def wrapped_local(node):
     """The node a chain of ``DTensor.from_local`` calls wraps: q, k and v each wrap the same
     hidden state in a DTensor of their own, and still read one input."""
