@@ -134,14 +134,16 @@ def pending(sites: list[LinearSite], sets: list[list[int]]) -> list[list[torch.T
 def relayout(sets: list[list[torch.Tensor]]) -> int:
     """Store each set's weights side by side as W^T in one new buffer, in place (``.data``),
     one set at a time (the old storage is freed as soon as nothing else holds it); a 3-D
-    expert weight (a set of its own) is stored with each expert's W_e^T contiguous.
-    Values are copied bit for bit.  Returns the bytes re-laid out."""
+    expert weight (a set of its own) is stored with each expert's W_e^T contiguous, in its
+    own storage where nothing else holds that (``_transpose_experts_in_place``).  Values
+    are copied bit for bit.  Returns the bytes re-laid out."""
     moved = 0
     with torch.no_grad():
         for weights in sets:
             if weights[0].dim() == 3:  # an expert weight (E, N, K): each W_e^T contiguous
                 w = weights[0]
-                w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
+                if not _transpose_experts_in_place(w):
+                    w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
                 moved += w.numel() * w.element_size()
                 continue
             local = [sharded.local(w) for w in weights]  # DTensors: their local shards side by side
@@ -157,6 +159,32 @@ def relayout(sets: list[list[torch.Tensor]]) -> int:
                 col += n
             moved += buffer.numel() * buffer.element_size()
     return moved
+
+
+def _transpose_experts_in_place(weight: torch.Tensor) -> bool:
+    """Store a contiguous (E, N, K) expert weight as E blocks W_e^T (K, N) in the same
+    storage, one expert at a time through a staging tile of one expert: the peak grows by
+    1/E of the weight instead of a whole second copy (a Mixtral-8x7B layer's gate/up weight
+    is 1.75 GiB).  Expert e's block takes exactly the bytes W_e held, so each block is read
+    whole before it is overwritten.  Done only where nothing but ``weight`` holds the
+    storage (a view or a state_dict taken earlier would see its values change); returns
+    False, changing nothing, otherwise."""
+    if not weight.is_contiguous() or _storage_users(weight) > 1:
+        return False
+    stacked = weight.data
+    experts, n, k = stacked.shape
+    base = stacked.storage_offset()
+    staging = torch.empty(k, n, dtype=stacked.dtype, device=stacked.device)
+    for e in range(experts):
+        staging.copy_(stacked[e].t())
+        stacked.as_strided((k, n), (n, 1), base + e * n * k).copy_(staging)
+    weight.data = stacked.as_strided((experts, n, k), (n * k, 1, n), base)
+    return True
+
+
+def _storage_users(tensor: torch.Tensor) -> int:
+    """How many tensors (views included) share ``tensor``'s storage, itself counted."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1  # less the storage object asked
 
 
 def _match_local(weight) -> None:

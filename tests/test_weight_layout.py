@@ -106,9 +106,10 @@ def test_re_laid_out_expert_weights_leave_no_second_copy(monkeypatch):
     """The backend finds the expert sites (views W[e] of each 3-D weight) before it re-lays
     the 3-D weights out; once compiled, nothing may hold the old storage (on an H200 the
     compiled Mixtral-shaped model kept both copies: peak memory 1.95x dense), and while it
-    re-lays them out each old storage is freed as soon as its replacement exists (else the
-    peak holds two copies of every expert).  The CUDA layout decision is forced on the CPU;
-    the expert ops take their masked path."""
+    re-lays them out no second copy of a weight may exist: each 3-D weight is transposed
+    within its own storage (on an H200 the copy of one layer's gate/up weight put the peak
+    at 1.076x dense), a 2-D set's old storage is freed as soon as its new one exists.  The
+    CUDA layout decision is forced on the CPU; the expert ops take their masked path."""
     from torch.multiprocessing.reductions import StorageWeakRef
     from wina_fx.passes import experts
     from zoo_models import build
@@ -118,15 +119,15 @@ def test_re_laid_out_expert_weights_leave_no_second_copy(monkeypatch):
     model = build("mixtral").eval()
     stacked = [p for p in model.parameters() if p.dim() == 3]
     values = [p.detach().clone() for p in stacked]
-    old_storage = [StorageWeakRef(p.untyped_storage()) for p in stacked]
-    relayout, freed_at_once = weight_layout.relayout, []
+    addresses = [p.data_ptr() for p in stacked]
+    relayout, one_copy = weight_layout.relayout, []
 
-    def one_set_at_a_time(sets):  # each old storage freed as its set is re-laid out: one copy at the peak
+    def one_set_at_a_time(sets):  # each set re-laid out in its own storage, or its old one freed at once
         moved = 0
         for weights in sets:
-            before = [StorageWeakRef(w.untyped_storage()) for w in weights]
+            before = [(StorageWeakRef(w.untyped_storage()), w.data_ptr()) for w in weights]
             moved += relayout([weights])
-            freed_at_once.append(all(ref.expired() for ref in before))
+            one_copy.append(all(w.data_ptr() == ptr or ref.expired() for w, (ref, ptr) in zip(weights, before)))
         return moved
 
     monkeypatch.setattr(weight_layout, "relayout", one_set_at_a_time)
@@ -140,5 +141,21 @@ def test_re_laid_out_expert_weights_leave_no_second_copy(monkeypatch):
     gc.collect()
     assert all(weight_layout.has_expert_row_layout(p, transposed=False) for p in stacked)
     assert all(torch.equal(p, v) for p, v in zip(stacked, values))
-    assert all(ref.expired() for ref in old_storage)
-    assert freed_at_once and all(freed_at_once), freed_at_once
+    assert [p.data_ptr() for p in stacked] == addresses  # transposed where they lie
+    assert one_copy and all(one_copy), one_copy
+
+
+def test_expert_weight_transposed_in_place_only_when_nothing_else_holds_it():
+    """An expert weight nobody else holds is transposed within its storage, one expert at a
+    time; one whose storage a view shares (a state_dict taken earlier) is copied instead,
+    so the view keeps its values."""
+    torch.manual_seed(0)
+    alone = torch.nn.Parameter(torch.randn(5, 12, 7), requires_grad=False)
+    shared = torch.nn.Parameter(torch.randn(5, 12, 7), requires_grad=False)
+    values = [alone.detach().clone(), shared.detach().clone()]
+    address, held = alone.data_ptr(), shared.detach()
+    weight_layout.relayout([[alone], [shared]])
+    assert alone.data_ptr() == address and shared.data_ptr() != held.data_ptr()
+    for w, v in zip((alone, shared), values):
+        assert weight_layout.has_expert_row_layout(w, transposed=False) and torch.equal(w, v)
+    assert held.is_contiguous() and torch.equal(held, values[1])
