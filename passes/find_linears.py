@@ -56,7 +56,7 @@ class LinearSite:
     input: fx.Node
     weight_node: fx.Node | None
     bias_node: fx.Node | None
-    weight: torch.Tensor | None
+    own_weight: torch.Tensor | None  # None for an expert: ``weight`` views its 3-D weight
     weight_is_transposed: bool = False
     is_output_head: bool = False
     is_router: bool = False  # its output selects experts (top-k) or gates a shared expert (sigmoid, 1 output)
@@ -64,6 +64,15 @@ class LinearSite:
     expert: int | None = None  # the expert of a 3-D expert weight this site is (weight = W[expert])
     expert_rows: ExpertRows | None = None  # how the op's input rows map to experts
     stacked: torch.Tensor | None = None  # that 3-D weight, as stored
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """W (N, K).  An expert's is a view of its 3-D weight taken at each read, so that no
+        site holds the storage the backend re-lays out (the old one would live on beside
+        the new: on an H200, a compiled Mixtral-shaped model peaked at 1.95x dense)."""
+        if self.stacked is not None:
+            return _expert_weight(self.stacked, self.expert, self.weight_is_transposed)
+        return self.own_weight
 
     @property
     def in_features(self) -> int | None:
@@ -366,31 +375,13 @@ def _expert_sites(gm: fx.GraphModule, node: fx.Node, example_inputs, grouped_mm:
         return []
     name = _parameter_name(weight_node)
     rows = ExpertRows(kind, rows_node, weight.shape[0])
-    return [LinearSite(node, f"{name}.{e}", x, weight_node, None, _expert_weight(weight, e, transposed),
-                       transposed, expert=e, expert_rows=rows, stacked=weight) for e in range(weight.shape[0])]
+    return [LinearSite(node, f"{name}.{e}", x, weight_node, None, None, transposed, expert=e, expert_rows=rows,
+                       stacked=weight) for e in range(weight.shape[0])]
 
 
 def _expert_weight(stacked: torch.Tensor, expert: int, transposed: bool) -> torch.Tensor:
     """W_e (N, K) of a 3-D expert weight (stored (E, N, K), or (E, K, N) when transposed): a view."""
     return stacked[expert].t() if transposed else stacked[expert]
-
-
-def reread_expert_weights(sites: list[LinearSite]) -> None:
-    """Make each expert site's weight a view of its 3-D weight's current storage again.  The
-    backend re-lays expert weights out after finding the sites, and a view taken before
-    would keep the old storage, a second copy of the weight, alive as long as the sites."""
-    for site in sites:
-        if site.expert is not None:
-            site.weight = _expert_weight(site.stacked, site.expert, site.weight_is_transposed)
-
-
-def release_expert_weights(sites: list[LinearSite]) -> None:
-    """Drop the expert sites' views of their 3-D weights until ``reread_expert_weights``:
-    while a view holds a weight's storage, re-laying the weight out cannot free it, and the
-    re-layout of all of them would peak at two copies of every expert."""
-    for site in sites:
-        if site.expert is not None:
-            site.weight = None
 
 
 def unrecognized_weights(gm: fx.GraphModule, sites: list[LinearSite], example_inputs=None):

@@ -207,15 +207,12 @@ class RelayoutFirst:
     retrace (weights it does not guard), the second call compiles the rewritten graph here.
     """
 
-    def __init__(self, sets: list[list[torch.Tensor]], rewrite, gm: fx.GraphModule, compile_graph, release=None):
+    def __init__(self, sets: list[list[torch.Tensor]], rewrite, gm: fx.GraphModule, compile_graph):
         self.sets, self.rewrite, self.gm, self.compile_graph = sets, rewrite, gm, compile_graph
-        self.release = release  # drops what holds the weights' storage besides the weights
         self.compiled = None
 
     def __call__(self, *args):
         if self.sets is not None:
-            if self.release is not None:
-                self.release()
             moved = relayout(self.sets)
             experts = sum(w[0].dim() == 3 for w in self.sets)
             what = f"{sum(map(len, self.sets)) - experts} sparse linears" + (f" and {experts} expert weights"

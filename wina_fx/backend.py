@@ -16,8 +16,7 @@ import math
 import torch
 import torch.fx as fx
 
-from wina_fx.passes.find_linears import (LinearSite, release_expert_weights, reread_expert_weights,
-                                         unrecognized_weights)
+from wina_fx.passes.find_linears import LinearSite, unrecognized_weights
 from wina_fx.passes.experts import gate_experts
 from wina_fx.passes.gate import Gate, gate_linears
 from wina_fx.passes.group import group_sibling_linears
@@ -90,7 +89,6 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
     report: list[Report] = []
 
     def rewrite():
-        reread_expert_weights(sites)  # after RelayoutFirst's re-layout: views of the new storage
         report.append(_rewrite(gm, example_inputs, config, prepass, sites, result, on_kernels,
                                set() if group_local else grouped))
 
@@ -98,7 +96,7 @@ def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | N
         return compile_graph(gm, example_inputs, config, mode, group_notes=report[0].notes if group_local else None)
 
     if todo:  # the model's parameters: once dynamo's guards are built
-        return weight_layout.RelayoutFirst(todo, rewrite, gm, compiled, release=lambda: release_expert_weights(sites))
+        return weight_layout.RelayoutFirst(todo, rewrite, gm, compiled)
     rewrite()
     return compiled()
 
