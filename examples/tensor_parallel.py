@@ -6,7 +6,8 @@
 
 Every rank builds the same tiny random Llama, calibrates it (threshold selection), and
 compiles it twice: whole, in one process, and sharded with ``parallelize_module``
-(q/k/v, gate and up ColwiseParallel; o and down RowwiseParallel) over all ranks (gloo).
+(q/k/v, gate and up ColwiseParallel; o and down RowwiseParallel; the output head over the
+vocabulary) over all ranks (gloo).
 The last line printed compares the two models' logits:
 
     tp=2 vs one process: max relative error 3.1e-07
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import wina_fx
@@ -53,11 +55,15 @@ def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
 
 
 def tensor_parallel(model, mesh):
-    """q/k/v, gate and up split over their outputs, o and down over their inputs."""
+    """q/k/v, gate and up split over their outputs, o and down over their inputs; the output
+    head over the vocabulary, its logits gathered (as transformers' tp_plan does), unless the
+    embedding shares its weight."""
     plan = {}
     for i in range(len(model.model.layers)):
         plan.update({f"model.layers.{i}.{name}": ColwiseParallel() for name in COLUMN})
         plan.update({f"model.layers.{i}.{name}": RowwiseParallel() for name in ROW})
+    if model.lm_head.weight is not model.model.embed_tokens.weight:
+        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
     return parallelize_module(model, mesh, plan)
 
 
