@@ -160,7 +160,14 @@ def decode_benchmark(args) -> None:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     measured = {s: measured_sparsity(decode, model, prompt, {"sparsity": s, "selection": args.selection,
                                                              "calibration": calibration}) for s in sparsities}
-    sharded = tensor_parallel(model, init_device_mesh(device.split(":")[0], (world,)))
+    mesh = init_device_mesh(device.split(":")[0], (world,))
+    sharded = tensor_parallel(model, mesh)
+    if args.one_shot_all_reduce:  # Inductor lowers small all-reduces to one-shot over symmetric memory
+        from torch._inductor import config as inductor_config
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+        enable_symm_mem_for_group(mesh.get_group().group_name)
+        inductor_config._collective.auto_select = True
     # the static cache holds this rank's heads
     sharded.config.num_attention_heads //= world
     sharded.config.num_key_value_heads //= world
@@ -169,7 +176,8 @@ def decode_benchmark(args) -> None:
     header = {"gpu": gpu, "ranks": world, "torch": torch.__version__, "transformers": transformers.__version__,
               "model": f"{'tiny Llama' if args.tiny else 'Llama-3-8B shape'}, {model.config.num_hidden_layers} layers, "
                        "random weights", "batch": 1, "tokens": args.tokens, "selection": args.selection,
-              "backend": dist.get_backend(), "skip_guard_eval": args.skip_guard_eval}
+              "backend": dist.get_backend(), "skip_guard_eval": args.skip_guard_eval,
+              "one_shot_all_reduce": args.one_shot_all_reduce, "output_head": "sharded over the vocabulary" if wina_fx.sharded.is_sharded(sharded.lm_head.weight) else "whole"}
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                      "benchmarks", "results")
     path = os.path.join(out_dir, f"decode_tp{world}_{gpu}{args.suffix}.json")
@@ -199,6 +207,8 @@ def decode_benchmark(args) -> None:
                         "measured_sparsity": measured.get(sparsity, 0.0), "calibrated_sparsity": sparsity or 0.0})
         if sparsity is not None:
             records[-1]["notes"] = wina_fx.last_report().notes
+        if args.cprofile:  # every rank steps (the collectives need both); rank 0 prints
+            host_profile(decode, sharded, step, prompt, rank)
         if args.profile and cuda:  # every rank steps (the collectives need both); rank 0 keeps it
             records[-1]["profile"] = decode.kernel_profile(sharded, step, prompt)
             records[-1]["profile"].pop("all")
@@ -214,6 +224,26 @@ def decode_benchmark(args) -> None:
     if rank == 0:
         _plot(records, header, path.replace(".json", ".png"))
         print(f"wrote {path}")
+
+
+def host_profile(decode, model, step, prompt, rank: int, steps: int = 32) -> None:
+    """cProfile of ``steps`` decode steps; rank 0 prints the functions with the most time of
+    their own (time no Python function accounts for, such as dynamo's guard evaluation in
+    C++, lands in the frame that calls the compiled code)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+
+    def start():  # every rank starts together, the profiler with the clock
+        dist.barrier()
+        profiler.enable()
+
+    decode.decode_tokens_per_s(model, step, prompt, steps, 2, sync=start)
+    profiler.disable()
+    if rank == 0:
+        print(f"cProfile of {steps} decode steps, rank 0:")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(16)
 
 
 def _plot(records, header, path) -> None:
@@ -257,6 +287,10 @@ def main() -> None:
     parser.add_argument("--skip-guard-eval", action="store_true",
                         help="--decode: time the warmed-up steps under torch.compiler.set_stance(skip_guard_eval_unsafe="
                              "True), dense and wina alike (dynamo's guards check every DTensor weight at every call)")
+    parser.add_argument("--cprofile", action="store_true", help="--decode: rank 0's host time by Python function")
+    parser.add_argument("--one-shot-all-reduce", action="store_true",
+                        help="--decode on cuda: Inductor's one-shot all-reduce over symmetric memory, dense and wina "
+                             "alike (torch 2.11: fails under CUDA graphs)")
     args = parser.parse_args()
     args.decode = args.decode or args.device == "cuda"
     if not (args.tiny or args.model or args.decode) or (args.model and (args.tiny or args.decode)):
