@@ -295,6 +295,8 @@ def main() -> None:
     args.decode = args.decode or args.device == "cuda"
     if not (args.tiny or args.model or args.decode) or (args.model and (args.tiny or args.decode)):
         sys.exit("tensor_parallel.py: give --tiny, --model or --decode (see --help)")
+    if args.one_shot_all_reduce and not (args.decode and args.device == "cuda"):
+        sys.exit("tensor_parallel.py: --one-shot-all-reduce needs --decode --device cuda (symmetric memory over NCCL)")
     if args.device == "cuda":  # NVLink multicast stays off, also for what NCCL starts
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
