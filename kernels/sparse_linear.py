@@ -19,6 +19,11 @@ can be captured in CUDA graphs):
   allocated once per device (``wina_fx.ops`` passes it), so one launch per linear.
 * ``gemm``: ``_gemm_masked_kernel`` masks x in-kernel and reads all of the weight (a
   measured alternative for M >= 2; never dispatched).
+* ``gemv_union`` (M <= 16): ``_gemv_union_kernel`` reads once the weight rows that any
+  of the tokens keeps (the union of their masks) and multiplies each token's own kept
+  channels; for a batch of sequences decoding together.  On real text the union leaves
+  27 % of the rows unread at 2 tokens and 50 % sparsity, 9 % at 4
+  (``benchmarks/batch_union.py``); not dispatched until measured on a GPU.
 * ``dense`` (M >= 2): x * mask, then cuBLAS.  The mask is ``_prep_kernel`` eagerly and
   plain torch ops when torch.compile traces the op, so that Inductor fuses it into the
   kernel producing x.
@@ -50,6 +55,7 @@ from . import sparse_linear_kernels as kern
 # fused into the producer, then cuBLAS; one GEMV per token wins only at M = 1.
 GEMV_MAX_M = 1      # tokens handled by the sparse GEMV
 SPARSE_MAX_M = 1    # up to this many tokens: in-kernel masking (gemm); above: dense fallback
+UNION_MAX_M = 16    # tokens one program of the union kernel holds (never dispatched: not yet measured)
 TOPK_MAX_K = 32768  # the top-k prep holds a token's row in registers
 
 
@@ -110,7 +116,15 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
                 num_warps=4, num_stages=4 if dtype.itemsize == 2 else 2)
 
 
-_CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _gemm_config}
+def _gemv_union_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> dict:
+    """Tiles of _gemv_union_kernel: every token in one program (tensor-core tiles of 16
+    rows), about one program per SM.  Not yet measured on a GPU (benchmarks/NOTES.md)."""
+    split = max(1, min(triton.cdiv(sms, triton.cdiv(N, 64)), K // 256, 64))
+    return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=32, SPLIT_K=split, STAGES=3, REDUCE=0, num_warps=4)
+
+
+_CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _gemm_config,
+            "gemv_union": _gemv_union_config}
 
 
 def _compact_from(N: int, K: int) -> float:
@@ -299,7 +313,9 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
     if path not in _CONFIGS:
         raise ValueError(f"unknown path {path!r}; choose from {', '.join(_CONFIGS)}, dense")
     if p.grouped and path == "gemm":
-        raise ValueError("a group of linears runs on path 'gemv_masked', 'gemv' or 'dense', not 'gemm'")
+        raise ValueError("a group of linears runs on path 'gemv_masked', 'gemv', 'gemv_union' or 'dense', not 'gemm'")
+    if path == "gemv_union" and M > UNION_MAX_M:
+        raise ValueError(f"path 'gemv_union' takes at most {UNION_MAX_M} tokens (one program holds them all), got {M}")
     _kernel(p, path, {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}, out, workspace)
     return out.reshape(*p.lead, N)
 
@@ -333,6 +349,10 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
     if path == "gemm":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
         n_tiles = grid[0] * grid[1]
+    elif path == "gemv_union":  # every token in each program
+        grid = (sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in p.sizes), split)
+        n_tiles = grid[0]
+        k_per = triton.cdiv(triton.cdiv(K, split), 16) * 16
     else:
         grid = (sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in p.sizes), split, M)
         n_tiles = grid[0] * M
@@ -358,6 +378,11 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
     if path == "gemm":
         _launch(kern._gemm_masked_kernel, grid, *args, *strides, MODE=mode, HAS_BIAS=has_bias,
                 IEEE=x2.dtype == torch.float32, **{**cfg, "REDUCE": reduce})
+    elif path == "gemv_union":
+        cfg = {"BLOCK_KS": max(256, min(triton.next_power_of_2(k_per), 4096)), **cfg}
+        args.append(_empty((split * grid[0] * k_per,), torch.int32, device))  # kept-id scratch
+        _launch(kern._gemv_union_kernel, grid, *args, *strides, k_per, MODE=mode, HAS_BIAS=has_bias,
+                IEEE=x2.dtype == torch.float32, **_segments(p.ends, p.thresholds), **{**cfg, "REDUCE": reduce})
     else:
         if path == "gemv":
             cfg = {"BLOCK_KS": max(256, min(triton.next_power_of_2(k_per), 4096)), **cfg}

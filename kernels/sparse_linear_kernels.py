@@ -331,6 +331,73 @@ def _segment(pid_n, col0, N, END0, END1, threshold, THRESHOLD1, THRESHOLD2,
 
 
 @triton.jit
+def _gemv_union_kernel(
+    x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr, scr_ptr,
+    M, N, K, stride_xm, stride_wk, stride_om, threshold, K_PER_SPLIT, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr,
+    END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
+):
+    """Sparse GEMV of a few tokens (M <= BLOCK_M) over the union of their kept rows, one
+    launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K).  Groups as in _gemv_masked_kernel.
+
+    A batch of sequences decoding together can skip only the weight rows that none of its
+    tokens keeps.  Program (n, s) owns output columns [n BLOCK_N, (n+1) BLOCK_N) of every
+    token and input channels [s K_PER_SPLIT, (s+1) K_PER_SPLIT): it writes the ids of the
+    channels some token keeps, compacted, into its scratch row, then reads those rows of
+    wt once, BLOCK_R at a time, and multiplies them with the (BLOCK_M, BLOCK_R) tile of the
+    tokens' x, each token's own dropped channels set to zero (a tensor-core product; the
+    padding rows of BLOCK_M cost arithmetic, not memory).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    scr = scr_ptr + (pid_k * tl.num_programs(0) + pid_n) * K_PER_SPLIT
+    col0 = pid_n * BLOCK_N
+    n_end = N
+    if GROUPS > 1:
+        col0, n_end, segment, threshold = _segment(pid_n, col0, N, END0, END1, threshold, THRESHOLD1, THRESHOLD2,
+                                                   GROUPS, BLOCK_N)
+        score_ptr += segment * K  # here, not in _segment: see _keep on torch's mutation analysis
+        if ENDS_ALIGNED:
+            col0 = tl.multiple_of(col0, 16)
+    offs_m = tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    n_keep = tl.full([], 0, tl.int32)
+    for c in range(k_lo, k_hi, BLOCK_KS):
+        offs = c + tl.arange(0, BLOCK_KS)
+        valid = offs < k_hi
+        score = tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0)
+        inb = mmask[:, None] & valid[None, :]
+        xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs[None, :], mask=inb, other=0.0)
+        kept_by_any = tl.max(_keep(xs.to(tl.float32), score[None, :], inb, threshold, MODE).to(tl.int32), axis=0)
+        tl.store(scr + n_keep + tl.cumsum(kept_by_any, axis=0) - 1, offs, mask=kept_by_any != 0)
+        n_keep += tl.sum(kept_by_any, axis=0)
+    tl.debug_barrier()  # the scratch row is complete before any thread reads it
+
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    nmask = offs_n < n_end
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
+        offs_j = j + tl.arange(0, BLOCK_R)
+        jmask = offs_j < n_keep
+        rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
+        w = tl.load(wt_ptr + rows[:, None] * stride_wk + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
+                    other=0.0, eviction_policy="evict_first")
+        inb = mmask[:, None] & jmask[None, :]
+        xg = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :], mask=inb, other=0.0)
+        score = tl.load(score_ptr + rows, mask=jmask & (MODE == 0), other=0.0)
+        xg = tl.where(_keep(xg.to(tl.float32), score[None, :], inb, threshold, MODE), xg, tl.zeros_like(xg))
+        if IEEE:
+            acc = tl.dot(xg, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xg, w, acc)
+    _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr, pid_n, pid_k,
+            SPLIT_K, HAS_BIAS, REDUCE, n_end)
+
+
+@triton.jit
 def _gemm_masked_kernel(
     x_ptr, wt_ptr, bias_ptr, score_ptr, out_ptr, part_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_wk, stride_om, threshold, SPLIT_K: tl.constexpr,

@@ -162,7 +162,8 @@ def run(x, w, b, score, *, thr=None, k=None, path=None, config=None):
 # (M, K, N): every K in {1, 17, 100, 257}, N in {1, 33, 130}, M in {1, 3, 16, 70} appears.
 SHAPES = [(1, 100, 33), (1, 257, 130), (1, 17, 1), (3, 257, 33), (3, 1, 130), (16, 100, 130),
           (16, 17, 33), (70, 257, 130), (70, 1, 1)]
-PATHS = {1: ["gemv", "gemv_masked", "gemm", "dense"], 3: ["gemv", "gemv_masked", "gemm"], 16: ["gemm"]}
+PATHS = {1: ["gemv", "gemv_masked", "gemm", "gemv_union", "dense"], 3: ["gemv", "gemv_masked", "gemm", "gemv_union"],
+         16: ["gemm", "gemv_union"]}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -241,8 +242,10 @@ def test_split_k_fixup_with_empty_splits(dtype):
             ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, STAGES=2, REDUCE=0, num_warps=4)),
             ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=512, SPLIT_K=1, STAGES=1, num_warps=4)),
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=2)),  # 4th split empty
-            ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, REDUCE=0, num_warps=4, num_stages=2))]
-    cfgs += [(path, dict(cfg, REDUCE=reduce)) for path, cfg in cfgs[:6] for reduce in (1, 2)]
+            ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, REDUCE=0, num_warps=4, num_stages=2)),
+            ("gemv_union", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=16, SPLIT_K=7, STAGES=1, num_warps=4)),
+            ("gemv_union", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=32, SPLIT_K=2, STAGES=2, BLOCK_KS=16, num_warps=4))]
+    cfgs += [(path, dict(cfg, REDUCE=reduce)) for path, cfg in cfgs[:6] + cfgs[8:] for reduce in (1, 2)]
     for sparsity in [0.0, 0.995]:
         thr = threshold_for(x, score, sparsity)
         ref = ref_threshold(x, w, b, score, thr)
@@ -282,7 +285,7 @@ def test_workspace_is_left_zero_and_reused(reduce):
                           config=dict(SPLIT_K=4, REDUCE=reduce))
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemv_masked", "gemm", "dense"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_masked", "gemm", "gemv_union", "dense"])
 def test_weight_rows_with_a_wider_stride(path):
     """weight_t may be a column slice of a wider (K, N') buffer (a linear stored beside its
     siblings): the kernels read it in place through its row stride."""
@@ -322,6 +325,24 @@ def test_nan_input():
     out = sl.topk_linear(x, w.t().contiguous(), b, score, 10)
     assert torch.isnan(out).all()
     assert torch.isnan(reference.topk_linear(x, w, b, score, 10)).all()
+
+
+def test_union_of_masks_each_token_its_own_channels():
+    """gemv_union reads a row when any token keeps it, and each token multiplies only the
+    channels it keeps: a NaN its own rule drops stays out of its output although another
+    token's keeps the row.  At most UNION_MAX_M tokens."""
+    M, K, N = 4, 100, 33
+    x, w, b, score = make(M, K, N, torch.float32, seed=6)
+    thr = threshold_for(x, score, 0.6)
+    importance = reference.importance(x, score)
+    kept_by_others = importance[1:].max(dim=0).values > thr
+    channel = int(torch.nonzero(kept_by_others & (importance[0] <= thr))[0])
+    x[0, channel] = float("nan")  # dropped by token 0's rule (NaN > t is false), its row still read
+    out = run(x, w, b, score, thr=thr, path="gemv_union")
+    assert rel_err(out, ref_threshold(x.nan_to_num(0.0), w, b, score, thr)) < TOL[torch.float32]
+    many = torch.zeros(sl.UNION_MAX_M + 1, K)
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        sl._sparse_linear(many, w.t().contiguous(), b, score, thr, path="gemv_union")
 
 
 def test_leading_dims_and_validation():
@@ -384,6 +405,8 @@ def test_group_split_k_and_forced_paths():
                       ("gemv", None),
                       ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=1, STAGES=2, num_warps=4)),
                       ("gemv_masked", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, STAGES=1, num_warps=4)),
+                      ("gemv_union", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_R=16, SPLIT_K=3, STAGES=1, num_warps=4)),
+                      ("gemv_union", None),
                       ("dense", None)]:
         out = sl._sparse_linear(x, wt, b, scores, path=path, config=cfg, group=(sizes, tuple(thr)))
         assert rel_err(out, ref) < TOL[torch.float32], (path, cfg)

@@ -1,0 +1,155 @@
+"""A few tokens at once (sequences decoding together): sparse kernels beside cuBLAS.
+
+    python benchmarks/batch_gemv.py [--batches 2,4,8,16] [--cases qkv,gate_up,...]
+
+Each token keeps its own channels (threshold rule, importance |x_i| * ||W[:, i]||); a kernel
+can skip only the weight rows no token of the batch keeps.  For the cases of
+``tune_gemv.py`` at 50 and 65 % sparsity it times, in one process and one harness
+(``benchmarks/kernels.py``: CUDA graphs, rotated weight buffers), cuBLAS on x, the
+dispatched path (x * mask, then cuBLAS), the per-token GEMV (``gemv``: one program column
+per token, each reading its own kept rows) and the union GEMV (``gemv_union``: the rows any
+token keeps, read once, in a few tilings), beside the floor of the union's bytes.  Every
+output is checked against the float64 reference first.  Writes
+``kernels_<gpu>_batch.json`` and a PNG to $OUT (else benchmarks/results/).
+``benchmarks/batch_union.py`` measures the union on a real model's masks.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+
+import torch
+import triton
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("wina_bench_kernels", os.path.join(HERE, "kernels.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)  # puts the source tree on sys.path
+from kernels import reference, sparse_linear as sl  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("wina_tune_gemv", os.path.join(HERE, "tune_gemv.py"))
+tune = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tune)
+CASES = tune.CASES
+SPARSITIES = (0.5, 0.65)
+
+
+def union_tiles(block_n: int, block_r: int, per_sm: int, reduce: int = 1):
+    def cfg(K, sizes):
+        tiles = sum(triton.cdiv(n, block_n) for n in sizes)
+        split = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // 256, 64))
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, SPLIT_K=split, STAGES=3,
+                    REDUCE=reduce if split > 1 else 0, num_warps=4)
+    return cfg
+
+
+IMPLS = {  # name: (path, tiles or None for the launcher's own)
+    "dispatched": (None, None),
+    "per_token": ("gemv", None),
+    "union": ("gemv_union", None),
+    "union_n64_r32_2sm": ("gemv_union", union_tiles(64, 32, 2)),
+    "union_n128_r32_1sm": ("gemv_union", union_tiles(128, 32, 1)),
+    "union_n64_r64_1sm": ("gemv_union", union_tiles(64, 64, 1)),
+    "union_n32_r32_2sm": ("gemv_union", union_tiles(32, 32, 2)),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="2,4,8,16")
+    ap.add_argument("--cases", default=",".join(CASES))
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    bw = bench.copy_bandwidth()
+    header = {**bench.device_header(bw), "dtype": "float16", "rule": "threshold, each token its own mask"}
+    out_path = os.path.join(bench.out_dir(), f"kernels_{bench.gpu_tag()}_batch.json")
+    print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
+    ws = torch.zeros(sl.workspace_size(max(sum(s) for _, s in CASES.values()), max(batches)), dtype=torch.int32,
+                     device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    records, t0 = [], time.time()
+    for case in args.cases.split(","):
+        K, sizes = CASES[case]
+        N = sum(sizes)
+        copies = min(16, max(bench.NBUF_MIN, -(-int(bench.ROTATE_BYTES) // (K * N * 2))))
+        ws_t = [(torch.randn(K, N, device="cuda", generator=g) * K**-0.5).half() for _ in range(copies)]
+        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+        scores = torch.stack([ws_t[0][:, e - n:e].float().norm(dim=1) for e, n in zip(ends, sizes)])
+        for M in batches:
+            x = torch.randn(M, K, device="cuda", generator=g).half()
+            cublas = bench.time_us([lambda w=w: x @ w for w in ws_t])
+            for s in SPARSITIES:
+                thr = [reference.importance(x, sc).quantile(s).item() for sc in scores]
+                union = [reference.threshold_mask(x, sc, t).any(dim=0) for sc, t in zip(scores, thr)]
+                union_bytes = sum(int(u.sum()) * n * 2 for u, n in zip(union, sizes))
+                floor = (union_bytes + 2 * M * K + 2 * M * N) / bw * 1e6
+                ref = reference.threshold_linear_group(x.double(), ws_t[0].t().double(), None, scores, thr, sizes)
+                group = (tuple(sizes), tuple(thr)) if len(sizes) > 1 else None
+                score_arg = scores if group else scores[0]
+                rec = dict(case=case, K=K, sizes=list(sizes), batch=M, sparsity=s, cublas_us=cublas, floor_us=floor,
+                           union_kept=union_bytes / (K * N * 2), us={}, err={})
+                for name, (path, tiles) in IMPLS.items():
+                    cfg = tiles(K, sizes) if tiles else None
+
+                    def fn(w, path=path, cfg=cfg):
+                        return sl._sparse_linear(x, w, None, score_arg, threshold=thr[0], group=group, path=path,
+                                                 config=cfg, sparsity_hint=s, workspace=ws)
+                    try:
+                        err = bench.rel_err(fn(ws_t[0]), ref)
+                        if not err < 2e-2:
+                            raise AssertionError(f"rel err {err}")
+                        rec["us"][name] = bench.time_us([lambda w=w: fn(w) for w in ws_t])
+                        rec["err"][name] = err
+                        assert not ws.any(), "workspace left dirty"
+                    except Exception as e:  # a variant that fails is recorded, never timed
+                        rec["err"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+                        print(f"  {case} M={M} s={s} {name}: {rec['err'][name]}", flush=True)
+                records.append(rec)
+                print(f"{case:10s} M={M:2d} s={s:.2f} union kept {rec['union_kept']:.3f} cublas {cublas:6.1f} floor "
+                      f"{floor:6.1f} | " + " ".join(f"{k} {cublas / v:4.2f}x" for k, v in rec["us"].items()),
+                      flush=True)
+                with open(out_path, "w") as f:
+                    json.dump(dict(header=header, records=records), f, indent=1)
+        del ws_t
+        torch.cuda.empty_cache()
+    plot(records, header, out_path.replace(".json", ".png"))
+    print(f"done in {time.time() - t0:.0f} s -> {out_path}")
+
+
+def plot(records, header, path) -> None:
+    """Speedup over cuBLAS by batch size at 50 %, one panel per case: dispatched, per-token,
+    the best union tiling, and the floor of the union's bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    fig, axes = plt.subplots(1, len(cases), figsize=(2.6 * len(cases), 2.8), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        rows = sorted((r for r in records if r["case"] == case and r["sparsity"] == 0.5), key=lambda r: r["batch"])
+        batches = [r["batch"] for r in rows]
+        ax.plot(batches, [r["cublas_us"] / r["floor_us"] for r in rows], "k--", lw=0.8, label="floor (union)")
+        for label, pick in [("dispatched", lambda us: us.get("dispatched")),
+                            ("per-token GEMV", lambda us: us.get("per_token")),
+                            ("union GEMV (best tiling)",
+                             lambda us: min((v for k, v in us.items() if k.startswith("union")), default=None))]:
+            pts = [(r["batch"], r["cublas_us"] / pick(r["us"])) for r in rows if pick(r["us"])]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(case, fontsize=8)
+        ax.set_xlabel("tokens", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("speedup over cuBLAS, 50 %", fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"fp16, {header['gpu']}, torch {header['torch']}, triton {header['triton']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
