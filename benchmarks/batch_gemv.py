@@ -60,7 +60,7 @@ IMPLS = {  # name: (path, tiles or None for the launcher's own)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="2,4,8,16")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(tune.DEFAULT_CASES), help=f"of {', '.join(CASES)}")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     bw = bench.copy_bandwidth()

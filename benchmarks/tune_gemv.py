@@ -41,6 +41,13 @@ CASES = {  # name: (K, output sizes of the linears sharing x)
     "qkv": (4096, (4096, 1024, 1024)),
     "gate_up": (4096, (14336, 14336)),
 }
+DEFAULT_CASES = tuple(CASES)
+CASES.update({  # one rank's shards of those linears, tensor parallel over 2 GPUs (--cases)
+    "tp2_qkv": (4096, (2048, 512, 512)),
+    "tp2_gate_up": (4096, (7168, 7168)),
+    "tp2_2048x4096": (2048, (4096,)),
+    "tp2_7168x4096": (7168, (4096,)),
+})
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 
 
@@ -113,7 +120,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teal", help="path to TEAL's kernels/sparse_gemv.py")
     ap.add_argument("--quick", action="store_true", help="5 candidates, 2 cases")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"of {', '.join(CASES)}")
     ap.add_argument("--candidates", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--final", action="store_true",
                     help="the dispatched kernel only, beside cuBLAS and TEAL: kernels_<gpu>_dispatch.json and .png")
@@ -173,7 +180,7 @@ def main():
                 tmask = x.abs()[0] > tthr[0]
                 tref = ws_t[0].t().double() @ (x[0].double() * tmask)
                 sbin = int(s * 10)
-                if case == "qkv":
+                if case.endswith("qkv"):
                     tfn = lambda w: teal.qkv_gemv(x.view(1, 1, K), w.t(), *tthr, sbin, sizes[1])
                 else:
                     tfn = lambda w: teal.splitk_sparse_gemv(x.view(1, 1, K), w.t(), tthr[0], sbin)
