@@ -167,9 +167,9 @@ def _transpose_experts_in_place(weight: torch.Tensor) -> bool:
     1/E of the weight instead of a whole second copy (a Mixtral-8x7B layer's gate/up weight
     is 1.75 GiB).  Expert e's block takes exactly the bytes W_e held, so each block is read
     whole before it is overwritten.  Done only where nothing but ``weight`` holds the
-    storage (a view or a state_dict taken earlier would see its values change); returns
-    False, changing nothing, otherwise."""
-    if not weight.is_contiguous() or _storage_users(weight) > 1:
+    storage (a view or a state_dict taken earlier would see its values change) and it is
+    not a DTensor; returns False, changing nothing, otherwise."""
+    if sharded.is_sharded(weight) or not weight.is_contiguous() or _storage_users(weight) > 1:
         return False
     stacked = weight.data
     experts, n, k = stacked.shape
