@@ -177,7 +177,9 @@ def decode_benchmark(args) -> None:
               "model": f"{'tiny Llama' if args.tiny else 'Llama-3-8B shape'}, {model.config.num_hidden_layers} layers, "
                        "random weights", "batch": 1, "tokens": args.tokens, "selection": args.selection,
               "backend": dist.get_backend(), "skip_guard_eval": args.skip_guard_eval,
-              "one_shot_all_reduce": args.one_shot_all_reduce, "output_head": "sharded over the vocabulary" if wina_fx.sharded.is_sharded(sharded.lm_head.weight) else "whole"}
+              "one_shot_all_reduce": args.one_shot_all_reduce,
+              "output_head": "sharded over the vocabulary" if wina_fx.sharded.is_sharded(sharded.lm_head.weight)
+              else "whole"}
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                      "benchmarks", "results")
     path = os.path.join(out_dir, f"decode_tp{world}_{gpu}{args.suffix}.json")
