@@ -25,14 +25,12 @@ import torch
 import triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("wina_bench_kernels", os.path.join(HERE, "kernels.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)  # puts the source tree on sys.path
-from kernels import reference, sparse_linear as sl  # noqa: E402
-
 _spec = importlib.util.spec_from_file_location("wina_tune_gemv", os.path.join(HERE, "tune_gemv.py"))
 tune = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tune)
+_spec.loader.exec_module(tune)  # loads benchmarks/kernels.py, which puts the source tree on sys.path
+bench = tune.bench
+from kernels import reference, sparse_linear as sl  # noqa: E402
+
 CASES = tune.CASES
 SPARSITIES = (0.5, 0.65)
 
@@ -74,10 +72,7 @@ def main() -> None:
     for case in args.cases.split(","):
         K, sizes = CASES[case]
         N = sum(sizes)
-        copies = min(16, max(bench.NBUF_MIN, -(-int(bench.ROTATE_BYTES) // (K * N * 2))))
-        ws_t = [(torch.randn(K, N, device="cuda", generator=g) * K**-0.5).half() for _ in range(copies)]
-        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
-        scores = torch.stack([ws_t[0][:, e - n:e].float().norm(dim=1) for e, n in zip(ends, sizes)])
+        ws_t, scores = tune.case_weights(K, sizes, g)
         for M in batches:
             x = torch.randn(M, K, device="cuda", generator=g).half()
             cublas = bench.time_us([lambda w=w: x @ w for w in ws_t])
@@ -97,16 +92,7 @@ def main() -> None:
                     def fn(w, path=path, cfg=cfg):
                         return sl._sparse_linear(x, w, None, score_arg, threshold=thr[0], group=group, path=path,
                                                  config=cfg, sparsity_hint=s, workspace=ws)
-                    try:
-                        err = bench.rel_err(fn(ws_t[0]), ref)
-                        if not err < 2e-2:
-                            raise AssertionError(f"rel err {err}")
-                        rec["us"][name] = bench.time_us([lambda w=w: fn(w) for w in ws_t])
-                        rec["err"][name] = err
-                        assert not ws.any(), "workspace left dirty"
-                    except Exception as e:  # a variant that fails is recorded, never timed
-                        rec["err"][name] = f"{type(e).__name__}: {str(e)[:200]}"
-                        print(f"  {case} M={M} s={s} {name}: {rec['err'][name]}", flush=True)
+                    tune.check_and_time(rec, name, fn, ws_t, ref, ws, f"{case} M={M} s={s}")
                 records.append(rec)
                 print(f"{case:10s} M={M:2d} s={s:.2f} union kept {rec['union_kept']:.3f} cublas {cublas:6.1f} floor "
                       f"{floor:6.1f} | " + " ".join(f"{k} {cublas / v:4.2f}x" for k, v in rec["us"].items()),

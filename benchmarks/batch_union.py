@@ -35,11 +35,11 @@ BATCHES = (1, 2, 4, 8, 16)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def union_kept(x: torch.Tensor, score: torch.Tensor, threshold: float, batches=BATCHES) -> dict[int, float]:
-    """x (S, T, K): S sequences of T tokens.  Share of channels kept (|x| * score > threshold)
-    by at least one token of each group of B sequences at one position, averaged over
-    positions and groups, for each B dividing S."""
-    keep = x.abs() * score > threshold
+def union_kept(importance: torch.Tensor, threshold: float, batches=BATCHES) -> dict[int, float]:
+    """importance (S, T, K) = |x| * score of S sequences of T tokens.  Share of channels kept
+    (importance > threshold) by at least one token of each group of B sequences at one
+    position, averaged over positions and groups, for each B dividing S."""
+    keep = importance > threshold
     sequences, tokens, channels = keep.shape
     return {b: keep.reshape(sequences // b, b, tokens, channels).any(dim=1).float().mean().item()
             for b in batches if sequences % b == 0}
@@ -57,11 +57,11 @@ def measure(model, tokenizer, method: str, sparsities, sequences: int, tokens: i
         score = scorer.score(weight.detach()).float()
 
         def hook(module, args):
-            x = args[0].detach().float()
+            importance = args[0].detach().float().abs() * score  # once for every sparsity
             for sparsity in sparsities:
                 rows.append({"method": method, "sparsity": sparsity, "linear": name,
                              "weight_bytes": weight.numel() * weight.element_size(),
-                             "kept": union_kept(x, score, calibration.threshold(name, sparsity))})
+                             "kept": union_kept(importance, calibration.threshold(name, sparsity))})
         return hook
 
     for name in calibration.names:

@@ -51,6 +51,33 @@ CASES.update({  # one rank's shards of those linears, tensor parallel over 2 GPU
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 
 
+def case_weights(K: int, sizes, generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Rotated fp16 copies of a case's W^T (K, sum sizes), enough that one pass over them
+    leaves the L2 cache cold, and the (len(sizes), K) WINA scores of its linears."""
+    N = sum(sizes)
+    copies = min(16, max(bench.NBUF_MIN, -(-int(bench.ROTATE_BYTES) // (K * N * 2))))
+    ws_t = [(torch.randn(K, N, device="cuda", generator=generator) * K**-0.5).half() for _ in range(copies)]
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    scores = torch.stack([ws_t[0][:, e - n:e].float().norm(dim=1) for e, n in zip(ends, sizes)])
+    return ws_t, scores
+
+
+def check_and_time(rec: dict, name: str, fn, ws_t, ref, workspace, label: str) -> None:
+    """Check ``fn`` (one call on a weight of ``ws_t``) against the float64 ``ref``, then time
+    it over the rotated weights into ``rec["us"][name]``; one that fails (error, wrong result,
+    workspace left dirty) is recorded in ``rec["err"]`` with the reason, never timed."""
+    try:
+        err = bench.rel_err(fn(ws_t[0]), ref)
+        if not err < 2e-2:
+            raise AssertionError(f"rel err {err}")
+        rec["us"][name] = bench.time_us([lambda w=w: fn(w) for w in ws_t])
+        rec["err"][name] = err
+        assert not workspace.any(), "workspace left dirty"
+    except Exception as e:  # a candidate that fails is recorded, never timed
+        rec["err"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(f"  {label} {name}: {rec['err'][name]}", flush=True)
+
+
 def one_shot(block_k, block_n, warps, steps=1, reduce=2):
     """Masked GEMV whose programs each cover `steps` BLOCK_K-row steps (TEAL's shape: many
     short programs), split-K sums met by float32 atomics (2) or tickets (1)."""
@@ -141,10 +168,7 @@ def main():
     for case in cases:
         K, sizes = CASES[case]
         N = sum(sizes)
-        copies = min(16, max(bench.NBUF_MIN, -(-int(bench.ROTATE_BYTES) // (K * N * 2))))
-        ws_t = [(torch.randn(K, N, device="cuda", generator=g) * K**-0.5).half() for _ in range(copies)]
-        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
-        scores = torch.stack([ws_t[0][:, e - n:e].float().norm(dim=1) for e, n in zip(ends, sizes)])
+        ws_t, scores = case_weights(K, sizes, g)
         x = torch.randn(1, K, device="cuda", generator=g).half()
         dense = bench.time_us([lambda w=w: x @ w for w in ws_t])  # cuBLAS on W^T (K, N): as F.linear on W.t()
         dense_f = bench.time_us([lambda w=w: F.linear(x, w.t()) for w in ws_t])
@@ -165,16 +189,7 @@ def main():
                 def fn(w, path=path, cfg=cfg):
                     return sl._sparse_linear(x, w, None, score_arg, threshold=thr[0], group=group, path=path,
                                              config=cfg, sparsity_hint=s, workspace=ws)
-                try:
-                    err = bench.rel_err(fn(ws_t[0]), ref)
-                    if not err < 2e-2:
-                        raise AssertionError(f"rel err {err}")
-                    rec["us"][name] = bench.time_us([lambda w=w: fn(w) for w in ws_t])
-                    rec["err"][name] = err
-                    assert not ws.any(), "workspace left dirty"
-                except Exception as e:  # a candidate that fails is recorded, never timed
-                    rec["err"][name] = f"{type(e).__name__}: {str(e)[:200]}"
-                    print(f"  {case} s={s} {name}: {rec['err'][name]}", flush=True)
+                check_and_time(rec, name, fn, ws_t, ref, ws, f"{case} s={s}")
             if teal is not None:
                 tthr = [(x.abs().float().quantile(s).item() if s > 0 else -1.0)] * len(sizes)
                 tmask = x.abs()[0] > tthr[0]
