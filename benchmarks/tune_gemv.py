@@ -117,6 +117,19 @@ def masked(block_n, block_k, per_sm, stages=3, warps=4, reduce=1):
     return "gemv_masked", cfg
 
 
+def wide(path, block_n, rows, per_sm, stages=3, reduce=1):
+    """Wide, short tiles (session 11): block_n columns (2 * block_n contiguous bytes of each
+    kept row, 8 fp16 per thread), `rows` rows per step summed in the thread (ROW_SUM), and
+    split-K to about per_sm programs per SM; masked loads (`gemv_masked`) or compacted rows (`gemv`)."""
+    def cfg(K, sizes, s):
+        tiles = sum(triton.cdiv(n, block_n) for n in sizes)
+        split = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // (2 * rows), 128))
+        c = dict(BLOCK_N=block_n, SPLIT_K=split, STAGES=stages, REDUCE=reduce, num_warps=block_n // 256, ROW_SUM=True)
+        c["BLOCK_K" if path == "gemv_masked" else "BLOCK_R"] = rows
+        return c
+    return path, cfg
+
+
 # Run 1 (kernels_h200_tune_run1.json) also timed one-shot masked programs with float32
 # atomics (os*, two*, four*): 1.5-5x slower than the looped kernel at every shape but
 # 4096x1024, their time flat in sparsity (atomic-bound).  Run 2 (kernels_h200_tune_run2.json)
@@ -139,6 +152,14 @@ CANDIDATES = {
     "m64x256p2": masked(64, 256, 2), "m32x256p2": masked(32, 256, 2), "m32x512p2": masked(32, 512, 2),
     # Also timed in run 4 and dropped: the compacted kernel with the kept x values written beside
     # the kept ids (async loads instead of a gather of x): slower everywhere (255 registers).
+    # run 5 (session 11): wide, short tiles, long contiguous row segments
+    "wm512r16p2": wide("gemv_masked", 512, 16, 2), "wm1024r16p2": wide("gemv_masked", 1024, 16, 2),
+    "wm1024r16p3": wide("gemv_masked", 1024, 16, 3), "wm1024r8p2s4": wide("gemv_masked", 1024, 8, 2, 4),
+    "wm2048r8p2": wide("gemv_masked", 2048, 8, 2), "wm1024r16p2a": wide("gemv_masked", 1024, 16, 2, reduce=2),
+    "wm1024r32p1": wide("gemv_masked", 1024, 32, 1),
+    "wc512r16p2": wide("gemv", 512, 16, 2), "wc1024r16p2": wide("gemv", 1024, 16, 2),
+    "wc1024r16p3": wide("gemv", 1024, 16, 3), "wc2048r8p2": wide("gemv", 2048, 8, 2),
+    "wc1024r16p2a": wide("gemv", 1024, 16, 2, reduce=2),
 }
 QUICK = ["dispatched", "loop_r1", "cmp2_r1"]
 

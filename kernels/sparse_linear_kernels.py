@@ -166,12 +166,25 @@ def _prep_kernel(
 
 
 @triton.jit
-def _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask):
-    """acc (BLOCK_R, BLOCK_N) += wt[rows, offs_n] * x[rows] in float32."""
+def _accumulate(acc, prod, ROW_SUM: tl.constexpr):
+    """acc += prod (rows, BLOCK_N), or with ROW_SUM acc (1, BLOCK_N) += the column sums of prod.
+
+    ROW_SUM is for wide, short tiles (512+ columns, a few rows), where each thread holds all
+    the rows of its columns: the sum stays in the thread, and the accumulator takes
+    BLOCK_N / threads registers instead of rows times that."""
+    if ROW_SUM:
+        return acc + tl.sum(prod, axis=0, keep_dims=True)
+    else:
+        return acc + prod
+
+
+@triton.jit
+def _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask, ROW_SUM: tl.constexpr):
+    """acc += wt[rows, offs_n] * x[rows] in float32 (see _accumulate)."""
     w = tl.load(wt_ptr + rows[:, None] * stride_wk + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
                 other=0.0, eviction_policy="evict_first")
     xg = tl.load(x_row + rows, mask=jmask, other=0.0)
-    return acc + w.to(tl.float32) * xg.to(tl.float32)[:, None]
+    return _accumulate(acc, w.to(tl.float32) * xg.to(tl.float32)[:, None], ROW_SUM)
 
 
 @triton.jit
@@ -181,7 +194,7 @@ def _gemv_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
-    expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr,
+    expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr = False,
 ):
     """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
     Groups of linears (GROUPS, END0, ...) and rows routed to experts (EXPERTS, ...) as in
@@ -229,17 +242,17 @@ def _gemv_kernel(
 
     offs_n = col0 + tl.arange(0, BLOCK_N)
     nmask = offs_n < n_end
-    acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+    acc = tl.zeros((1 if ROW_SUM else BLOCK_R, BLOCK_N), tl.float32)
     if n_keep == k_hi - k_lo:  # every channel of the range kept (dense input): no indirection
         for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
             offs_j = j + tl.arange(0, BLOCK_R)
-            acc = _fma_rows(acc, k_lo + offs_j, offs_j < n_keep, x_row, wt_ptr, stride_wk, offs_n, nmask)
+            acc = _fma_rows(acc, k_lo + offs_j, offs_j < n_keep, x_row, wt_ptr, stride_wk, offs_n, nmask, ROW_SUM)
     else:
         for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
             offs_j = j + tl.arange(0, BLOCK_R)
             jmask = offs_j < n_keep
             rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
-            acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask)
+            acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask, ROW_SUM)
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
             part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, REDUCE, n_end)
 
@@ -251,7 +264,7 @@ def _gemv_masked_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
-    expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr,
+    expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr = False,
 ):
     """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
 
@@ -295,7 +308,7 @@ def _gemv_masked_kernel(
             col0 = tl.multiple_of(col0, 16)
     offs_n = col0 + tl.arange(0, BLOCK_N)
     nmask = offs_n < n_end
-    acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+    acc = tl.zeros((1 if ROW_SUM else BLOCK_K, BLOCK_N), tl.float32)
     for c in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         offs = c + tl.arange(0, BLOCK_K)
         valid = offs < k_hi
@@ -303,7 +316,7 @@ def _gemv_masked_kernel(
         keep = _keep(xf, tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0), valid, threshold, MODE)
         w = tl.load(wt_ptr + offs[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & nmask[None, :],
                     other=0.0, eviction_policy="evict_first")
-        acc += w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None]  # where: a dropped NaN never reaches y
+        acc = _accumulate(acc, w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None], ROW_SUM)  # where: no dropped NaN
     # n_end: a tile ending inside its linear stores nothing into the next one's columns
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
             part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, REDUCE, n_end)

@@ -244,7 +244,10 @@ def test_split_k_fixup_with_empty_splits(dtype):
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=2)),  # 4th split empty
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, REDUCE=0, num_warps=4, num_stages=2)),
             ("gemv_union", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=16, SPLIT_K=7, STAGES=1, num_warps=4)),
-            ("gemv_union", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=32, SPLIT_K=2, STAGES=2, BLOCK_KS=16, num_warps=4))]
+            ("gemv_union", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=32, SPLIT_K=2, STAGES=2, BLOCK_KS=16, num_warps=4)),
+            # wide, short tiles summed in the thread, the last column tile mostly past N
+            ("gemv_masked", dict(BLOCK_N=256, BLOCK_K=8, SPLIT_K=9, STAGES=2, ROW_SUM=True, num_warps=1)),
+            ("gemv", dict(BLOCK_N=256, BLOCK_R=8, SPLIT_K=9, STAGES=2, ROW_SUM=True, num_warps=1))]
     cfgs += [(path, dict(cfg, REDUCE=reduce)) for path, cfg in cfgs[:6] + cfgs[8:] for reduce in (1, 2)]
     for sparsity in [0.0, 0.995]:
         thr = threshold_for(x, score, sparsity)
@@ -405,6 +408,8 @@ def test_group_split_k_and_forced_paths():
                       ("gemv", None),
                       ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=1, STAGES=2, num_warps=4)),
                       ("gemv_masked", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, STAGES=1, num_warps=4)),
+                      ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=8, SPLIT_K=5, STAGES=2, ROW_SUM=True, num_warps=1)),
+                      ("gemv", dict(BLOCK_N=64, BLOCK_R=8, SPLIT_K=5, STAGES=2, ROW_SUM=True, num_warps=1)),
                       ("gemv_union", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_R=16, SPLIT_K=3, STAGES=1, num_warps=4)),
                       ("gemv_union", None),
                       ("dense", None)]:
