@@ -160,6 +160,12 @@ CANDIDATES = {
     "wc512r16p2": wide("gemv", 512, 16, 2), "wc1024r16p2": wide("gemv", 1024, 16, 2),
     "wc1024r16p3": wide("gemv", 1024, 16, 3), "wc2048r8p2": wide("gemv", 2048, 8, 2),
     "wc1024r16p2a": wide("gemv", 1024, 16, 2, reduce=2),
+    # run 6: split-K sums by float32 atomics (reduce=2) won run 5; deeper pipelines, more programs
+    "wm1024r16p3a": wide("gemv_masked", 1024, 16, 3, reduce=2), "wm1024r8p2s4a": wide("gemv_masked", 1024, 8, 2, 4, 2),
+    "wm512r16p4a": wide("gemv_masked", 512, 16, 4, reduce=2), "wm2048r8p2a": wide("gemv_masked", 2048, 8, 2, reduce=2),
+    "wc1024r8p2s5a": wide("gemv", 1024, 8, 2, 5, 2), "wc1024r8p3s4a": wide("gemv", 1024, 8, 3, 4, 2),
+    "wc512r16p4a": wide("gemv", 512, 16, 4, reduce=2), "wc2048r8p2a": wide("gemv", 2048, 8, 2, reduce=2),
+    "wc1024r16p2s4a": wide("gemv", 1024, 16, 2, 4, 2), "loop_r2": looped(2), "cmp2_r2": compacted(2, 2),
 }
 QUICK = ["dispatched", "loop_r1", "cmp2_r1"]
 
