@@ -15,8 +15,11 @@ can be captured in CUDA graphs):
   ``gemv_masked`` (``_gemv_masked_kernel``: decides the mask and loads only the kept
   weight rows by masked loads) below the shape's crossover sparsity, ``gemv``
   (``_gemv_kernel``: compacts the kept channel ids, then streams full tiles of kept rows)
-  from it.  Split-K partial sums meet through self-resetting tickets in a workspace
-  allocated once per device (``wina_fx.ops`` passes it), so one launch per linear.
+  from it; on the large weights both in wide, short tiles (2048 columns x 8 rows).
+  Split-K partial sums meet by float32 atomics (or, under
+  ``torch.use_deterministic_algorithms(True)``, in a fixed order through self-resetting
+  tickets) in a workspace allocated once per device (``wina_fx.ops`` passes it), so one
+  launch per linear.
 * ``gemm``: ``_gemm_masked_kernel`` masks x in-kernel and reads all of the weight (a
   measured alternative for M >= 2; never dispatched).
 * ``gemv_union`` (M <= 16): ``_gemv_union_kernel`` reads once the weight rows that any
@@ -127,32 +130,55 @@ _CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _g
             "gemv_union": _gemv_union_config}
 
 
-def _compact_from(N: int, K: int) -> float:
-    """Sparsity from which the compacted-rows kernel beats the masked one at one token, by
-    the shape's N / K (measured on an H200: kernels_h200_tune_run*.json, benchmarks/NOTES.md)."""
-    if _widening(N, K):
-        return 0.65 if N >= 16384 else 0.4
-    return 0.5 if N / K > 5 else 0.75
+# Weights of at least this many elements (the Llama-3-8B MLP linears, 5120x17920) take the
+# wide tiles at every sparsity; smaller ones (q/k/v, o) only where they measured faster.
+WIDE_MIN_WEIGHT = 1 << 25
 
 
-def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: float) -> tuple[str, dict]:
-    """(path, config) at one token, from the shape and the calibrated sparsity (H200 runs):
+def _wide_config(path: str, N: int, K: int, sms: int, block_n: int, rows: int, warps: int, stages: int,
+                 reduce: int) -> tuple[str, dict]:
+    """Wide, short tiles (ROW_SUM): block_n columns, so each kept row is read in runs of
+    2 block_n contiguous bytes, and `rows` rows a step summed in the thread; split-K to
+    about two programs per SM (at most 32 splits when the last ticket sums them: it holds
+    one partial tile per split)."""
+    split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), K // (2 * rows), 128 if reduce == 2 else 32))
+    return path, {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": rows, "SPLIT_K": split,
+                  "STAGES": stages, "REDUCE": reduce, "num_warps": warps, "ROW_SUM": True}
 
-    * N <= 2048 (k/v projections alone): masked loads, one 256-row step per program, split-K
-      sums by float32 atomics (few outputs: the atomics are cheap).
-    * sparsity >= _compact_from(N, K): compacted rows, about two programs per SM (split-K
-      sums by the last program's ticket).
-    * else masked loads, about two programs per SM, split-K sums by the last ticket.
+
+def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: float,
+                 grouped: bool = False) -> tuple[str, dict]:
+    """(path, config) at one token, from the shape and the calibrated sparsity, as measured
+    on an H200 (``kernels_h200_tune_run6.json``, benchmarks/NOTES.md, session 11):
+
+    * N <= 2048 (k/v projections alone): masked loads, one 256-row step per program.
+    * weights of WIDE_MIN_WEIGHT elements or more: 2048 columns x 8 rows, 8 warps;
+      compacted rows from 60 % (groups, i.e. gate/up: from 50 %), masked loads below
+      (groups below 50 %: the 64-column masked tiles).
+    * smaller weights: 1024 columns x 8 rows masked, 4 stages, below 50 %; compacted rows
+      in 512 x 16 tiles from 75 %; the masked tiles of ``_gemv_masked_config`` between.
+
+    Split-K partial sums meet by float32 atomics into the workspace (REDUCE 2; the
+    summation order varies from run to run), or, under
+    ``torch.use_deterministic_algorithms(True)``, in a fixed order by the last program's
+    ticket (REDUCE 1; about 1-2 us slower on the wide tiles).
     """
+    reduce = 1 if torch.are_deterministic_algorithms_enabled() else 2
+    s = sparsity_hint
     if N <= 2048:
-        return "gemv_masked", dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=triton.cdiv(K, 256), STAGES=1, REDUCE=2,
+        return "gemv_masked", dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=triton.cdiv(K, 256), STAGES=1, REDUCE=reduce,
                                    num_warps=4)
+    if K * N >= WIDE_MIN_WEIGHT:
+        if s >= (0.5 if grouped else 0.6):
+            return _wide_config("gemv", N, K, sms, 2048, 8, 8, 3, reduce)
+        if not grouped:
+            return _wide_config("gemv_masked", N, K, sms, 2048, 8, 8, 3, reduce)
+    elif s < 0.5:
+        return _wide_config("gemv_masked", N, K, sms, 1024, 8, 4, 4, reduce)
+    elif s >= 0.75:
+        return _wide_config("gemv", N, K, sms, 512, 16, 2, 3, reduce)
     # through _CONFIGS, so that a benchmark overriding a path's tiles reaches the dispatch too
-    if sparsity_hint >= _compact_from(N, K):
-        cfg = _CONFIGS["gemv"](1, N, K, dtype, sms)
-        tiles = triton.cdiv(N, cfg["BLOCK_N"])
-        return "gemv", dict(cfg, SPLIT_K=max(1, min(round(2 * sms / tiles), K // 64, 16)), REDUCE=1)
-    return "gemv_masked", {**_CONFIGS["gemv_masked"](1, N, K, dtype, sms), "REDUCE": 1}
+    return "gemv_masked", {**_CONFIGS["gemv_masked"](1, N, K, dtype, sms), "REDUCE": reduce}
 
 
 def _traced(x: Tensor) -> bool:
@@ -305,7 +331,7 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
     sms = _num_sms(x.device)
     if path is None and not p.keeps_all and M <= GEMV_MAX_M:
         hint = 1 - p.k / K if p.k is not None else sparsity_hint
-        path, tiles = _gemv_choice(N, K, x.dtype, sms, hint)
+        path, tiles = _gemv_choice(N, K, x.dtype, sms, hint, p.grouped)
         config = {**tiles, **(config or {})}
     path = path or ("dense" if p.keeps_all or M > SPARSE_MAX_M else "gemm")
     if path == "dense":
@@ -388,6 +414,9 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
             cfg = {"BLOCK_KS": max(256, min(triton.next_power_of_2(k_per), 4096)), **cfg}
             args.append(_empty((M * split * grid[0] * k_per,), torch.int32, device))  # kept-id scratch
         kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
+        # every argument explicit: torch's mutation analysis of a user kernel fails on a defaulted
+        # one, and Inductor then clones every tensor argument (the weight too) around each launch
+        cfg = {"ROW_SUM": False, **cfg}
         experts = dict(expert_ptr=out, thr_ptr=out, stride_we=0, EXPERTS=False)
         if p.expert is not None:
             experts = dict(expert_ptr=p.expert, thr_ptr=p.expert_thresholds, stride_we=p.expert_stride, EXPERTS=True)

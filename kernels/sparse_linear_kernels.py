@@ -194,7 +194,7 @@ def _gemv_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
-    expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr = False,
+    expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
 ):
     """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
     Groups of linears (GROUPS, END0, ...) and rows routed to experts (EXPERTS, ...) as in
@@ -264,7 +264,7 @@ def _gemv_masked_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
-    expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr = False,
+    expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
 ):
     """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
 

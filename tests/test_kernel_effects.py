@@ -41,23 +41,21 @@ S, K, N, E = 2, 64, 96, 4
 t = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device="meta")
 results = {}
 for kernel in ("_gemv_kernel", "_gemv_masked_kernel"):
-    for groups in (1, 2):
-        for experts in (False, True):
-            if groups > 1 and experts:
-                continue
-            args = dict(x_ptr=t(S, K), wt_ptr=t(E, K, N), bias_ptr=t(S, N), score_ptr=t(max(E, groups), K, dt=torch.float32),
-                        out_ptr=t(S, N), part_ptr=t(2, S, N, dt=torch.float32), cnt_ptr=t(8, dt=torch.int32),
-                        M=S, N=N, K=K, stride_xm=K, stride_wk=N, stride_om=N, threshold=0.0, K_PER_SPLIT=32,
-                        SPLIT_K=2, MODE=0, HAS_BIAS=False, REDUCE=1, BLOCK_N=32, STAGES=1,
-                        END0=48 if groups > 1 else N, END1=N, THRESHOLD1=0.0, THRESHOLD2=0.0, GROUPS=groups,
-                        ENDS_ALIGNED=True, expert_ptr=t(S, dt=torch.int64), thr_ptr=t(E, dt=torch.float32),
-                        stride_we=K * N, EXPERTS=experts)
-            if kernel == "_gemv_kernel":
-                args.update(scr_ptr=t(256, dt=torch.int32), BLOCK_R=16, BLOCK_KS=32)
-            else:
-                args.update(BLOCK_K=32)
-            found = analyse(getattr(kern, kernel), args, {})
-            results[f"{kernel} groups={groups} experts={experts}"] = sorted(d.name for d in found.read_writes.writes)
+    for groups, experts, row_sum in ((1, False, False), (1, True, False), (2, False, False), (1, False, True),
+                                     (2, False, True)):
+        args = dict(x_ptr=t(S, K), wt_ptr=t(E, K, N), bias_ptr=t(S, N), score_ptr=t(max(E, groups), K, dt=torch.float32),
+                    out_ptr=t(S, N), part_ptr=t(2, S, N, dt=torch.float32), cnt_ptr=t(8, dt=torch.int32),
+                    M=S, N=N, K=K, stride_xm=K, stride_wk=N, stride_om=N, threshold=0.0, K_PER_SPLIT=32,
+                    SPLIT_K=2, MODE=0, HAS_BIAS=False, REDUCE=1, BLOCK_N=32, STAGES=1,
+                    END0=48 if groups > 1 else N, END1=N, THRESHOLD1=0.0, THRESHOLD2=0.0, GROUPS=groups,
+                    ENDS_ALIGNED=True, expert_ptr=t(S, dt=torch.int64), thr_ptr=t(E, dt=torch.float32),
+                    stride_we=K * N, EXPERTS=experts, ROW_SUM=row_sum)
+        if kernel == "_gemv_kernel":
+            args.update(scr_ptr=t(256, dt=torch.int32), BLOCK_R=16, BLOCK_KS=32)
+        else:
+            args.update(BLOCK_K=32)
+        found = analyse(getattr(kern, kernel), args, {})
+        results[f"{kernel} groups={groups} experts={experts} row_sum={row_sum}"] = sorted(d.name for d in found.read_writes.writes)
 print(json.dumps(results))
 '''
 
@@ -69,7 +67,7 @@ def test_gemv_kernels_write_only_their_outputs():
     writes = json.loads(result.stdout.strip().splitlines()[-1])
     if writes is None:
         pytest.skip("this torch has no identify_accessed_tensors")
-    assert len(writes) == 6
+    assert len(writes) == 10
     for launch, written in writes.items():
         allowed = {"out_ptr", "part_ptr", "cnt_ptr"} | ({"scr_ptr"} if launch.startswith("_gemv_kernel") else set())
         assert set(written) <= allowed, (launch, written)

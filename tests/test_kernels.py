@@ -10,6 +10,7 @@ launchers allocate is poisoned (NaN / garbage ints), so an unwritten element fai
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import subprocess
@@ -423,27 +424,49 @@ def test_group_split_k_and_forced_paths():
         sl._sparse_linear(x, wt, b, scores, path="gemm", group=(sizes, tuple(thr)))
 
 
+@contextlib.contextmanager
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for the block, then as it was."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def test_dispatch_at_one_token(monkeypatch):
-    """_gemv_choice (the H200-measured rule): small outputs take one-step masked programs
-    with float32 atomics; from the shape's crossover sparsity the compacted-rows kernel,
-    below it the looped masked one, both with tickets.  The launcher follows it for single
-    linears, groups and top-k (whose sparsity is 1 - k / K), with the same results."""
+    """_gemv_choice (the H200-measured rule, session 11): small outputs take one-step masked
+    programs; large weights wide tiles (2048 columns, rows summed in the thread), masked
+    below 60 % (groups: the 64-column masked tiles below 50 %) and compacted from there;
+    smaller weights wide masked tiles below 50 %, compacted ones from 75 %.  Split-K sums
+    by float32 atomics, or by the last ticket in deterministic mode.  The launcher follows
+    the rule for single linears, groups and top-k (whose sparsity is 1 - k / K), with the
+    same results."""
     fp16 = torch.float16
     assert sl._gemv_choice(1024, 4096, fp16, 132, 0.9)[1]["REDUCE"] == 2
-    for (N, K), below, above in [((17920, 5120), 0.5, 0.65), ((14336, 4096), 0.25, 0.4), ((28672, 4096), 0.4, 0.5),
-                                 ((4096, 4096), 0.65, 0.8), ((6144, 4096), 0.65, 0.8), ((4096, 14336), 0.65, 0.8)]:
-        assert sl._gemv_choice(N, K, fp16, 132, below)[0] == "gemv_masked", (N, K)
-        path, cfg = sl._gemv_choice(N, K, fp16, 132, above)
-        assert path == "gemv" and cfg["REDUCE"] == 1 and cfg["SPLIT_K"] >= 1, (N, K)
+    for (N, K, grouped), below, above in [((17920, 5120, False), 0.5, 0.65), ((14336, 4096, False), 0.5, 0.6),
+                                          ((4096, 14336, False), 0.5, 0.65), ((28672, 4096, True), 0.4, 0.5),
+                                          ((4096, 4096, False), 0.65, 0.8), ((6144, 4096, True), 0.65, 0.75)]:
+        path, cfg = sl._gemv_choice(N, K, fp16, 132, below, grouped)
+        assert path == "gemv_masked" and cfg["REDUCE"] == 2, (N, K)
+        assert cfg.get("ROW_SUM", False) == (N * K >= sl.WIDE_MIN_WEIGHT and not grouped), (N, K)
+        path, cfg = sl._gemv_choice(N, K, fp16, 132, above, grouped)
+        assert path == "gemv" and cfg["ROW_SUM"] and cfg["SPLIT_K"] >= 1, (N, K)
+    assert sl._gemv_choice(4096, 4096, fp16, 132, 0.25)[1]["ROW_SUM"]
+    with deterministic():
+        assert all(sl._gemv_choice(N, 4096, fp16, 132, s)[1]["REDUCE"] == 1
+                   for N in (1024, 4096, 17920) for s in (0.25, 0.5, 0.9))
+        assert sl._gemv_choice(17920, 5120, fp16, 132, 0.5)[1]["SPLIT_K"] <= 32
 
     launched = []
     real = sl._launch
     monkeypatch.setattr(sl, "_launch", lambda kernel, *a, **k: (launched.append(kernel), real(kernel, *a, **k)))
-    sizes, K = (1500, 700, 100), 64  # N / K = 36: compacted from 50 %
+    sizes, K = (1500, 700, 100), 64  # a small weight: compacted from 75 %
     x, w, b, scores = make_group(1, K, sizes, torch.float32, seed=9)
     thr = group_thresholds(x, scores, (0.6, 0.7, 0.8))
     ref = ref_group(x, w, b, scores, thr, sizes)
-    for hint, kernel in [(0.3, kern._gemv_masked_kernel), (0.6, kern._gemv_kernel)]:
+    for hint, kernel in [(0.3, kern._gemv_masked_kernel), (0.6, kern._gemv_masked_kernel), (0.8, kern._gemv_kernel)]:
         launched.clear()
         out = sl.threshold_linear_group(x, w.t().contiguous(), b, scores, thr, list(sizes), hint)
         assert rel_err(out, ref) < TOL[torch.float32] and launched == [kernel], hint
@@ -499,8 +522,9 @@ def test_cuda_deterministic_and_graph_capture():
     x, w, b, score = make(1, 5120, 17920, torch.float16, device="cuda")
     wt = w.t().contiguous()
     thr = threshold_for(x, score, 0.5)
-    eager = sl.threshold_linear(x, wt, b, score, thr)
-    assert torch.equal(eager, sl.threshold_linear(x, wt, b, score, thr))  # fixed reduction order
+    with deterministic():  # split-K sums in a fixed order
+        eager = sl.threshold_linear(x, wt, b, score, thr, 0.5)
+        assert torch.equal(eager, sl.threshold_linear(x, wt, b, score, thr, 0.5))
     fn = lambda: (sl.threshold_linear(x, wt, b, score, thr), sl.topk_linear(x, wt, b, score, 2560))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
