@@ -228,21 +228,20 @@ def workspace_size(n_out: int, max_tokens: int = GEMV_MAX_M) -> int:
     return max_tokens * (triton.cdiv(n_out, 16) + 3 + n_out)
 
 
-def _split_workspace(workspace: Tensor | None, n_cnt: int, n_acc: int, device, zeroed_by_prep: bool):
-    """(tickets, float32 accumulators) of one launch.  From ``workspace`` (int32, all zeros,
-    kept zero by the kernels that use it) when given; else freshly zeroed buffers (one
-    memset per call: correct, slower), or for the tickets of a top-k launch, a buffer
-    that ``_prep_kernel`` zeroes."""
+def _launch_workspace(workspace: Tensor | None, n_cnt: int, n_acc: int, device, zeroed_by_prep: bool) -> Tensor:
+    """The int32 buffer of one launch: its n_cnt split-K tickets, then (REDUCE 2) its n_acc
+    float32 accumulators as bits.  A slice of ``workspace`` (int32, all zeros, kept zero
+    by the kernels that use it) when given; else a freshly zeroed buffer (one memset per
+    call: correct, slower), or for a top-k launch one that ``_prep_kernel`` zeroes."""
+    need = max(n_cnt + n_acc, 1)
     if workspace is not None:
-        if workspace.dtype != torch.int32 or workspace.numel() < n_cnt + n_acc:
-            raise ValueError(f"workspace must be int32 with at least {n_cnt + n_acc} elements, got "
+        if workspace.dtype != torch.int32 or workspace.numel() < need:
+            raise ValueError(f"workspace must be int32 with at least {need} elements, got "
                              f"{workspace.dtype} with {workspace.numel()}")
-        return workspace[:max(n_cnt, 1)], workspace[n_cnt:n_cnt + n_acc].view(torch.float32)
+        return workspace[:need]
     if zeroed_by_prep:
-        cnt = _empty((max(n_cnt, 1),), torch.int32, device)
-    else:
-        cnt = torch.zeros((max(n_cnt, 1),), dtype=torch.int32, device=device)
-    return cnt, torch.zeros((n_acc,), dtype=torch.float32, device=device)
+        return _empty((need,), torch.int32, device)
+    return torch.zeros((need,), dtype=torch.int32, device=device)
 
 
 @dataclasses.dataclass
@@ -387,7 +386,7 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
     reduce = cfg["REDUCE"] if split > 1 else 0
     n_cnt = n_tiles if reduce else 0  # one split-K ticket per output tile
     prep_zeroes = p.k is not None and not _traced(x2)  # the top-k prep kernel runs and can zero the tickets
-    cnt, acc_ws = _split_workspace(workspace, n_cnt, M * N if reduce == 2 else 0, device, zeroed_by_prep=prep_zeroes)
+    cnt = _launch_workspace(workspace, n_cnt, M * N if reduce == 2 else 0, device, zeroed_by_prep=prep_zeroes)
     threshold = p.thresholds[0]
     if p.k is None:  # threshold: the kernel applies the rule
         a, mode = x2, kern.KEEP_THRESHOLD
@@ -397,7 +396,7 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         else:
             a = _prep(x2, p.score, threshold, p.k, cnt=cnt if workspace is None else None)
         mode = kern.KEEP_NONZERO
-    part = acc_ws if reduce == 2 else _empty((split, M, N) if split > 1 else (1,), torch.float32, device)
+    part = _empty((split, M, N) if split > 1 and reduce != 2 else (1,), torch.float32, device)
     has_bias = p.bias is not None
     args = [a, p.weight_t, p.bias if has_bias else out, p.score, out, part, cnt]
     strides = [M, N, K, a.stride(0), p.weight_t.stride(0), out.stride(0), float(threshold)]

@@ -17,11 +17,11 @@ Layouts shared by every kernel:
                 output tile); the program drawing the last ticket sums the partials in a
                 fixed order (deterministic), adds the bias, casts, stores, and sets its
                 ticket back to 0.  One launch.
-             2  each adds its partial into ``acc_ws`` (float32 (M, N)) by atomics, then
-                takes a ticket; the last program swaps the tile's sums out of ``acc_ws``
-                for zeros, adds the bias, casts and stores.  One launch, no ``part``
-                traffic; the float32 summation order varies run to run.
-             Modes 1 and 2 leave ``cnt`` (and ``acc_ws``) all zeros as they found them, so a
+             2  each adds its partial by atomics into float32 sums (M, N) kept in ``cnt``
+                right after the launch's tickets, then takes a ticket; the last program
+                swaps the tile's sums out for zeros, adds the bias, casts and stores.  One
+                launch, no ``part`` traffic; the float32 summation order varies run to run.
+             Modes 1 and 2 leave ``cnt`` (tickets and sums) all zeros as they found them, so a
              zeroed workspace allocated once serves every later launch on the stream (no
              memset per call, which under Inductor is one more kernel).
 
@@ -62,18 +62,23 @@ def _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIA
 
 
 @triton.jit
-def _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr, ticket,
+def _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr, ticket, n_tickets,
             pid_k, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, n_end):
     """Write the (BM, BN) fp32 tile acc, reducing over split-K programs when SPLIT_K > 1.
 
     Columns at or past n_end are not written (N: the row length of out and part).
-    ``REDUCE`` as in the module docstring; with 2, part_ptr is the float32 accumulator
-    workspace (M, N).  SPLIT_K is a constexpr so that the fixup's loads are unrolled and
-    issued together (a run-time loop waits one L2 round trip per split)."""
+    ``REDUCE`` as in the module docstring.  With 2 the float32 accumulators (M, N) follow
+    the launch's n_tickets tickets in the cnt buffer: one tensor, not two arguments, since
+    under Inductor each mutable argument of a user kernel is cloned and written back, and
+    two views of one workspace would cost a copy kernel per launch.  SPLIT_K is a
+    constexpr so that the fixup's loads are unrolled and issued together (a run-time loop
+    waits one L2 round trip per split)."""
     if SPLIT_K == 1:
         _store_tile(acc, offs_m, offs_n, M, n_end, out_ptr, stride_om, bias_ptr, HAS_BIAS)
     else:
         omask = (offs_m < M)[:, None] & (offs_n < n_end)[None, :]
+        if REDUCE == 2:
+            part_ptr = (cnt_ptr + n_tickets).to(tl.pointer_type(tl.float32))
         parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
         if REDUCE == 2:
             tl.atomic_add(parts, acc, mask=omask, sem="relaxed")
@@ -254,7 +259,8 @@ def _gemv_kernel(
             rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
             acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask, ROW_SUM)
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
-            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, REDUCE, n_end)
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, M * tl.num_programs(0), pid_k, SPLIT_K, HAS_BIAS,
+            REDUCE, n_end)
 
 
 @triton.jit
@@ -319,7 +325,8 @@ def _gemv_masked_kernel(
         acc = _accumulate(acc, w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None], ROW_SUM)  # where: no dropped NaN
     # n_end: a tile ending inside its linear stores nothing into the next one's columns
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
-            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, REDUCE, n_end)
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, M * tl.num_programs(0), pid_k, SPLIT_K, HAS_BIAS,
+            REDUCE, n_end)
 
 
 @triton.jit
@@ -406,8 +413,8 @@ def _gemv_union_kernel(
             acc = tl.dot(xg, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(xg, w, acc)
-    _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr, pid_n, pid_k,
-            SPLIT_K, HAS_BIAS, REDUCE, n_end)
+    _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr, pid_n, tl.num_programs(0),
+            pid_k, SPLIT_K, HAS_BIAS, REDUCE, n_end)
 
 
 @triton.jit
@@ -449,4 +456,5 @@ def _gemm_masked_kernel(
         else:
             acc = tl.dot(a, w, acc)
     _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr,
-            pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, REDUCE, N)
+            pid_m * tl.num_programs(0) + pid_n, tl.num_programs(0) * tl.num_programs(1), pid_k, SPLIT_K, HAS_BIAS,
+            REDUCE, N)

@@ -83,26 +83,28 @@ def test_ops_under_inductor_match_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_compiled_one_token_step_is_the_gemv_kernel_alone():
+@pytest.mark.parametrize("N, sparsity, kernel", [(4096, 0.5, "_gemv_masked_kernel"), (14336, 0.65, "_gemv_kernel")])
+def test_cuda_compiled_one_token_step_is_the_gemv_kernel_alone(N, sparsity, kernel):
     """Compiled at one token, a split-K sparse linear is its GEMV launch and nothing else:
-    the partial sums meet through the tickets of the shared workspace, which the kernels
-    leave zero (no zero-fill, copy or reduce kernel in Inductor's code), and repeated calls
-    with fresh inputs stay right."""
+    the partial sums meet through the tickets (and float32 sums) of the shared workspace,
+    which the kernels leave zero (no zero-fill, copy or reduce kernel in Inductor's code),
+    and repeated calls with fresh inputs stay right."""
     from torch._inductor.utils import run_and_get_code
 
+    torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
-    w = (torch.randn(4096, 4096, device="cuda", generator=g) / 64).half().t()  # stored as W^T, as the backend does
+    w = (torch.randn(N, 4096, device="cuda", generator=g) / 64).half().t()  # stored as W^T, as the backend does
     score = w.float().norm(dim=0)
     x = torch.randn(1, 4096, device="cuda", generator=g).half()
-    threshold = (x.abs().float() * score).quantile(0.5).item()
+    threshold = (x.abs().float() * score).quantile(sparsity).item()
 
     def f(x, w):
-        return torch.ops.wina.threshold_linear(x, w.t(), None, score, threshold, 0.5)
+        return torch.ops.wina.threshold_linear(x, w.t(), None, score, threshold, sparsity)
 
     compiled = torch.compile(f, fullgraph=True)
     _, codes = run_and_get_code(compiled, x, w)
     code = "\n".join(codes)
-    assert "_gemv_masked_kernel" in code
+    assert kernel in code
     # What runs is in call(); the kernels' own source (docstrings included) sits above it.
     launches = code[code.rindex("def call("):]
     for unwanted in ("_splitk_reduce_kernel", "triton_poi", "clone", "copy_", "fill"):
