@@ -93,7 +93,7 @@ def test_cuda_compiled_one_token_step_is_the_gemv_kernel_alone(N, sparsity, kern
 
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
-    w = (torch.randn(N, 4096, device="cuda", generator=g) / 64).half().t()  # stored as W^T, as the backend does
+    w = (torch.randn(4096, N, device="cuda", generator=g) / 64).half().t()  # W (N, 4096) stored as W^T, as the backend does
     score = w.float().norm(dim=0)
     x = torch.randn(1, 4096, device="cuda", generator=g).half()
     threshold = (x.abs().float() * score).quantile(sparsity).item()
