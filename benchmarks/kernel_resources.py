@@ -1,0 +1,89 @@
+"""Registers, spills and shared memory of a GEMV configuration on a Hopper GPU, without one.
+
+    python benchmarks/kernel_resources.py                      # the dispatched wide tiles and two older ones
+    python benchmarks/kernel_resources.py --path gemv --block-n 2048 --rows 8 --warps 8 --stages 3
+
+Triton compiles for a target it is told about (sm_90 here) without a GPU, and ships the
+``cuobjdump`` that reads the cubin's resource usage.  Occupancy follows from it: programs
+per SM = min(65536 / (registers x threads), 228 KB / shared memory), which decides how
+many of a launch's programs run in the first wave.  fp16 weights, threshold rule, no
+bias, one linear, split-K as given.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels import sparse_linear_kernels as kern  # noqa: E402
+
+TYPES = {"x_ptr": "*fp16", "wt_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16", "score_ptr": "*fp32",
+         "part_ptr": "*fp32", "cnt_ptr": "*i32", "scr_ptr": "*i32", "expert_ptr": "*i32", "thr_ptr": "*fp32",
+         "threshold": "fp32", "THRESHOLD1": "fp32", "THRESHOLD2": "fp32"}  # every other argument: i32
+# what Triton's launcher specializes at run time for the benchmark shapes (multiples of 16)
+DIVISIBLE_BY_16 = ("x_ptr", "wt_ptr", "out_ptr", "score_ptr", "part_ptr", "cnt_ptr", "scr_ptr", "stride_wk",
+                   "stride_xm", "N", "K", "K_PER_SPLIT")
+
+
+def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int, split: int, reduce: int,
+                     row_sum: bool):
+    kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
+    consts = dict(SPLIT_K=split, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=block_n, STAGES=stages, GROUPS=1,
+                  ENDS_ALIGNED=False, EXPERTS=False, ROW_SUM=row_sum)
+    consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: "constexpr" if n in consts else TYPES.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE_BY_16 if n in names}
+    src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def resource_usage(compiled) -> str:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = " ".join(line.strip() for line in out.splitlines() if "REG" in line)
+    return f"{usage} | shared memory {compiled.metadata.shared} bytes"
+
+
+DEFAULTS = [  # (path, BLOCK_N, rows, warps, stages, split, REDUCE, ROW_SUM)
+    ("gemv_masked", 2048, 8, 8, 3, 30, 2, True),   # large weights below 60 %
+    ("gemv", 2048, 8, 8, 3, 30, 2, True),          # large weights from 60 %
+    ("gemv_masked", 1024, 8, 4, 4, 44, 2, True),   # smaller weights below 50 %
+    ("gemv", 512, 16, 2, 3, 22, 2, True),          # smaller weights from 75 %
+    ("gemv_masked", 32, 256, 4, 3, 1, 1, False),   # session 8's 5120x17920 tiles
+    ("gemv", 128, 64, 4, 3, 2, 1, False),          # session 8's compacted tiles
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--path", choices=["gemv", "gemv_masked"])
+    ap.add_argument("--block-n", type=int, default=2048)
+    ap.add_argument("--rows", type=int, default=8, help="BLOCK_K (masked) or BLOCK_R (compacted)")
+    ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--split", type=int, default=16)
+    ap.add_argument("--reduce", type=int, default=2, choices=[0, 1, 2])
+    ap.add_argument("--no-row-sum", action="store_true")
+    args = ap.parse_args()
+    configs = DEFAULTS if args.path is None else [(args.path, args.block_n, args.rows, args.warps, args.stages,
+                                                   args.split, args.reduce, not args.no_row_sum)]
+    for cfg in configs:
+        print(f"{cfg[0]:11s} {cfg[1]:4d} cols x {cfg[2]:3d} rows, {cfg[3]} warps, {cfg[4]} stages, split {cfg[5]}, "
+              f"REDUCE {cfg[6]}, ROW_SUM {cfg[7]}: {resource_usage(compile_for_sm90(*cfg))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
