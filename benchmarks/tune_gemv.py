@@ -62,6 +62,19 @@ def case_weights(K: int, sizes, generator) -> tuple[list[torch.Tensor], torch.Te
     return ws_t, scores
 
 
+def packed_cublas(x, ws_t, masks, sizes) -> float:
+    """Time of cuBLAS on each linear's kept rows packed contiguous (x[kept] @ W^T[kept]):
+    what a dense GEMV launch pays for the kept bytes alone, the reachable side of the
+    floor (launch, ramp and tail included).  Packed once per rotated copy, outside the timing."""
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    kept = [m.nonzero().squeeze(1) for m in masks]
+    xs = [x[:, idx].contiguous() for idx in kept]
+    packed = [[w[idx, e - n:e].contiguous() for idx, e, n in zip(kept, ends, sizes)] for w in ws_t]
+    us = bench.time_us([lambda p=p: [xk @ wk for xk, wk in zip(xs, p)] for p in packed])
+    del packed
+    return us
+
+
 def check_and_time(rec: dict, name: str, fn, ws_t, ref, workspace, label: str) -> None:
     """Check ``fn`` (one call on a weight of ``ws_t``) against the float64 ``ref``, then time
     it over the rotated weights into ``rec["us"][name]``; one that fails (error, wrong result,
@@ -206,7 +219,7 @@ def main():
             floor = (kept_bytes + 4 * K + 2 * N) / bw * 1e6
             ref = reference.threshold_linear_group(x.double(), ws_t[0].t().double(), None, scores, thr, sizes)
             rec = dict(case=case, K=K, sizes=list(sizes), sparsity=s, floor_us=floor, cublas_us=dense,
-                       cublas_flinear_us=dense_f, us={}, err={})
+                       cublas_flinear_us=dense_f, packed_cublas_us=packed_cublas(x, ws_t, masks, sizes), us={}, err={})
             group = (tuple(sizes), tuple(thr)) if len(sizes) > 1 else None
             score_arg = scores if group else scores[0]
             for name in names:
@@ -232,7 +245,7 @@ def main():
             records.append(rec)
             best = min(rec["us"].items(), key=lambda kv: kv[1] if kv[0] != "teal" else math.inf)
             t = rec["us"].get("teal")
-            print(f"{case:10s} s={s:.2f} cublas {dense:6.1f} floor {floor:6.1f} | teal {dense / t if t else 0:4.2f}x "
+            print(f"{case:10s} s={s:.2f} cublas {dense:6.1f} packed {rec['packed_cublas_us']:6.1f} floor {floor:6.1f} | teal {dense / t if t else 0:4.2f}x "
                   f"disp {dense / rec['us'].get('dispatched', math.inf):4.2f}x best {best[0]} "
                   f"{dense / best[1]:4.2f}x ({best[1]:6.1f} us) | " +
                   " ".join(f"{k}={v:.1f}" for k, v in sorted(rec["us"].items(), key=lambda kv: kv[1])[:6]),
@@ -262,6 +275,9 @@ def plot(records, header, path):
         rows = sorted((r for r in records if r["case"] == case), key=lambda r: r["sparsity"])
         s = [r["sparsity"] for r in rows]
         ax.plot(s, [r["cublas_us"] / r["floor_us"] for r in rows], "k--", lw=0.8, label="floor (kept bytes)")
+        packed = [(r["sparsity"], r["cublas_us"] / r["packed_cublas_us"]) for r in rows if r.get("packed_cublas_us")]
+        if packed:
+            ax.plot(*zip(*packed), "k:", lw=0.8, label="cuBLAS on the kept rows, packed")
         for impl, style in [("dispatched", "o-"), ("teal", "s-")]:
             pts = [(r["sparsity"], r["cublas_us"] / r["us"][impl]) for r in rows if impl in r["us"]]
             if pts:
@@ -288,11 +304,15 @@ def table(path: str) -> None:
     print("|---|---|" + "---|" * len(sparsities))
     for case in dict.fromkeys(r["case"] for r in data["records"]):
         rows = {r["sparsity"]: r for r in data["records"] if r["case"] == case}
-        for impl, label in [("dispatched", "wina-fx"), ("teal", "TEAL"), (None, "floor")]:
+        for impl, label in [("dispatched", "wina-fx"), ("teal", "TEAL"), ("packed", "cuBLAS, kept rows packed"),
+                            (None, "floor")]:
+            if impl == "packed" and not any("packed_cublas_us" in r for r in rows.values()):
+                continue  # files written before session 11
             cells = []
             for s in sparsities:
                 r = rows[s]
-                us = r["floor_us"] if impl is None else r["us"].get(impl)
+                us = (r["floor_us"] if impl is None else r.get("packed_cublas_us") if impl == "packed"
+                      else r["us"].get(impl))
                 cells.append(f"{r['cublas_us'] / us:.2f}" if us else "-")
             name = f"{case} (cuBLAS {rows[sparsities[0]]['cublas_us']:.1f} us)" if impl == "dispatched" else ""
             print(f"| {name} | {label} | " + " | ".join(cells) + " |")
