@@ -95,8 +95,10 @@ def _gemv_masked_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) ->
     use an asynchronous copy, so each step waits for x before issuing its weight rows; the
     2-warp and 256-row tiles avoid that (64 x 128 with 4 warps does not, and still measured
     best on the gate/up groups).
-    REDUCE=0 (a second reduce launch) needs no zeroed buffer; the dispatch (_gemv_choice)
-    sets REDUCE=1, whose tickets live in the shared workspace."""
+    The dispatch (_gemv_choice) takes these tiles for the gate/up group below 50 % and for
+    weights under WIDE_MIN_WEIGHT at 50-75 %; the single wide shapes above now take wide
+    tiles.  REDUCE=0 (a second reduce launch) needs no zeroed buffer; the dispatch sets
+    REDUCE 2 (or 1), whose tickets and sums live in the shared workspace."""
     block_n, block_k, warps = (64, 128, 4) if N >= 16384 else (32, 256, 4)
     if _widening(N, K):
         block_n, block_k, warps = (32, 256, 4) if N >= 16384 else (64, 128, 2)
