@@ -4,7 +4,8 @@
     python benchmarks/kernel_resources.py --path gemv --block-n 2048 --rows 8 --warps 8 --stages 3
 
 Triton compiles for a target it is told about (sm_90 here) without a GPU, and ships the
-``cuobjdump`` that reads the cubin's resource usage.  Occupancy follows from it: programs
+``cuobjdump`` that reads the cubin's resource usage (spilled registers show as a stack frame, STACK, of kilobytes).
+Occupancy follows from it: programs
 per SM = min(65536 / (registers x threads), 228 KB / shared memory), which decides how
 many of a launch's programs run in the first wave.  fp16 weights, threshold rule, no
 bias, one linear, split-K as given.
