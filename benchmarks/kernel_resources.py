@@ -8,7 +8,7 @@ Triton compiles for a target it is told about (sm_90 here) without a GPU, and sh
 Occupancy follows from it: programs
 per SM = min(65536 / (registers x threads), 228 KB / shared memory), which decides how
 many of a launch's programs run in the first wave.  fp16 weights, threshold rule, no
-bias, one linear, split-K as given.
+bias, one linear, split-K as given (``--dtype`` for bf16 or fp32).
 """
 from __future__ import annotations
 
@@ -36,13 +36,15 @@ DIVISIBLE_BY_16 = ("x_ptr", "wt_ptr", "out_ptr", "score_ptr", "part_ptr", "cnt_p
 
 
 def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int, split: int, reduce: int,
-                     row_sum: bool):
+                     row_sum: bool, dtype: str = "fp16"):
+    """The compiled kernel; ``dtype`` ("fp16", "bf16", "fp32"): the type of x, W^T, bias and out."""
     kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
     consts = dict(SPLIT_K=split, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=block_n, STAGES=stages, GROUPS=1,
                   ENDS_ALIGNED=False, EXPERTS=False, ROW_SUM=row_sum)
     consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
     names = list(inspect.signature(kernel.fn).parameters)
-    signature = {n: "constexpr" if n in consts else TYPES.get(n, "i32") for n in names}
+    types = {**TYPES, **{n: f"*{dtype}" for n in ("x_ptr", "wt_ptr", "bias_ptr", "out_ptr")}}
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE_BY_16 if n in names}
     src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
@@ -78,12 +80,14 @@ def main() -> None:
     ap.add_argument("--split", type=int, default=16)
     ap.add_argument("--reduce", type=int, default=2, choices=[0, 1, 2])
     ap.add_argument("--no-row-sum", action="store_true")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     args = ap.parse_args()
     configs = DEFAULTS if args.path is None else [(args.path, args.block_n, args.rows, args.warps, args.stages,
                                                    args.split, args.reduce, not args.no_row_sum)]
     for cfg in configs:
         print(f"{cfg[0]:11s} {cfg[1]:4d} cols x {cfg[2]:3d} rows, {cfg[3]} warps, {cfg[4]} stages, split {cfg[5]}, "
-              f"REDUCE {cfg[6]}, ROW_SUM {cfg[7]}: {resource_usage(compile_for_sm90(*cfg))}", flush=True)
+              f"REDUCE {cfg[6]}, ROW_SUM {cfg[7]}, {args.dtype}: {resource_usage(compile_for_sm90(*cfg, args.dtype))}",
+              flush=True)
 
 
 if __name__ == "__main__":
