@@ -27,9 +27,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import sparse_linear_kernels as kern  # noqa: E402
 
-TYPES = {"x_ptr": "*fp16", "wt_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16", "score_ptr": "*fp32",
-         "part_ptr": "*fp32", "cnt_ptr": "*i32", "scr_ptr": "*i32", "expert_ptr": "*i32", "thr_ptr": "*fp32",
-         "threshold": "fp32", "THRESHOLD1": "fp32", "THRESHOLD2": "fp32"}  # every other argument: i32
+DATA = ("x_ptr", "wt_ptr", "bias_ptr", "out_ptr")  # of the dtype asked for
+TYPES = {"score_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scr_ptr": "*i32", "expert_ptr": "*i32",
+         "thr_ptr": "*fp32", "threshold": "fp32", "THRESHOLD1": "fp32", "THRESHOLD2": "fp32"}  # every other argument: i32
 # what Triton's launcher specializes at run time for the benchmark shapes (multiples of 16)
 DIVISIBLE_BY_16 = ("x_ptr", "wt_ptr", "out_ptr", "score_ptr", "part_ptr", "cnt_ptr", "scr_ptr", "stride_wk",
                    "stride_xm", "N", "K", "K_PER_SPLIT")
@@ -43,7 +43,7 @@ def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int
                   ENDS_ALIGNED=False, EXPERTS=False, ROW_SUM=row_sum)
     consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
     names = list(inspect.signature(kernel.fn).parameters)
-    types = {**TYPES, **{n: f"*{dtype}" for n in ("x_ptr", "wt_ptr", "bias_ptr", "out_ptr")}}
+    types = {**TYPES, **{n: f"*{dtype}" for n in DATA}}
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE_BY_16 if n in names}
     src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
