@@ -28,8 +28,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from kernels import sparse_linear_kernels as kern  # noqa: E402
 
 DATA = ("x_ptr", "wt_ptr", "bias_ptr", "out_ptr")  # of the dtype asked for
+# every other argument: i32
 TYPES = {"score_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scr_ptr": "*i32", "expert_ptr": "*i32",
-         "thr_ptr": "*fp32", "threshold": "fp32", "THRESHOLD1": "fp32", "THRESHOLD2": "fp32"}  # every other argument: i32
+         "thr_ptr": "*fp32", "threshold": "fp32", "THRESHOLD1": "fp32", "THRESHOLD2": "fp32"}
 # what Triton's launcher specializes at run time for the benchmark shapes (multiples of 16)
 DIVISIBLE_BY_16 = ("x_ptr", "wt_ptr", "out_ptr", "score_ptr", "part_ptr", "cnt_ptr", "scr_ptr", "stride_wk",
                    "stride_xm", "N", "K", "K_PER_SPLIT")
