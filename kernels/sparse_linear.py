@@ -137,19 +137,23 @@ _CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _g
 WIDE_MIN_WEIGHT = 1 << 25
 
 
-def _wide_config(path: str, N: int, K: int, sms: int, block_n: int, rows: int, warps: int, stages: int,
-                 reduce: int) -> tuple[str, dict]:
+def _wide_config(path: str, K: int, sizes: tuple[int, ...], sms: int, block_n: int, rows: int, warps: int,
+                 stages: int, reduce: int) -> tuple[str, dict]:
     """Wide, short tiles (ROW_SUM): block_n columns, so each kept row is read in runs of
-    2 block_n contiguous bytes, and `rows` rows a step summed in the thread; split-K to
-    about two programs per SM (at most 32 splits when the last ticket sums them: it holds
-    one partial tile per split)."""
-    split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(N, block_n)), K // (2 * rows), 128 if reduce == 2 else 32))
+    2 block_n contiguous bytes, and `rows` rows a step summed in the thread; split-K to at
+    most two programs per SM (at most 32 splits when the last ticket sums them: it holds
+    one partial tile per split).  At most, not about: the compacted 2048 x 8 program holds
+    101 registers a thread, so two of them fill an SM, and a launch of 2 * sms + a few
+    programs runs a second wave for the few (session 12, benchmarks/NOTES.md).  The output
+    tiles are counted per linear of a group, as the kernel lays them out."""
+    tiles = sum(triton.cdiv(n, block_n) for n in sizes)
+    split = max(1, min((2 * sms) // tiles, K // (2 * rows), 128 if reduce == 2 else 32))
     return path, {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": rows, "SPLIT_K": split,
                   "STAGES": stages, "REDUCE": reduce, "num_warps": warps, "ROW_SUM": True}
 
 
 def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: float,
-                 grouped: bool = False) -> tuple[str, dict]:
+                 sizes: tuple[int, ...] | None = None) -> tuple[str, dict]:
     """(path, config) at one token, from the shape and the calibrated sparsity, as measured
     on an H200 (``kernels_h200_tune_run6.json``, benchmarks/NOTES.md, session 11):
 
@@ -163,8 +167,11 @@ def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: fl
     Split-K partial sums meet by float32 atomics into the workspace (REDUCE 2; the
     summation order varies from run to run), or, under
     ``torch.use_deterministic_algorithms(True)``, in a fixed order by the last program's
-    ticket (REDUCE 1; about 1-2 us slower on the wide tiles).
+    ticket (REDUCE 1; about 1-2 us slower on the wide tiles).  ``sizes``: the output
+    widths of a group's linears (q/k/v, gate/up), None for one linear.
     """
+    sizes = sizes or (N,)
+    grouped = len(sizes) > 1
     reduce = 1 if torch.are_deterministic_algorithms_enabled() else 2
     s = sparsity_hint
     if N <= 2048:
@@ -172,13 +179,13 @@ def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: fl
                                    num_warps=4)
     if K * N >= WIDE_MIN_WEIGHT:
         if s >= (0.5 if grouped else 0.6):
-            return _wide_config("gemv", N, K, sms, 2048, 8, 8, 3, reduce)
+            return _wide_config("gemv", K, sizes, sms, 2048, 8, 8, 3, reduce)
         if not grouped:
-            return _wide_config("gemv_masked", N, K, sms, 2048, 8, 8, 3, reduce)
+            return _wide_config("gemv_masked", K, sizes, sms, 2048, 8, 8, 3, reduce)
     elif s < 0.5:
-        return _wide_config("gemv_masked", N, K, sms, 1024, 8, 4, 4, reduce)
+        return _wide_config("gemv_masked", K, sizes, sms, 1024, 8, 4, 4, reduce)
     elif s >= 0.75:
-        return _wide_config("gemv", N, K, sms, 512, 16, 2, 3, reduce)
+        return _wide_config("gemv", K, sizes, sms, 512, 16, 2, 3, reduce)
     # through _CONFIGS, so that a benchmark overriding a path's tiles reaches the dispatch too
     return "gemv_masked", {**_CONFIGS["gemv_masked"](1, N, K, dtype, sms), "REDUCE": reduce}
 
@@ -332,7 +339,7 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
     sms = _num_sms(x.device)
     if path is None and not p.keeps_all and M <= GEMV_MAX_M:
         hint = 1 - p.k / K if p.k is not None else sparsity_hint
-        path, tiles = _gemv_choice(N, K, x.dtype, sms, hint, p.grouped)
+        path, tiles = _gemv_choice(N, K, x.dtype, sms, hint, p.sizes)
         config = {**tiles, **(config or {})}
     path = path or ("dense" if p.keeps_all or M > SPARSE_MAX_M else "gemm")
     if path == "dense":

@@ -26,11 +26,12 @@ spec.loader.exec_module(kr)
 from kernels import sparse_linear as sl
 
 report = {}
-for N, K, grouped in [(17920, 5120, False), (4096, 14336, False), (28672, 4096, True), (4096, 4096, False), (1024, 4096, False)]:
+for N, K, sizes in [(17920, 5120, None), (4096, 14336, None), (28672, 4096, (14336, 14336)), (4096, 4096, None),
+                    (1024, 4096, None)]:
     for s in (0.25, 0.5, 0.65, 0.8):
         for deterministic in (False, True):
             torch.use_deterministic_algorithms(deterministic)
-            path, cfg = sl._gemv_choice(N, K, torch.float16, 132, s, grouped)
+            path, cfg = sl._gemv_choice(N, K, torch.float16, 132, s, sizes)
             rows = cfg.get("BLOCK_K", cfg.get("BLOCK_R"))
             key = f"{path} {cfg['BLOCK_N']}x{rows} w{cfg['num_warps']} s{cfg['STAGES']} split{cfg['SPLIT_K']} reduce{cfg['REDUCE']} {cfg.get('ROW_SUM', False)}"
             for dtype in ("fp16", "fp32"):

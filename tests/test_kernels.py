@@ -445,14 +445,24 @@ def test_dispatch_at_one_token(monkeypatch):
     same results."""
     fp16 = torch.float16
     assert sl._gemv_choice(1024, 4096, fp16, 132, 0.9)[1]["REDUCE"] == 2
-    for (N, K, grouped), below, above in [((17920, 5120, False), 0.5, 0.65), ((14336, 4096, False), 0.5, 0.6),
-                                          ((4096, 14336, False), 0.5, 0.65), ((28672, 4096, True), 0.4, 0.5),
-                                          ((4096, 4096, False), 0.65, 0.8), ((6144, 4096, True), 0.65, 0.75)]:
-        path, cfg = sl._gemv_choice(N, K, fp16, 132, below, grouped)
+    for (N, K, sizes), below, above in [((17920, 5120, None), 0.5, 0.65), ((14336, 4096, None), 0.5, 0.6),
+                                        ((4096, 14336, None), 0.5, 0.65), ((28672, 4096, (14336, 14336)), 0.4, 0.5),
+                                        ((4096, 4096, None), 0.65, 0.8), ((6144, 4096, (4096, 1024, 1024)), 0.65, 0.75)]:
+        grouped = sizes is not None
+        path, cfg = sl._gemv_choice(N, K, fp16, 132, below, sizes)
         assert path == "gemv_masked" and cfg["REDUCE"] == 2, (N, K)
         assert cfg.get("ROW_SUM", False) == (N * K >= sl.WIDE_MIN_WEIGHT and not grouped), (N, K)
-        path, cfg = sl._gemv_choice(N, K, fp16, 132, above, grouped)
+        path, cfg = sl._gemv_choice(N, K, fp16, 132, above, sizes)
         assert path == "gemv" and cfg["ROW_SUM"] and cfg["SPLIT_K"] >= 1, (N, K)
+    # wide tiles: at most two programs per SM (two compacted 2048 x 8 programs fill one), with the
+    # output tiles counted per linear of a group (7168 = 3.5 tiles of 2048: 8 tiles, not 7)
+    for N, K, sizes in [(17920, 5120, None), (28672, 4096, (14336, 14336)), (14336, 4096, (7168, 7168))]:
+        for s in (0.3, 0.5, 0.7, 0.9):
+            path, cfg = sl._gemv_choice(N, K, fp16, 132, s, sizes)
+            if cfg.get("ROW_SUM"):
+                tiles = sum(-(-n // cfg["BLOCK_N"]) for n in sizes or (N,))
+                assert tiles * cfg["SPLIT_K"] <= 2 * 132, (N, K, s, cfg)
+    assert sl._gemv_choice(14336, 4096, fp16, 132, 0.65, (7168, 7168))[1]["SPLIT_K"] == 33
     assert sl._gemv_choice(4096, 4096, fp16, 132, 0.25)[1]["ROW_SUM"]
     with deterministic():
         assert all(sl._gemv_choice(N, 4096, fp16, 132, s)[1]["REDUCE"] == 1
