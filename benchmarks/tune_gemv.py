@@ -143,6 +143,19 @@ def wide(path, block_n, rows, per_sm, stages=3, reduce=1):
     return path, cfg
 
 
+def wide_split(path, split):
+    """The dispatched 2048 x 8 wide tiles (8 warps, float32-atomic split-K) at a fixed split.
+    Session 12 (runs 9-10, ``kernels_h200_tune_run10_split_sweep.json``) swept 20-48 splits:
+    the masked kernel took 1.3-1.8x longer whenever a program's K range was an odd number of
+    its 8-row steps (K_PER_SPLIT not a multiple of 16).  The launcher now rounds that range
+    to 16 channels, so a split here runs as the split that range gives."""
+    def cfg(K, sizes, s):
+        c = dict(BLOCK_N=2048, SPLIT_K=split, STAGES=3, REDUCE=2, num_warps=8, ROW_SUM=True)
+        c["BLOCK_K" if path == "gemv_masked" else "BLOCK_R"] = 8
+        return c
+    return path, cfg
+
+
 # Run 1 (kernels_h200_tune_run1.json) also timed one-shot masked programs with float32
 # atomics (os*, two*, four*): 1.5-5x slower than the looped kernel at every shape but
 # 4096x1024, their time flat in sparsity (atomic-bound).  Run 2 (kernels_h200_tune_run2.json)
@@ -179,6 +192,9 @@ CANDIDATES = {
     "wc1024r8p2s5a": wide("gemv", 1024, 8, 2, 5, 2), "wc1024r8p3s4a": wide("gemv", 1024, 8, 3, 4, 2),
     "wc512r16p4a": wide("gemv", 512, 16, 4, reduce=2), "wc2048r8p2a": wide("gemv", 2048, 8, 2, reduce=2),
     "wc1024r16p2s4a": wide("gemv", 1024, 16, 2, 4, 2), "loop_r2": looped(2), "cmp2_r2": compacted(2, 2),
+    # session 12: the split of the wide tiles, one at a time
+    **{f"wm2048x{n}": wide_split("gemv_masked", n) for n in range(20, 49)},
+    **{f"wc2048x{n}": wide_split("gemv", n) for n in range(20, 49)},
 }
 QUICK = ["dispatched", "loop_r1", "cmp2_r1"]
 

@@ -140,14 +140,12 @@ WIDE_MIN_WEIGHT = 1 << 25
 def _wide_config(path: str, K: int, sizes: tuple[int, ...], sms: int, block_n: int, rows: int, warps: int,
                  stages: int, reduce: int) -> tuple[str, dict]:
     """Wide, short tiles (ROW_SUM): block_n columns, so each kept row is read in runs of
-    2 block_n contiguous bytes, and `rows` rows a step summed in the thread; split-K to at
-    most two programs per SM (at most 32 splits when the last ticket sums them: it holds
-    one partial tile per split).  At most, not about: the compacted 2048 x 8 program holds
-    101 registers a thread, so two of them fill an SM, and a launch of 2 * sms + a few
-    programs runs a second wave for the few (session 12, benchmarks/NOTES.md).  The output
-    tiles are counted per linear of a group, as the kernel lays them out."""
+    2 block_n contiguous bytes, and `rows` rows a step summed in the thread; split-K to
+    about two programs per SM (at most 32 splits when the last ticket sums them: it holds
+    one partial tile per split).  The output tiles are counted per linear of a group, as
+    the kernel lays them out (a 7168-wide linear is 4 tiles of 2048, not 3.5)."""
     tiles = sum(triton.cdiv(n, block_n) for n in sizes)
-    split = max(1, min((2 * sms) // tiles, K // (2 * rows), 128 if reduce == 2 else 32))
+    split = max(1, min(triton.cdiv(2 * sms, tiles), K // (2 * rows), 128 if reduce == 2 else 32))
     return path, {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": rows, "SPLIT_K": split,
                   "STAGES": stages, "REDUCE": reduce, "num_warps": warps, "ROW_SUM": True}
 
@@ -388,10 +386,16 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         n_tiles = grid[0]
         k_per = triton.cdiv(triton.cdiv(K, split), 16) * 16
     else:
+        # each program's K range a multiple of 16 channels, so that Triton specializes K_PER_SPLIT
+        # as divisible by 16 and loads x and the scores in 16-byte vectors: with 8-row steps and an
+        # odd number of them the masked kernel took 1.3-1.8x longer (H200, session 12); the split
+        # is then what it takes to cover K, so that no program is left without rows
+        step = max(cfg["BLOCK_K"], 16) if path == "gemv_masked" else 16
+        k_per = triton.cdiv(triton.cdiv(K, split), step) * step
+        split = triton.cdiv(K, k_per)
+        cfg = {**cfg, "SPLIT_K": split}
         grid = (sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in p.sizes), split, M)
         n_tiles = grid[0] * M
-        step = cfg["BLOCK_K"] if path == "gemv_masked" else 16
-        k_per = triton.cdiv(triton.cdiv(K, split), step) * step
     reduce = cfg["REDUCE"] if split > 1 else 0
     n_cnt = n_tiles if reduce else 0  # one split-K ticket per output tile
     prep_zeroes = p.k is not None and not _traced(x2)  # the top-k prep kernel runs and can zero the tickets

@@ -239,7 +239,7 @@ def test_split_k_fixup_with_empty_splits(dtype):
     cfgs = [("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=7, STAGES=1, num_warps=4)),
             ("gemv", dict(BLOCK_N=64, BLOCK_R=32, SPLIT_K=2, STAGES=2, BLOCK_KS=16, num_warps=4)),
             ("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=5, STAGES=1, REDUCE=0, num_warps=4)),
-            ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=7, STAGES=1, num_warps=4)),  # 7th split empty
+            ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=7, STAGES=1, num_warps=4)),  # launched as 6 of 48
             ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=3, STAGES=2, REDUCE=0, num_warps=4)),
             ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=512, SPLIT_K=1, STAGES=1, num_warps=4)),
             ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=2)),  # 4th split empty
@@ -286,7 +286,7 @@ def test_workspace_is_left_zero_and_reused(reduce):
             assert not ws.any(), (i, split)
     with pytest.raises(ValueError, match="workspace"):
         sl._sparse_linear(x, w.t().contiguous(), b, score, 0.0, path="gemv_masked", workspace=ws[:3],
-                          config=dict(SPLIT_K=4, REDUCE=reduce))
+                          config=dict(SPLIT_K=4, BLOCK_K=16, REDUCE=reduce))
 
 
 @pytest.mark.parametrize("path", ["gemv", "gemv_masked", "gemm", "gemv_union", "dense"])
@@ -454,14 +454,7 @@ def test_dispatch_at_one_token(monkeypatch):
         assert cfg.get("ROW_SUM", False) == (N * K >= sl.WIDE_MIN_WEIGHT and not grouped), (N, K)
         path, cfg = sl._gemv_choice(N, K, fp16, 132, above, sizes)
         assert path == "gemv" and cfg["ROW_SUM"] and cfg["SPLIT_K"] >= 1, (N, K)
-    # wide tiles: at most two programs per SM (two compacted 2048 x 8 programs fill one), with the
-    # output tiles counted per linear of a group (7168 = 3.5 tiles of 2048: 8 tiles, not 7)
-    for N, K, sizes in [(17920, 5120, None), (28672, 4096, (14336, 14336)), (14336, 4096, (7168, 7168))]:
-        for s in (0.3, 0.5, 0.7, 0.9):
-            path, cfg = sl._gemv_choice(N, K, fp16, 132, s, sizes)
-            if cfg.get("ROW_SUM"):
-                tiles = sum(-(-n // cfg["BLOCK_N"]) for n in sizes or (N,))
-                assert tiles * cfg["SPLIT_K"] <= 2 * 132, (N, K, s, cfg)
+    # wide tiles: the output tiles counted per linear of a group (7168 = 4 tiles of 2048, not 3.5)
     assert sl._gemv_choice(14336, 4096, fp16, 132, 0.65, (7168, 7168))[1]["SPLIT_K"] == 33
     assert sl._gemv_choice(4096, 4096, fp16, 132, 0.25)[1]["ROW_SUM"]
     with deterministic():
