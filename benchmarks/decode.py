@@ -211,12 +211,20 @@ def main():
                         help="also time option group=False (one launch per linear) at each sparsity")
     parser.add_argument("--tiles", help='also time M=1 kernel tile overrides, JSON {name: {...}}, e.g. '
                                         '\'{"prefetch": {"PREFETCH": true}}\' (tuning runs)')
+    parser.add_argument("--pdl", action="store_true",
+                        help="Inductor's programmatic dependent launch (config.triton.enable_pdl, sm_90+), dense "
+                             "and wina alike: each generated kernel may start before the one it waits on ends")
     parser.add_argument("--snapshot", action="store_true",
                         help="after each configuration, print the largest live CUDA blocks and where they "
                              "were allocated (finds a second copy of the weights)")
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
+    if args.pdl:
+        import torch._inductor.config as inductor_config
+        if not hasattr(inductor_config.triton, "enable_pdl"):
+            sys.exit(f"decode.py: --pdl needs Inductor's triton.enable_pdl, which torch {torch.__version__} lacks")
+        inductor_config.triton.enable_pdl = True
     if args.snapshot and device == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200000)
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -240,6 +248,7 @@ def main():
         "triton": getattr(__import__("triton"), "__version__", None) if not args.tiny else None,
         "model": f"tiny {args.model}" if args.tiny else f"{description}, random bf16 weights",
         "batch": 1, "selection": args.selection, "prompt_len": args.prompt_len, "tokens": args.tokens, "mode": mode,
+        "pdl": args.pdl,
     }
     def fresh():  # no compiled graph, cache or pool of an earlier configuration stays alive
         torch._dynamo.reset()
