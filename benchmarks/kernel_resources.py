@@ -41,7 +41,7 @@ def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int
     """The compiled kernel; ``dtype`` ("fp16", "bf16", "fp32"): the type of x, W^T, bias and out."""
     kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
     consts = dict(SPLIT_K=split, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=block_n, STAGES=stages, GROUPS=1,
-                  ENDS_ALIGNED=False, EXPERTS=False, ROW_SUM=row_sum)
+                  ENDS_ALIGNED=False, EXPERTS=False, ROW_SUM=row_sum, LAUNCH_DEPENDENTS=True)
     consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
     names = list(inspect.signature(kernel.fn).parameters)
     types = {**TYPES, **{n: f"*{dtype}" for n in DATA}}

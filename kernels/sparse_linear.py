@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 
 import torch
 import triton
@@ -67,6 +68,14 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # interpreter: pretend H100 so the split-K paths are exercised
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(device: torch.device) -> bool:
+    """sm_90 or newer: the GEMVs let the next kernel launch early (programmatic dependent
+    launch, sparse_linear_kernels.py); never under the interpreter, which has no such instruction."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _empty(shape, dtype, device) -> Tensor:
@@ -433,7 +442,8 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         if p.expert is not None:
             experts = dict(expert_ptr=p.expert, thr_ptr=p.expert_thresholds, stride_we=p.expert_stride, EXPERTS=True)
         _launch(kernel, grid, *args, *strides, k_per, MODE=mode, HAS_BIAS=has_bias,
-                **_segments(p.ends, p.thresholds), **experts, **{**cfg, "REDUCE": reduce})
+                **_segments(p.ends, p.thresholds), **experts, LAUNCH_DEPENDENTS=_hopper(device),
+                **{**cfg, "REDUCE": reduce})
     if split > 1 and reduce == 0:  # partials only: sum them in a second launch
         _launch(kern._splitk_reduce_kernel, (triton.cdiv(N, 256), M), part, p.bias if has_bias else out, out,
                 M, N, out.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split),

@@ -25,6 +25,12 @@ Layouts shared by every kernel:
              zeroed workspace allocated once serves every later launch on the stream (no
              memset per call, which under Inductor is one more kernel).
 
+``LAUNCH_DEPENDENTS`` (the GEMVs, sm_90+): each program first lets the next kernel on the
+stream launch (programmatic dependent launch, ``_launch_dependents``).  Only a kernel
+launched with that attribute (Inductor's, with ``config.triton.enable_pdl``) starts early,
+and it waits (``griddepcontrol.wait``) for this grid to complete before it reads what this
+grid writes; without one nothing changes.
+
 Keep rules (``MODE``): 0 keeps importance > threshold (``threshold_linear``); 1 keeps
 x != 0, used on an input that ``_prep_kernel`` already masked (``topk_linear``).
 """
@@ -200,6 +206,7 @@ def _gemv_kernel(
     BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
     Groups of linears (GROUPS, END0, ...) and rows routed to experts (EXPERTS, ...) as in
@@ -215,6 +222,8 @@ def _gemv_kernel(
     scratch.  Dropped channels cost no arithmetic and no weight traffic.
     """
     pid_n = tl.program_id(0)
+    if LAUNCH_DEPENDENTS:  # see the module docstring
+        pid_n += _launch_dependents()
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     x_row = x_ptr + m * stride_xm
@@ -271,6 +280,7 @@ def _gemv_masked_kernel(
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
 
@@ -294,6 +304,8 @@ def _gemv_masked_kernel(
     every routed row of a mixture-of-experts op.
     """
     pid_n = tl.program_id(0)
+    if LAUNCH_DEPENDENTS:  # see the module docstring
+        pid_n += _launch_dependents()
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     x_row = x_ptr + m * stride_xm
@@ -327,6 +339,17 @@ def _gemv_masked_kernel(
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
             part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, M * tl.num_programs(0), pid_k, SPLIT_K, HAS_BIAS,
             REDUCE, n_end)
+
+
+@triton.jit
+def _launch_dependents():
+    """``griddepcontrol.launch_dependents``; returns 0.  Declared pure, with a result the
+    caller adds to its program id, because torch's analysis of what a user kernel writes
+    gives up on an impure inline asm and then has Inductor clone every tensor argument
+    around the launch (``tests/test_kernel_effects.py``); ``tl.extra.cuda.gdc_launch_dependents``
+    is impure.  The result keeps the compiler from dropping it."""
+    return tl.inline_asm_elementwise("griddepcontrol.launch_dependents;\n\tmov.u32 $0, 0;", "=r", [],
+                                     dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit

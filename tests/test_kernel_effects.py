@@ -50,7 +50,7 @@ for kernel in ("_gemv_kernel", "_gemv_masked_kernel"):
                     SPLIT_K=2, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=32, STAGES=1,
                     END0=48 if groups > 1 else N, END1=N, THRESHOLD1=0.0, THRESHOLD2=0.0, GROUPS=groups,
                     ENDS_ALIGNED=True, expert_ptr=t(S, dt=torch.int64), thr_ptr=t(E, dt=torch.float32),
-                    stride_we=K * N, EXPERTS=experts, ROW_SUM=row_sum)
+                    stride_we=K * N, EXPERTS=experts, ROW_SUM=row_sum, LAUNCH_DEPENDENTS=True)
         if kernel == "_gemv_kernel":
             args.update(scr_ptr=t(256, dt=torch.int32), BLOCK_R=16, BLOCK_KS=32)
         else:

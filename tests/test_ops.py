@@ -115,3 +115,42 @@ def test_cuda_compiled_one_token_step_is_the_gemv_kernel_alone(N, sparsity, kern
         expected = (x.double() * mask) @ w.double().t()
         assert _rel_err(compiled(x, w), expected) < 2e-2
         assert _rel_err(f(x, w), expected) < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a CUDA GPU of sm_90 or newer")
+def test_cuda_compiled_with_programmatic_dependent_launch_stays_right():
+    """With Inductor's programmatic dependent launch, the kernel after a GEMV may start
+    while the GEMV runs (each GEMV program lets it launch first thing) and must wait for the
+    GEMV's output before reading it: GEMV -> pointwise -> GEMV -> pointwise, fresh inputs
+    each call, against the float64 reference."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip(f"torch {torch.__version__}: Inductor has no programmatic dependent launch")
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w1 = (torch.randn(4096, 14336, device="cuda", generator=g) / 64).half()  # W^T of a (14336, 4096) linear
+    w2 = (torch.randn(14336, 4096, device="cuda", generator=g) / 120).half()
+    s1, s2 = w1.float().norm(dim=1), w2.float().norm(dim=1)
+    x0 = torch.randn(1, 4096, device="cuda", generator=g).half()
+    t1 = (x0.abs().float() * s1).quantile(0.5).item()
+    h0 = torch.relu((x0.float() @ w1.float()) * 1.5 + 0.25)
+    t2 = (h0.abs() * s2).quantile(0.65).item()
+
+    def f(x):
+        h = torch.relu(torch.ops.wina.threshold_linear(x, w1, None, s1, t1, 0.5) * 1.5 + 0.25)
+        return torch.ops.wina.threshold_linear(h, w2, None, s2, t2, 0.65) * 2.0 - 1.0
+
+    def reference(x):
+        h = torch.relu(((x.double() * ((x.abs().float() * s1) > t1)) @ w1.double()).half() * 1.5 + 0.25)
+        return ((h.double() * ((h.abs().float() * s2) > t2)) @ w2.double()) * 2.0 - 1.0
+
+    with inductor_config.patch({"triton.enable_pdl": True}):
+        compiled = torch.compile(f, fullgraph=True)
+        _, codes = run_and_get_code(compiled, x0)
+        assert "gdc_wait" in "\n".join(codes)
+        for _ in range(20):
+            x = torch.randn(1, 4096, device="cuda", generator=g).half()
+            assert _rel_err(compiled(x), reference(x)) < 2e-2
