@@ -8,7 +8,8 @@ can skip only the weight rows no token of the batch keeps.  For the cases of
 (``benchmarks/kernels.py``: CUDA graphs, rotated weight buffers), cuBLAS on x, the
 dispatched path (x * mask, then cuBLAS), the per-token GEMV (``gemv``: one program column
 per token, each reading its own kept rows) and the union GEMV (``gemv_union``: the rows any
-token keeps, read once, in a few tilings), beside the floor of the union's bytes.  Every
+token keeps, read once: tensor-core tilings ``union_*``, and for 2-4 tokens register
+tilings ``uwide_*``), beside the floor of the union's bytes.  Every
 output is checked against the float64 reference first.  Writes
 ``kernels_<gpu>_batch.json`` and a PNG to $OUT (else benchmarks/results/).
 ``benchmarks/batch_union.py`` measures the union on a real model's masks.
@@ -41,6 +42,20 @@ def union_tiles(block_n: int, block_r: int, per_sm: int, reduce: int = 1):
         split = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // 256, 64))
         return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, SPLIT_K=split, STAGES=3,
                     REDUCE=reduce if split > 1 else 0, num_warps=4)
+    return lambda K, sizes, M: cfg(K, sizes)
+
+
+def union_wide(block_n: int, rows: int, warps: int, per_sm: int):
+    """The union kernel without tensor cores (ROW_SUM): wide, short tiles, every token's x in
+    registers (BLOCK_M = the tokens rounded up to a power of two; 4 at most, registers), split-K
+    by float32 atomics to about per_sm programs per SM."""
+    def cfg(K, sizes, M):
+        if M > 4:
+            return None
+        tiles = sum(triton.cdiv(n, block_n) for n in sizes)
+        split = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // (2 * rows), 128))
+        return dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_R=rows, SPLIT_K=split, STAGES=3,
+                    REDUCE=2 if split > 1 else 0, ROW_SUM=True, num_warps=warps)
     return cfg
 
 
@@ -52,6 +67,11 @@ IMPLS = {  # name: (path, tiles or None for the launcher's own)
     "union_n128_r32_1sm": ("gemv_union", union_tiles(128, 32, 1)),
     "union_n64_r64_1sm": ("gemv_union", union_tiles(64, 64, 1)),
     "union_n32_r32_2sm": ("gemv_union", union_tiles(32, 32, 2)),
+    # session 12: registers instead of tensor cores, 2-4 tokens (kernel_resources.py: 152 registers
+    # at 2 tokens in 2048 x 8 tiles, 221 at 4; no spills)
+    "uwide_n2048_r8_1sm": ("gemv_union", union_wide(2048, 8, 8, 1)),
+    "uwide_n1024_r8_2sm": ("gemv_union", union_wide(1024, 8, 4, 2)),
+    "uwide_n512_r16_3sm": ("gemv_union", union_wide(512, 16, 2, 3)),
 }
 
 
@@ -87,7 +107,9 @@ def main() -> None:
                 rec = dict(case=case, K=K, sizes=list(sizes), batch=M, sparsity=s, cublas_us=cublas, floor_us=floor,
                            union_kept=union_bytes / (K * N * 2), us={}, err={})
                 for name, (path, tiles) in IMPLS.items():
-                    cfg = tiles(K, sizes) if tiles else None
+                    cfg = tiles(K, sizes, M) if tiles else None
+                    if tiles and cfg is None:  # not for this many tokens
+                        continue
 
                     def fn(w, path=path, cfg=cfg):
                         return sl._sparse_linear(x, w, None, score_arg, threshold=thr[0], group=group, path=path,
@@ -121,8 +143,10 @@ def plot(records, header, path) -> None:
         ax.plot(batches, [r["cublas_us"] / r["floor_us"] for r in rows], "k--", lw=0.8, label="floor (union)")
         for label, pick in [("dispatched", lambda us: us.get("dispatched")),
                             ("per-token GEMV", lambda us: us.get("per_token")),
-                            ("union GEMV (best tiling)",
-                             lambda us: min((v for k, v in us.items() if k.startswith("union")), default=None))]:
+                            ("union GEMV, tensor cores (best tiling)",
+                             lambda us: min((v for k, v in us.items() if k.startswith("union")), default=None)),
+                            ("union GEMV, registers (best tiling)",
+                             lambda us: min((v for k, v in us.items() if k.startswith("uwide")), default=None))]:
             pts = [(r["batch"], r["cublas_us"] / pick(r["us"])) for r in rows if pick(r["us"])]
             if pts:
                 ax.plot(*zip(*pts), "o-", ms=3, label=label)

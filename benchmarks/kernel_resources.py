@@ -36,13 +36,21 @@ DIVISIBLE_BY_16 = ("x_ptr", "wt_ptr", "out_ptr", "score_ptr", "part_ptr", "cnt_p
                    "stride_xm", "N", "K", "K_PER_SPLIT")
 
 
+KERNELS = {"gemv": kern._gemv_kernel, "gemv_masked": kern._gemv_masked_kernel, "gemv_union": kern._gemv_union_kernel}
+
+
 def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int, split: int, reduce: int,
-                     row_sum: bool, dtype: str = "fp16"):
-    """The compiled kernel; ``dtype`` ("fp16", "bf16", "fp32"): the type of x, W^T, bias and out."""
-    kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
+                     row_sum: bool, dtype: str = "fp16", tokens: int = 1):
+    """The compiled kernel; ``dtype`` ("fp16", "bf16", "fp32"): the type of x, W^T, bias and out;
+    ``tokens``: BLOCK_M of ``gemv_union`` (every token in one program)."""
+    kernel = KERNELS[path]
     consts = dict(SPLIT_K=split, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=block_n, STAGES=stages, GROUPS=1,
-                  ENDS_ALIGNED=False, EXPERTS=False, ROW_SUM=row_sum, LAUNCH_DEPENDENTS=True)
-    consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
+                  ENDS_ALIGNED=False, ROW_SUM=row_sum)
+    if path == "gemv_union":
+        consts.update(BLOCK_M=tokens, BLOCK_R=rows, BLOCK_KS=512, IEEE=dtype == "fp32")
+    else:
+        consts.update(EXPERTS=False, LAUNCH_DEPENDENTS=True)
+        consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
     names = list(inspect.signature(kernel.fn).parameters)
     types = {**TYPES, **{n: f"*{dtype}" for n in DATA}}
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
@@ -73,7 +81,8 @@ DEFAULTS = [  # (path, BLOCK_N, rows, warps, stages, split, REDUCE, ROW_SUM)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--path", choices=["gemv", "gemv_masked"])
+    ap.add_argument("--path", choices=list(KERNELS))
+    ap.add_argument("--tokens", type=int, default=1, help="gemv_union: tokens in each program (BLOCK_M)")
     ap.add_argument("--block-n", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=8, help="BLOCK_K (masked) or BLOCK_R (compacted)")
     ap.add_argument("--warps", type=int, default=8)
@@ -87,7 +96,9 @@ def main() -> None:
                                                    args.split, args.reduce, not args.no_row_sum)]
     for cfg in configs:
         print(f"{cfg[0]:11s} {cfg[1]:4d} cols x {cfg[2]:3d} rows, {cfg[3]} warps, {cfg[4]} stages, split {cfg[5]}, "
-              f"REDUCE {cfg[6]}, ROW_SUM {cfg[7]}, {args.dtype}: {resource_usage(compile_for_sm90(*cfg, args.dtype))}",
+              f"REDUCE {cfg[6]}, ROW_SUM {cfg[7]}, {args.dtype}"
+              f"{f', {args.tokens} tokens' if cfg[0] == 'gemv_union' else ''}: "
+              f"{resource_usage(compile_for_sm90(*cfg, args.dtype, args.tokens))}",
               flush=True)
 
 

@@ -391,6 +391,8 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
         n_tiles = grid[0] * grid[1]
     elif path == "gemv_union":  # every token in each program
+        if M > cfg["BLOCK_M"]:
+            raise ValueError(f"path 'gemv_union' with BLOCK_M={cfg['BLOCK_M']} takes at most that many tokens, got {M}")
         grid = (sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in p.sizes), split)
         n_tiles = grid[0]
         k_per = triton.cdiv(triton.cdiv(K, split), 16) * 16
@@ -426,7 +428,7 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         _launch(kern._gemm_masked_kernel, grid, *args, *strides, MODE=mode, HAS_BIAS=has_bias,
                 IEEE=x2.dtype == torch.float32, **{**cfg, "REDUCE": reduce})
     elif path == "gemv_union":
-        cfg = {"BLOCK_KS": max(256, min(triton.next_power_of_2(k_per), 4096)), **cfg}
+        cfg = {"BLOCK_KS": max(256, min(triton.next_power_of_2(k_per), 4096)), "ROW_SUM": False, **cfg}
         args.append(_empty((split * grid[0] * k_per,), torch.int32, device))  # kept-id scratch
         _launch(kern._gemv_union_kernel, grid, *args, *strides, k_per, MODE=mode, HAS_BIAS=has_bias,
                 IEEE=x2.dtype == torch.float32, **_segments(p.ends, p.thresholds), **{**cfg, "REDUCE": reduce})

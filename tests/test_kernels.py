@@ -163,6 +163,7 @@ def run(x, w, b, score, *, thr=None, k=None, path=None, config=None):
 # (M, K, N): every K in {1, 17, 100, 257}, N in {1, 33, 130}, M in {1, 3, 16, 70} appears.
 SHAPES = [(1, 100, 33), (1, 257, 130), (1, 17, 1), (3, 257, 33), (3, 1, 130), (16, 100, 130),
           (16, 17, 33), (70, 257, 130), (70, 1, 1)]
+UNION_ROW_SUM = dict(BLOCK_M=4, BLOCK_N=64, BLOCK_R=8, SPLIT_K=3, STAGES=2, ROW_SUM=True, num_warps=1)
 PATHS = {1: ["gemv", "gemv_masked", "gemm", "gemv_union", "dense"], 3: ["gemv", "gemv_masked", "gemm", "gemv_union"],
          16: ["gemm", "gemv_union"]}
 
@@ -179,6 +180,9 @@ def test_threshold_linear(M, K, N, dtype):
         assert rel_err(out, ref) < TOL[dtype], (sparsity, rel_err(out, ref))
         for path in PATHS.get(M, []):
             assert rel_err(run(x, w, b, score, thr=thr, path=path), ref) < TOL[dtype], (path, sparsity)
+        if M <= 4:  # the union's tiles without tensor cores, every token's x in registers
+            out = run(x, w, b, score, thr=thr, path="gemv_union", config=UNION_ROW_SUM)
+            assert rel_err(out, ref) < TOL[dtype], ("gemv_union ROW_SUM", sparsity)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -248,7 +252,8 @@ def test_split_k_fixup_with_empty_splits(dtype):
             ("gemv_union", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=32, SPLIT_K=2, STAGES=2, BLOCK_KS=16, num_warps=4)),
             # wide, short tiles summed in the thread, the last column tile mostly past N
             ("gemv_masked", dict(BLOCK_N=256, BLOCK_K=8, SPLIT_K=9, STAGES=2, ROW_SUM=True, num_warps=1)),
-            ("gemv", dict(BLOCK_N=256, BLOCK_R=8, SPLIT_K=9, STAGES=2, ROW_SUM=True, num_warps=1))]
+            ("gemv", dict(BLOCK_N=256, BLOCK_R=8, SPLIT_K=9, STAGES=2, ROW_SUM=True, num_warps=1)),
+            ("gemv_union", dict(BLOCK_M=2, BLOCK_N=256, BLOCK_R=8, SPLIT_K=9, STAGES=2, ROW_SUM=True, num_warps=1))]
     cfgs += [(path, dict(cfg, REDUCE=reduce)) for path, cfg in cfgs[:6] + cfgs[8:] for reduce in (1, 2)]
     for sparsity in [0.0, 0.995]:
         thr = threshold_for(x, score, sparsity)
@@ -342,8 +347,12 @@ def test_union_of_masks_each_token_its_own_channels():
     kept_by_others = importance[1:].max(dim=0).values > thr
     channel = int(torch.nonzero(kept_by_others & (importance[0] <= thr))[0])
     x[0, channel] = float("nan")  # dropped by token 0's rule (NaN > t is false), its row still read
-    out = run(x, w, b, score, thr=thr, path="gemv_union")
-    assert rel_err(out, ref_threshold(x.nan_to_num(0.0), w, b, score, thr)) < TOL[torch.float32]
+    ref = ref_threshold(x.nan_to_num(0.0), w, b, score, thr)
+    for cfg in [None, dict(BLOCK_M=4, BLOCK_N=64, BLOCK_R=8, SPLIT_K=3, STAGES=2, ROW_SUM=True, num_warps=1)]:
+        assert rel_err(run(x, w, b, score, thr=thr, path="gemv_union", config=cfg), ref) < TOL[torch.float32], cfg
+    with pytest.raises(ValueError, match="BLOCK_M=2 takes at most that many tokens"):
+        sl._sparse_linear(x, w.t().contiguous(), b, score, thr, path="gemv_union",
+                          config=dict(BLOCK_M=2, BLOCK_N=64, BLOCK_R=8, ROW_SUM=True))
     many = torch.zeros(sl.UNION_MAX_M + 1, K)
     with pytest.raises(ValueError, match="at most 16 tokens"):
         sl._sparse_linear(many, w.t().contiguous(), b, score, thr, path="gemv_union")
@@ -412,6 +421,8 @@ def test_group_split_k_and_forced_paths():
                       ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=8, SPLIT_K=5, STAGES=2, ROW_SUM=True, num_warps=1)),
                       ("gemv", dict(BLOCK_N=64, BLOCK_R=8, SPLIT_K=5, STAGES=2, ROW_SUM=True, num_warps=1)),
                       ("gemv_union", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_R=16, SPLIT_K=3, STAGES=1, num_warps=4)),
+                      ("gemv_union", dict(BLOCK_M=4, BLOCK_N=32, BLOCK_R=8, SPLIT_K=3, STAGES=2, ROW_SUM=True,
+                                          num_warps=1)),
                       ("gemv_union", None),
                       ("dense", None)]:
         out = sl._sparse_linear(x, wt, b, scores, path=path, config=cfg, group=(sizes, tuple(thr)))
