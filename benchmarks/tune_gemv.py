@@ -192,6 +192,11 @@ CANDIDATES = {
     "wc1024r8p2s5a": wide("gemv", 1024, 8, 2, 5, 2), "wc1024r8p3s4a": wide("gemv", 1024, 8, 3, 4, 2),
     "wc512r16p4a": wide("gemv", 512, 16, 4, reduce=2), "wc2048r8p2a": wide("gemv", 2048, 8, 2, reduce=2),
     "wc1024r16p2s4a": wide("gemv", 1024, 16, 2, 4, 2), "loop_r2": looped(2), "cmp2_r2": compacted(2, 2),
+    # session 12: more weight steps in flight per SM for the latency-bound masked kernel (3 programs
+    # an SM: 80 registers, 66 KB; 4 stages: the weight rows two steps ahead, 2 an SM), now that no
+    # program has an odd number of 8-row steps
+    "wm2048r8p3a": wide("gemv_masked", 2048, 8, 3, reduce=2), "wm2048r8p2s4a": wide("gemv_masked", 2048, 8, 2, 4, 2),
+    "wc2048r8p2s4a": wide("gemv", 2048, 8, 2, 4, 2),
     # session 12: the split of the wide tiles, one at a time
     **{f"wm2048x{n}": wide_split("gemv_masked", n) for n in range(20, 49)},
     **{f"wc2048x{n}": wide_split("gemv", n) for n in range(20, 49)},
