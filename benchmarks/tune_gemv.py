@@ -196,7 +196,6 @@ CANDIDATES = {
     # an SM: 80 registers, 66 KB; 4 stages: the weight rows two steps ahead, 2 an SM), now that no
     # program has an odd number of 8-row steps
     "wm2048r8p3a": wide("gemv_masked", 2048, 8, 3, reduce=2), "wm2048r8p2s4a": wide("gemv_masked", 2048, 8, 2, 4, 2),
-    "wc2048r8p2s4a": wide("gemv", 2048, 8, 2, 4, 2),
     # session 12: the split of the wide tiles, one at a time
     **{f"wm2048x{n}": wide_split("gemv_masked", n) for n in range(20, 49)},
     **{f"wc2048x{n}": wide_split("gemv", n) for n in range(20, 49)},
