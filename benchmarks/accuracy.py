@@ -35,6 +35,7 @@ from wina_fx.cli import header_for, summarize  # noqa: E402
 from wina_fx.eval import (  # noqa: E402
     EvalConfig, EvalData, accuracy_comparison_table, accuracy_comparisons, calibrate_for, calibration_kind,
     calibration_windows, comparison_table, comparisons, evaluate, markdown_table, record_key, variant,
+    verdict_table,
 )
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -263,6 +264,8 @@ def tables(results: dict) -> str:
     out += ["Perplexity (lower is better; [95% bootstrap interval over windows] where recorded):", "",
             markdown_table(records, "ppl"), ""]
     if comparisons(records):
+        out += ["WINA against each rival (log ppl(WINA) - log ppl(rival), 95% paired interval; who is ahead "
+                "where it excludes 0):", "", verdict_table(records), ""]
         out += ["Paired differences on the same windows (negative: a predicts the text better; significant: "
                 "the 95% paired-bootstrap interval excludes 0):", "", comparison_table(records), ""]
     if any("acc_mean" in r for r in records):

@@ -222,6 +222,30 @@ def test_accuracy_comparisons_pair_configurations_on_the_same_items():
     assert "| 50% | wina | teal | 200 | +0.1500 |" in accuracy_comparison_table(records)
 
 
+def test_verdict_table_says_who_is_ahead_under_each_recipe():
+    """WINA against TEAL with the same recipe and allocation, and against R-Sparse and CATS
+    (default recipe, uniform): the cell names the side ahead only when the paired interval
+    excludes 0; a missing rival is '-'."""
+    from wina_fx.eval import verdict_table
+
+    gen = torch.Generator().manual_seed(0)
+    base = (3.0 + 0.3 * torch.rand(64, generator=gen)).tolist()
+
+    def record(method, recipe, allocation, shift):
+        return {"method": method, "orthogonalize": False, "allocation": allocation, "selection": "topk",
+                "sparsity": 0.5, "recipe": recipe, "window_nll": [(v + shift) * 512 for v in base],
+                "window_tokens": [512] * 64}
+
+    records = [record("wina", "default", "uniform", 0.0), record("teal", "default", "uniform", 0.05),
+               record("rsparse", "default", "uniform", 0.0), record("cats", "default", "uniform", -0.05),
+               record("wina", "paper", "greedy", 0.0), record("teal", "paper", "greedy", 0.0)]
+    lines = verdict_table(records).splitlines()
+    assert lines[2] == ("| 50% | default, uniform | -0.050 [-0.050, -0.050] WINA | +0.000 [+0.000, +0.000] level "
+                        "| +0.050 [+0.050, +0.050] CATS |")
+    assert lines[3].startswith("| 50% | paper, greedy | +0.000 [+0.000, +0.000] level |")
+    assert len(lines) == 4  # no paper-uniform or default-greedy WINA: no row
+
+
 def test_two_runs_sharing_a_results_file_keep_each_others_records(tmp_path):
     """benchmarks/accuracy.py: a run saving its results takes in what another run wrote to the
     same file meanwhile (resumable background runs over different configurations), and

@@ -467,3 +467,38 @@ def comparison_table(records: list[dict]) -> str:
     lines += [f"| {c['sparsity']:.0%} | {c['a']} | {c['b']} | {c['log_ppl_difference']:+.4f} | " + _interval_cells(c)
               for c in comparisons(records)]
     return "\n".join(lines)
+
+
+def verdict_table(records: list[dict]) -> str:
+    """Markdown: does WINA beat each rival at each sparsity, under each recipe and allocation?
+    Each cell is log ppl(WINA) - log ppl(rival) on the same windows with its 95 % paired
+    interval, and who is ahead when the interval excludes 0 ("level" otherwise).  TEAL runs
+    with WINA's recipe and allocation; R-Sparse and CATS exist with the default recipe and
+    uniform sparsity only, and CATS drops far fewer weights at the same target."""
+    def find(method, recipe, allocation, sparsity):
+        return next((r for r in records if r["method"] == method and not r["orthogonalize"]
+                     and r.get("recipe", "default") == recipe and r["allocation"] == allocation
+                     and r.get("selection", "topk") == "topk" and r["sparsity"] == sparsity
+                     and r.get("window_nll")), None)
+
+    def cell(wina, rival, name):
+        if wina is None or rival is None:
+            return "-"
+        c = paired_difference(wina["window_nll"], rival["window_nll"], wina["window_tokens"])
+        who = ("WINA" if c["log_ppl_difference"] < 0 else name) if c["significant"] else "level"
+        return f"{c['log_ppl_difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] {who}"
+
+    lines = ["| sparsity | WINA as | vs TEAL (same recipe, allocation) | vs R-Sparse | vs CATS |",
+             "|---|---|---|---|---|"]
+    for sparsity in sorted({r["sparsity"] for r in records if r["method"] == "wina"}):
+        for recipe, allocation in [("default", "uniform"), ("paper", "uniform"), ("default", "greedy"),
+                                   ("paper", "greedy")]:
+            wina = find("wina", recipe, allocation, sparsity)
+            if wina is None:
+                continue
+            rivals = [cell(wina, find("teal", recipe, allocation, sparsity), "TEAL"),
+                      cell(wina, find("rsparse", "default", "uniform", sparsity), "R-Sparse"),
+                      cell(wina, find("cats", "default", "uniform", sparsity), "CATS")]
+            lines.append(f"| {sparsity:.0%} | {recipe}, {allocation} | " + " | ".join(rivals) + " |")
+    return "\n".join(lines)
+
