@@ -209,6 +209,8 @@ def decode_benchmark(args) -> None:
                         "measured_sparsity": measured.get(sparsity, 0.0), "calibrated_sparsity": sparsity or 0.0})
         if sparsity is not None:
             records[-1]["notes"] = wina_fx.last_report().notes
+        if args.find_sync and cuda:  # every rank steps (the collectives need both); rank 0 prints
+            synchronizing_calls(decode, sharded, step, prompt, rank)
         if args.cprofile:  # every rank steps (the collectives need both); rank 0 prints
             host_profile(decode, sharded, step, prompt, rank)
         if args.profile and cuda:  # every rank steps (the collectives need both); rank 0 keeps it
@@ -246,6 +248,38 @@ def host_profile(decode, model, step, prompt, rank: int, steps: int = 32) -> Non
     if rank == 0:
         print(f"cProfile of {steps} decode steps, rank 0:")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(16)
+
+
+def synchronizing_calls(decode, model, step, prompt, rank: int, steps: int = 4) -> None:
+    """Decode ``steps`` warmed-up steps under ``torch.cuda.set_sync_debug_mode("warn")``; rank 0
+    prints each distinct host-device synchronization with the Python stack that made it. A
+    step that waits for the GPU keeps the host from queueing the next one, so its wall time is
+    host plus GPU instead of the larger of the two."""
+    import traceback
+    import warnings
+
+    seen = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            stack = "".join(traceback.format_stack(limit=14)[:-1])
+            seen[stack] = seen.get(stack, 0) + 1
+
+    def start():
+        dist.barrier()
+        torch.cuda.set_sync_debug_mode("warn")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        try:
+            decode.decode_tokens_per_s(model, step, prompt, steps, 2, sync=start)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    if rank == 0:
+        print(f"synchronizing CUDA calls in {steps} decode steps, rank 0: {sum(seen.values())}")
+        for stack, count in sorted(seen.items(), key=lambda kv: -kv[1]):
+            print(f"  x{count} from:\n{stack}")
 
 
 def _plot(records, header, path) -> None:
@@ -290,6 +324,8 @@ def main() -> None:
                         help="--decode: time the warmed-up steps under torch.compiler.set_stance(skip_guard_eval_unsafe="
                              "True), dense and wina alike (dynamo's guards check every DTensor weight at every call)")
     parser.add_argument("--cprofile", action="store_true", help="--decode: rank 0's host time by Python function")
+    parser.add_argument("--find-sync", action="store_true",
+                        help="--decode on cuda: where a decode step makes the host wait for the GPU (rank 0)")
     parser.add_argument("--one-shot-all-reduce", action="store_true",
                         help="--decode on cuda: Inductor's one-shot all-reduce over symmetric memory, dense and wina "
                              "alike (torch 2.11: fails under CUDA graphs)")
