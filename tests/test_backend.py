@@ -154,6 +154,34 @@ def test_cuda_triton_path_matches_the_cpu_reference(selection, tokens):
         assert abs(sum(measured) / len(measured) - 0.5) < 0.05 and all(abs(m - 0.5) < 0.25 for m in measured), measured
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a CUDA GPU of sm_90 or newer")
+def test_cuda_one_token_steps_with_programmatic_dependent_launch_match_the_cpu_reference():
+    """Under Inductor's programmatic dependent launch the norms, rotary, attention glue and
+    activations after each sparse GEMV may start while it runs (the GEMVs let them launch
+    first thing): one-token logits still match the CPU reference, call after call."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip(f"torch {torch.__version__}: Inductor has no programmatic dependent launch")
+    model, ids = tiny_model("qwen2", seed=7, hidden=128)
+    options = {"sparsity": 0.5, "selection": "threshold", "calibration": wina_fx.calibrate(model, [ids], progress=False)}
+    ids = ids[:1, :1]
+    with torch.no_grad():
+        expected = torch.compile(model, backend="wina", options={**options, "inductor": False})(ids).logits
+        torch._dynamo.reset()
+        gpu_model = model.cuda()
+        try:
+            with inductor_config.patch({"triton.enable_pdl": True}):
+                step = torch.compile(gpu_model, backend="wina", options=options)
+                outs = [step(ids.cuda()).logits.cpu() for _ in range(6)]
+        finally:
+            model.cpu()
+            torch._dynamo.reset()
+    for call, out in enumerate(outs):
+        assert _rel_err(out, expected) < 1e-3, call
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tokens", [1, 11])
 def test_cuda_grouped_launches_match_the_cpu_reference(tokens):
