@@ -37,12 +37,12 @@ SPARSITIES = (0.5, 0.65)
 
 
 def union_tiles(block_n: int, block_r: int, per_sm: int, reduce: int = 1):
-    def cfg(K, sizes):
+    def cfg(K, sizes, M):
         tiles = sum(triton.cdiv(n, block_n) for n in sizes)
         split = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // 256, 64))
         return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, SPLIT_K=split, STAGES=3,
                     REDUCE=reduce if split > 1 else 0, num_warps=4)
-    return lambda K, sizes, M: cfg(K, sizes)
+    return cfg
 
 
 def union_wide(block_n: int, rows: int, warps: int, per_sm: int):

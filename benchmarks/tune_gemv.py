@@ -130,28 +130,22 @@ def masked(block_n, block_k, per_sm, stages=3, warps=4, reduce=1):
     return "gemv_masked", cfg
 
 
-def wide(path, block_n, rows, per_sm, stages=3, reduce=1):
+def wide(path, block_n, rows, per_sm, stages=3, reduce=1, split=None):
     """Wide, short tiles (session 11): block_n columns (2 * block_n contiguous bytes of each
     kept row, 8 fp16 per thread), `rows` rows per step summed in the thread (ROW_SUM), and
-    split-K to about per_sm programs per SM; masked loads (`gemv_masked`) or compacted rows (`gemv`)."""
+    split-K to about per_sm programs per SM, or a fixed ``split``; masked loads
+    (`gemv_masked`) or compacted rows (`gemv`).
+
+    Session 12 (runs 9-10, ``kernels_h200_tune_run10_split_sweep.json``) swept fixed splits
+    20-48 of the 2048 x 8 tiles: the masked kernel took 1.3-1.8x longer whenever a program's
+    K range was an odd number of its 8-row steps (K_PER_SPLIT not a multiple of 16).  The
+    launcher now rounds that range to 16 channels, so a split runs as the split that range gives."""
     def cfg(K, sizes, s):
         tiles = sum(triton.cdiv(n, block_n) for n in sizes)
-        split = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // (2 * rows), 128))
-        c = dict(BLOCK_N=block_n, SPLIT_K=split, STAGES=stages, REDUCE=reduce, num_warps=block_n // 256, ROW_SUM=True)
+        fitted = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // (2 * rows), 128))
+        c = dict(BLOCK_N=block_n, SPLIT_K=split or fitted, STAGES=stages, REDUCE=reduce, num_warps=block_n // 256,
+                 ROW_SUM=True)
         c["BLOCK_K" if path == "gemv_masked" else "BLOCK_R"] = rows
-        return c
-    return path, cfg
-
-
-def wide_split(path, split):
-    """The dispatched 2048 x 8 wide tiles (8 warps, float32-atomic split-K) at a fixed split.
-    Session 12 (runs 9-10, ``kernels_h200_tune_run10_split_sweep.json``) swept 20-48 splits:
-    the masked kernel took 1.3-1.8x longer whenever a program's K range was an odd number of
-    its 8-row steps (K_PER_SPLIT not a multiple of 16).  The launcher now rounds that range
-    to 16 channels, so a split here runs as the split that range gives."""
-    def cfg(K, sizes, s):
-        c = dict(BLOCK_N=2048, SPLIT_K=split, STAGES=3, REDUCE=2, num_warps=8, ROW_SUM=True)
-        c["BLOCK_K" if path == "gemv_masked" else "BLOCK_R"] = 8
         return c
     return path, cfg
 
@@ -197,8 +191,8 @@ CANDIDATES = {
     # program has an odd number of 8-row steps
     "wm2048r8p3a": wide("gemv_masked", 2048, 8, 3, reduce=2), "wm2048r8p2s4a": wide("gemv_masked", 2048, 8, 2, 4, 2),
     # session 12: the split of the wide tiles, one at a time
-    **{f"wm2048x{n}": wide_split("gemv_masked", n) for n in range(20, 49)},
-    **{f"wc2048x{n}": wide_split("gemv", n) for n in range(20, 49)},
+    **{f"wm2048x{n}": wide("gemv_masked", 2048, 8, 2, reduce=2, split=n) for n in range(20, 49)},
+    **{f"wc2048x{n}": wide("gemv", 2048, 8, 2, reduce=2, split=n) for n in range(20, 49)},
 }
 QUICK = ["dispatched", "loop_r1", "cmp2_r1"]
 

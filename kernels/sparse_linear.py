@@ -383,20 +383,16 @@ def _dense(p: _Problem, out: Tensor) -> Tensor:
 
 
 def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | None) -> None:
-    """One launch of the GEMV (``gemv``, ``gemv_masked``) or masked GEMM (``gemm``) kernel into
+    """One launch of the GEMV (``gemv``, ``gemv_masked``, ``gemv_union``) or masked GEMM (``gemm``) kernel into
     ``out``, its split-K partial sums met as ``cfg["REDUCE"]`` says (0: a second launch)."""
     (M, N, K), x2, device = p.shape, p.x2, p.x2.device
     split = cfg["SPLIT_K"]
     if path == "gemm":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
         n_tiles = grid[0] * grid[1]
-    elif path == "gemv_union":  # every token in each program
-        if M > cfg["BLOCK_M"]:
+    else:  # the GEMVs: one token a program, or (gemv_union) every token in each program
+        if path == "gemv_union" and M > cfg["BLOCK_M"]:
             raise ValueError(f"path 'gemv_union' with BLOCK_M={cfg['BLOCK_M']} takes at most that many tokens, got {M}")
-        grid = (sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in p.sizes), split)
-        n_tiles = grid[0]
-        k_per = triton.cdiv(triton.cdiv(K, split), 16) * 16
-    else:
         # each program's K range a multiple of 16 channels, so that Triton specializes K_PER_SPLIT
         # as divisible by 16 and loads x and the scores in 16-byte vectors: with 8-row steps and an
         # odd number of them the masked kernel took 1.3-1.8x longer (H200, session 12); the split
@@ -405,8 +401,9 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         k_per = triton.cdiv(triton.cdiv(K, split), step) * step
         split = triton.cdiv(K, k_per)
         cfg = {**cfg, "SPLIT_K": split}
-        grid = (sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in p.sizes), split, M)
-        n_tiles = grid[0] * M
+        tiles = sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in p.sizes)
+        grid = (tiles, split) if path == "gemv_union" else (tiles, split, M)
+        n_tiles = tiles if path == "gemv_union" else tiles * M
     reduce = cfg["REDUCE"] if split > 1 else 0
     n_cnt = n_tiles if reduce else 0  # one split-K ticket per output tile
     prep_zeroes = p.k is not None and not _traced(x2)  # the top-k prep kernel runs and can zero the tickets
