@@ -144,6 +144,7 @@ _CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _g
 # Weights of at least this many elements (the Llama-3-8B MLP linears, 5120x17920) take the
 # wide tiles at every sparsity; smaller ones (q/k/v, o) only where they measured faster.
 WIDE_MIN_WEIGHT = 1 << 25
+GROUPED_WIDE_MASKED_FROM = 0.2  # between the 0 % and 25 % measurements (see _gemv_choice)
 
 
 def _wide_config(path: str, K: int, sizes: tuple[int, ...], sms: int, block_n: int, rows: int, warps: int,
@@ -167,7 +168,10 @@ def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: fl
     * N <= 2048 (k/v projections alone): masked loads, one 256-row step per program.
     * weights of WIDE_MIN_WEIGHT elements or more: 2048 columns x 8 rows, 8 warps;
       compacted rows from 60 % (groups, i.e. gate/up: from 50 %), masked loads below
-      (groups below 50 %: the 64-column masked tiles).
+      (groups below GROUPED_WIDE_MASKED_FROM: the 64-column masked tiles).  Session 13
+      (``kernels_h200_tune_run11.json``), once every K range was even: gate/up 48.6 / 41.2 us
+      at 25 / 40 % against 49.3 / 44.6 for the 64-column tiles, the tensor-parallel half
+      28.6 / 25.2 against 29.7 / 29.7; at 0 % the 64-column tiles stay ahead (59.6 / 63.1).
     * smaller weights: 1024 columns x 8 rows masked, 4 stages, below 50 %; compacted rows
       in 512 x 16 tiles from 75 %; the masked tiles of ``_gemv_masked_config`` between.
 
@@ -187,7 +191,7 @@ def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: fl
     if K * N >= WIDE_MIN_WEIGHT:
         if s >= (0.5 if grouped else 0.6):
             return _wide_config("gemv", K, sizes, sms, 2048, 8, 8, 3, reduce)
-        if not grouped:
+        if not grouped or s >= GROUPED_WIDE_MASKED_FROM:
             return _wide_config("gemv_masked", K, sizes, sms, 2048, 8, 8, 3, reduce)
     elif s < 0.5:
         return _wide_config("gemv_masked", K, sizes, sms, 1024, 8, 4, 4, reduce)

@@ -348,7 +348,7 @@ def _launch_dependents():
     gives up on an impure inline asm and then has Inductor clone every tensor argument
     around the launch (``tests/test_kernel_effects.py``); ``tl.extra.cuda.gdc_launch_dependents``
     is impure.  The result keeps the compiler from dropping it."""
-    return tl.inline_asm_elementwise("griddepcontrol.launch_dependents;\n\tmov.u32 $0, 0;", "=r", [],
+    return tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r", [],
                                      dtype=tl.int32, is_pure=True, pack=1)
 
 

@@ -73,3 +73,34 @@ def test_gemv_kernels_write_only_their_outputs():
     for launch, written in writes.items():
         allowed = {"out_ptr", "part_ptr", "cnt_ptr"} | ({"scr_ptr"} if launch.startswith("_gemv_kernel") else set())
         assert set(written) <= allowed, (launch, written)
+
+
+SOURCE_SCRIPT = r'''
+import json
+from torch._inductor.codegen import wrapper
+from wina_fx.kernels import sparse_linear_kernels as kern
+
+closure = getattr(wrapper, "user_defined_triton_kernel_transitive_closure_source_code", None)
+if closure is None:
+    print(json.dumps(None)); raise SystemExit
+sources = {name: closure(getattr(kern, name)) for name in ("_gemv_kernel", "_gemv_masked_kernel", "_gemv_union_kernel")}
+print(json.dumps(sources))
+'''
+
+
+def test_the_source_inductor_writes_for_each_gemv_reads_back_unchanged():
+    """Inductor writes a user kernel's source, with every ``@triton.jit`` helper it calls, into
+    a ``'''``-quoted literal of the generated module.  An escape such as ``\\n`` inside a
+    string of the kernel then becomes a real line break there, and the module no longer
+    parses (the PDL trigger's inline asm did this on the H200)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", SOURCE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sources = json.loads(result.stdout.strip().splitlines()[-1])
+    if sources is None:
+        pytest.skip("this torch has no user_defined_triton_kernel_transitive_closure_source_code")
+    assert len(sources) == 3
+    for kernel, source in sources.items():
+        assert "_launch_dependents" in source or kernel == "_gemv_union_kernel"
+        assert eval("'''" + source + "'''") == source, kernel
+        compile(source, kernel, "exec")

@@ -449,7 +449,8 @@ def deterministic():
 def test_dispatch_at_one_token(monkeypatch):
     """_gemv_choice (the H200-measured rule, session 11): small outputs take one-step masked
     programs; large weights wide tiles (2048 columns, rows summed in the thread), masked
-    below 60 % (groups: the 64-column masked tiles below 50 %) and compacted from there;
+    below 60 % (groups: below 50 %, and the 64-column masked tiles below 20 %) and
+    compacted from there;
     smaller weights wide masked tiles below 50 %, compacted ones from 75 %.  Split-K sums
     by float32 atomics, or by the last ticket in deterministic mode.  The launcher follows
     the rule for single linears, groups and top-k (whose sparsity is 1 - k / K), with the
@@ -462,7 +463,10 @@ def test_dispatch_at_one_token(monkeypatch):
         grouped = sizes is not None
         path, cfg = sl._gemv_choice(N, K, fp16, 132, below, sizes)
         assert path == "gemv_masked" and cfg["REDUCE"] == 2, (N, K)
-        assert cfg.get("ROW_SUM", False) == (N * K >= sl.WIDE_MIN_WEIGHT and not grouped), (N, K)
+        assert cfg.get("ROW_SUM", False) == (N * K >= sl.WIDE_MIN_WEIGHT), (N, K)
+        if grouped and N * K >= sl.WIDE_MIN_WEIGHT:
+            path, cfg = sl._gemv_choice(N, K, fp16, 132, 0.1, sizes)
+            assert path == "gemv_masked" and not cfg.get("ROW_SUM", False) and cfg["BLOCK_N"] == 64, (N, K)
         path, cfg = sl._gemv_choice(N, K, fp16, 132, above, sizes)
         assert path == "gemv" and cfg["ROW_SUM"] and cfg["SPLIT_K"] >= 1, (N, K)
     # wide tiles: the output tiles counted per linear of a group (7168 = 4 tiles of 2048, not 3.5)
