@@ -26,7 +26,9 @@ can be captured in CUDA graphs):
   of the tokens keeps (the union of their masks) and multiplies each token's own kept
   channels; for a batch of sequences decoding together.  On real text the union leaves
   27 % of the rows unread at 2 tokens and 50 % sparsity, 9 % at 4
-  (``benchmarks/batch_union.py``); not dispatched until measured on a GPU.
+  (``benchmarks/batch_union.py``).  Never dispatched: on the H200 its tensor-core tiles
+  reached 0.10-0.70x cuBLAS, its register tiles (ROW_SUM) 0.27-1.00x at 2-4 tokens
+  (``kernels_h200_batch.json``, ``kernels_h200_batch_session13.json``).
 * ``dense`` (M >= 2): x * mask, then cuBLAS.  The mask is ``_prep_kernel`` eagerly and
   plain torch ops when torch.compile traces the op, so that Inductor fuses it into the
   kernel producing x.
@@ -59,7 +61,7 @@ from . import sparse_linear_kernels as kern
 # fused into the producer, then cuBLAS; one GEMV per token wins only at M = 1.
 GEMV_MAX_M = 1      # tokens handled by the sparse GEMV
 SPARSE_MAX_M = 1    # up to this many tokens: in-kernel masking (gemm); above: dense fallback
-UNION_MAX_M = 16    # tokens one program of the union kernel holds (never dispatched: not yet measured)
+UNION_MAX_M = 16    # tokens one program of the union kernel holds (never dispatched: slower than cuBLAS)
 TOPK_MAX_K = 32768  # the top-k prep holds a token's row in registers
 
 
@@ -71,7 +73,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _hopper(device: torch.device) -> bool:
+def hopper(device: torch.device) -> bool:
     """sm_90 or newer: the GEMVs let the next kernel launch early (programmatic dependent
     launch, sparse_linear_kernels.py); never under the interpreter, which has no such instruction."""
     return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
@@ -445,7 +447,7 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         if p.expert is not None:
             experts = dict(expert_ptr=p.expert, thr_ptr=p.expert_thresholds, stride_we=p.expert_stride, EXPERTS=True)
         _launch(kernel, grid, *args, *strides, k_per, MODE=mode, HAS_BIAS=has_bias,
-                **_segments(p.ends, p.thresholds), **experts, LAUNCH_DEPENDENTS=_hopper(device),
+                **_segments(p.ends, p.thresholds), **experts, LAUNCH_DEPENDENTS=hopper(device),
                 **{**cfg, "REDUCE": reduce})
     if split > 1 and reduce == 0:  # partials only: sum them in a second launch
         _launch(kern._splitk_reduce_kernel, (triton.cdiv(N, 256), M), part, p.bias if has_bias else out, out,

@@ -157,10 +157,12 @@ def test_cuda_triton_path_matches_the_cpu_reference(selection, tokens):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a CUDA GPU of sm_90 or newer")
 def test_cuda_one_token_steps_with_programmatic_dependent_launch_match_the_cpu_reference():
-    """Under Inductor's programmatic dependent launch the norms, rotary, attention glue and
-    activations after each sparse GEMV may start while it runs (the GEMVs let them launch
-    first thing): one-token logits still match the CPU reference, call after call."""
+    """On sm_90+ the backend compiles its graphs with Inductor's programmatic dependent launch
+    (option ``pdl``, on by default): the norms, rotary, attention glue and activations after
+    each sparse GEMV may start while it runs.  One-token logits still match the CPU reference,
+    call after call; with ``pdl=False`` Inductor's kernels launch as usual."""
     import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
 
     if not hasattr(inductor_config.triton, "enable_pdl"):
         pytest.skip(f"torch {torch.__version__}: Inductor has no programmatic dependent launch")
@@ -169,17 +171,36 @@ def test_cuda_one_token_steps_with_programmatic_dependent_launch_match_the_cpu_r
     ids = ids[:1, :1]
     with torch.no_grad():
         expected = torch.compile(model, backend="wina", options={**options, "inductor": False})(ids).logits
-        torch._dynamo.reset()
         gpu_model = model.cuda()
         try:
-            with inductor_config.patch({"triton.enable_pdl": True}):
-                step = torch.compile(gpu_model, backend="wina", options=options)
+            for pdl in (True, False):
+                torch._dynamo.reset()
+                step = torch.compile(gpu_model, backend="wina", options={**options, "pdl": pdl})
+                step(ids.cuda())  # the first call of the first compile re-lays out and runs op by op
+                _, code = run_and_get_code(lambda: step(ids.cuda()))
+                assert any("'launch_pdl': True" in c for c in code) == pdl, pdl
                 outs = [step(ids.cuda()).logits.cpu() for _ in range(6)]
+                for call, out in enumerate(outs):
+                    assert _rel_err(out, expected) < 1e-3, (pdl, call)
         finally:
             model.cpu()
             torch._dynamo.reset()
-    for call, out in enumerate(outs):
-        assert _rel_err(out, expected) < 1e-3, call
+
+
+def test_programmatic_launch_only_for_graphs_on_one_sm90_gpu(monkeypatch):
+    """The backend asks Inductor for programmatic dependent launch only where every input
+    lives on one sm_90+ GPU and this torch's Inductor has ``triton.enable_pdl``."""
+    import torch._inductor.config as inductor_config
+    from wina_fx import backend
+
+    cpu = [torch.ones(2), 3]
+    assert not backend._programmatic_launch(cpu)
+    from wina_fx.kernels import sparse_linear
+
+    monkeypatch.setattr(sparse_linear, "hopper", lambda device: device.type == "meta")
+    meta = [torch.ones(2, device="meta"), 3]
+    assert backend._programmatic_launch(meta) == hasattr(inductor_config.triton, "enable_pdl")
+    assert not backend._programmatic_launch(meta + [torch.ones(2)])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

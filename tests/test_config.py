@@ -10,7 +10,7 @@ import wina_fx
 from wina_fx.config import MODES, SELECTIONS, WinaConfig
 from wina_fx.methods import method_names
 
-VALID_KEYS = ("method", "sparsity", "selection", "calibration", "measure", "inductor", "mode")
+VALID_KEYS = ("method", "sparsity", "selection", "calibration", "measure", "inductor", "mode", "pdl")
 
 bad_options = st.one_of(
     st.builds(lambda k: {k: 1}, st.text(min_size=1).filter(lambda k: k not in VALID_KEYS)),
@@ -28,6 +28,7 @@ bad_options = st.one_of(
     st.builds(lambda s: {"selection": s}, st.text().filter(lambda s: s not in SELECTIONS)),
     st.builds(lambda v: {"measure": v}, st.one_of(st.integers(), st.text(), st.none())),
     st.builds(lambda v: {"inductor": v}, st.one_of(st.integers(), st.text(), st.none())),
+    st.builds(lambda v: {"pdl": v}, st.one_of(st.integers(), st.text(), st.none())),
     st.builds(lambda m: {"mode": m}, st.one_of(st.text().filter(lambda m: m not in MODES), st.integers(), st.none())),
     st.just({"selection": "threshold"}),  # threshold needs a calibration
     st.builds(lambda c: {"calibration": c}, st.one_of(st.integers(), st.lists(st.integers()))),

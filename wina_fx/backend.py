@@ -57,6 +57,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: 
 
     mode = mode if mode not in (None, "default") else config.mode
     patches = list_mode_options(mode) if mode != "default" else {}
+    if config.pdl and _programmatic_launch(example_inputs):
+        patches = {**patches, "triton.enable_pdl": True}
     local = localize(gm, example_inputs)
     if local is None:
         return compile_fx(gm, example_inputs, config_patches=patches)
@@ -64,6 +66,20 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: 
     if group_notes is not None:
         _note_groups(group_sibling_linears(local, local_inputs), group_notes)
     return local_arguments(compile_fx(local, local_inputs, config_patches=patches), sharded_inputs(example_inputs))
+
+
+def _programmatic_launch(example_inputs) -> bool:
+    """The graph runs on an sm_90+ GPU, and this torch's Inductor can launch its kernels
+    early (``triton.enable_pdl``).  Each sparse GEMV lets the next kernel launch first thing
+    (H200, session 13: decode 272 -> 285 tokens/s at 50 %, 309 -> 320 at 65 %)."""
+    from torch._inductor import config as inductor_config
+
+    devices = {x.device for x in example_inputs if isinstance(x, torch.Tensor)}
+    if not hasattr(inductor_config.triton, "enable_pdl") or len(devices) != 1 or devices == {torch.device("cpu")}:
+        return False
+    from wina_fx.kernels.sparse_linear import hopper  # Triton is there wherever a GPU is
+
+    return hopper(devices.pop())
 
 
 def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | None = None):

@@ -51,6 +51,10 @@ class WinaConfig:
     group:       on CUDA, run threshold linears that read the same input (q/k/v, gate/up)
                  as one kernel launch over their weights side by side (True), or one
                  launch each (False).  Outputs are the same either way.
+    pdl:         on sm_90+ GPUs, Inductor's kernels are launched early, while the kernel
+                 before them (a sparse GEMV) finishes, and wait for its output on the GPU
+                 (programmatic dependent launch; Inductor's ``triton.enable_pdl`` for this
+                 graph).  False: each kernel launches when the one before has ended.
     prefill:     "sparse" (every step sparse, as the papers evaluate) or "dense": a graph
                  whose steps carry more than one new token per sequence (prefill) runs
                  its linears dense, exactly; one-token decode steps run sparse.
@@ -71,6 +75,7 @@ class WinaConfig:
     sparsity_allocation: str = "uniform"
     rsparse_share: str | float = "search"
     group: bool = True
+    pdl: bool = True
     prefill: str = "sparse"
     recipe: str = "default"
 
@@ -125,7 +130,7 @@ class WinaConfig:
         one_of("option 'selection'", self.selection, SELECTIONS)
         one_of("option 'prefill'", self.prefill, PREFILLS)
         one_of("option 'mode'", self.mode, MODES)
-        for flag in ("measure", "inductor", "group"):
+        for flag in ("measure", "inductor", "group", "pdl"):
             if not isinstance(getattr(self, flag), bool):
                 fail(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         object.__setattr__(self, "orthogonalize", orthogonalize_variant(self.orthogonalize))
