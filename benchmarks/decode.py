@@ -65,6 +65,20 @@ def build_model(shape: dict, device: str, dtype: torch.dtype, seed: int = 0, mod
     return model
 
 
+def same_launches(pdl: bool, device: str) -> bool:
+    """Let dense Inductor launch its kernels as the backend's option ``pdl`` does (on sm_90+,
+    each kernel may start before the one it waits on ends), so that a ratio against dense
+    compares kernels, not launch settings.  Returns whether launches are early on ``device``
+    (never on the CPU, an older GPU, or a torch whose Inductor lacks ``triton.enable_pdl``);
+    pass it on as the option."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        return False
+    inductor_config.triton.enable_pdl = pdl
+    return pdl and device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 @torch.no_grad()
 def decode_tokens_per_s(model, step, prompt, new_tokens: int, warmup: int, sync=None, host=None) -> float:
     """Prefill eagerly, then time ``new_tokens`` compiled decode steps (after ``warmup``).
@@ -211,20 +225,16 @@ def main():
                         help="also time option group=False (one launch per linear) at each sparsity")
     parser.add_argument("--tiles", help='also time M=1 kernel tile overrides, JSON {name: {...}}, e.g. '
                                         '\'{"prefetch": {"PREFETCH": true}}\' (tuning runs)')
-    parser.add_argument("--pdl", action="store_true",
-                        help="Inductor's programmatic dependent launch (config.triton.enable_pdl, sm_90+), dense "
-                             "and wina alike: each generated kernel may start before the one it waits on ends")
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                        help="Inductor's programmatic dependent launch (sm_90+), dense and wina alike: the backend's "
+                             "option pdl, and Inductor's triton.enable_pdl for the dense baseline")
     parser.add_argument("--snapshot", action="store_true",
                         help="after each configuration, print the largest live CUDA blocks and where they "
                              "were allocated (finds a second copy of the weights)")
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
-    if args.pdl:
-        import torch._inductor.config as inductor_config
-        if not hasattr(inductor_config.triton, "enable_pdl"):
-            sys.exit(f"decode.py: --pdl needs Inductor's triton.enable_pdl, which torch {torch.__version__} lacks")
-        inductor_config.triton.enable_pdl = True
+    args.pdl = same_launches(args.pdl, device)
     if args.snapshot and device == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200000)
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -277,7 +287,7 @@ def main():
         """The decode step as timed: dense Inductor (sparsity None) or backend="wina", CUDA graphs."""
         if sparsity is None:
             return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
-        options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration,
+        options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration, "pdl": args.pdl,
                    **({"mode": mode} if mode else {}), **extra}
         return torch.compile(model, backend="wina", options=options, fullgraph=True, dynamic=False)
 

@@ -172,12 +172,13 @@ def decode_benchmark(args) -> None:
     sharded.config.num_attention_heads //= world
     sharded.config.num_key_value_heads //= world
     mode = {"mode": "reduce-overhead"} if cuda else {}
+    pdl = decode.same_launches(args.pdl, device)  # dense TP launches its kernels as wina TP does
     gpu = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu-tiny"
     header = {"gpu": gpu, "ranks": world, "torch": torch.__version__, "transformers": transformers.__version__,
               "model": f"{'tiny Llama' if args.tiny else 'Llama-3-8B shape'}, {model.config.num_hidden_layers} layers, "
                        "random weights", "batch": 1, "tokens": args.tokens, "selection": args.selection,
               "backend": dist.get_backend(), "skip_guard_eval": args.skip_guard_eval,
-              "one_shot_all_reduce": args.one_shot_all_reduce,
+              "one_shot_all_reduce": args.one_shot_all_reduce, "pdl": pdl,
               "output_head": "sharded over the vocabulary" if wina_fx.sharded.is_sharded(sharded.lm_head.weight)
               else "whole"}
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
@@ -189,7 +190,8 @@ def decode_benchmark(args) -> None:
         if sparsity is None:
             step = torch.compile(sharded, fullgraph=True, dynamic=False, **mode)
         else:
-            options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration, **mode}
+            options = {"sparsity": sparsity, "selection": args.selection, "calibration": calibration,
+                       "pdl": pdl, **mode}
             step = torch.compile(sharded, backend="wina", options=options, fullgraph=True, dynamic=False)
         host = {}
 
@@ -326,6 +328,9 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true", help="--decode: rank 0's host time by Python function")
     parser.add_argument("--find-sync", action="store_true",
                         help="--decode on cuda: where a decode step makes the host wait for the GPU (rank 0)")
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                        help="--decode: programmatic dependent launch on sm_90+, dense and wina alike (the backend's "
+                             "option pdl; Inductor's triton.enable_pdl for dense)")
     parser.add_argument("--one-shot-all-reduce", action="store_true",
                         help="--decode on cuda: Inductor's one-shot all-reduce over symmetric memory, dense and wina "
                              "alike (torch 2.11: fails under CUDA graphs)")
