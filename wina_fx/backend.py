@@ -46,7 +46,8 @@ def plan_gates(config: WinaConfig, sites: list[LinearSite]) -> tuple[dict[int, G
 
 def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: str | None,
                   group_notes: list[str] | None = None):
-    """Inductor (with the mode's settings) or, with inductor=False, the FX graph itself.
+    """Inductor (with the mode's settings, and programmatic dependent launch on sm_90+ unless
+    option pdl is False) or, with inductor=False, the FX graph itself.
     A tensor-parallel graph is compiled over its local shards (``passes/localize.py``);
     given ``group_notes`` (its report's notes), its sibling sparse linears are merged there
     (the grouped op has no DTensor strategy)."""
