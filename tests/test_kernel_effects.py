@@ -62,11 +62,17 @@ print(json.dumps(results))
 '''
 
 
-def test_gemv_kernels_write_only_their_outputs():
+def _run_compiled_triton(script: str):
+    """The JSON value ``script`` prints last, run in a fresh process without ``TRITON_INTERPRET``
+    (so that the kernels are ``JITFunction``s, as Inductor sees them)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    writes = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_gemv_kernels_write_only_their_outputs():
+    writes = _run_compiled_triton(SCRIPT)
     if writes is None:
         pytest.skip("this torch has no identify_accessed_tensors")
     assert len(writes) == 12
@@ -93,10 +99,7 @@ def test_the_source_inductor_writes_for_each_gemv_reads_back_unchanged():
     a ``'''``-quoted literal of the generated module.  An escape such as ``\\n`` inside a
     string of the kernel then becomes a real line break there, and the module no longer
     parses (the PDL trigger's inline asm did this on the H200)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SOURCE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    sources = json.loads(result.stdout.strip().splitlines()[-1])
+    sources = _run_compiled_triton(SOURCE_SCRIPT)
     if sources is None:
         pytest.skip("this torch has no user_defined_triton_kernel_transitive_closure_source_code")
     assert len(sources) == 3
