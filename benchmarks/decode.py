@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import wina_fx  # noqa: E402
+from wina_fx import early_launch  # noqa: E402
 
 LLAMA3_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -228,6 +229,9 @@ def main():
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="Inductor's programmatic dependent launch (sm_90+), dense and wina alike: the backend's "
                              "option pdl, and Inductor's triton.enable_pdl for the dense baseline")
+    parser.add_argument("--early-gemvs", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --pdl: the sparse GEMVs launched early too (wina_fx/early_launch.py); "
+                             "--no-early-gemvs times Inductor's kernels alone launched early (an A/B of that patch)")
     parser.add_argument("--snapshot", action="store_true",
                         help="after each configuration, print the largest live CUDA blocks and where they "
                              "were allocated (finds a second copy of the weights)")
@@ -235,6 +239,8 @@ def main():
 
     device = "cpu" if args.tiny else "cuda"
     args.pdl = same_launches(args.pdl, device)
+    if not args.early_gemvs:
+        early_launch.gemvs_launched_early = contextlib.nullcontext
     if args.snapshot and device == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=200000)
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -258,7 +264,7 @@ def main():
         "triton": getattr(__import__("triton"), "__version__", None) if not args.tiny else None,
         "model": f"tiny {args.model}" if args.tiny else f"{description}, random bf16 weights",
         "batch": 1, "selection": args.selection, "prompt_len": args.prompt_len, "tokens": args.tokens, "mode": mode,
-        "pdl": args.pdl,
+        "pdl": args.pdl, "early_gemvs": args.pdl and args.early_gemvs,
     }
     def fresh():  # no compiled graph, cache or pool of an earlier configuration stays alive
         torch._dynamo.reset()

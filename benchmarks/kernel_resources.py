@@ -49,7 +49,7 @@ def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int
     if path == "gemv_union":
         consts.update(BLOCK_M=tokens, BLOCK_R=rows, BLOCK_KS=512, IEEE=dtype == "fp32")
     else:
-        consts.update(EXPERTS=False, LAUNCH_DEPENDENTS=True)
+        consts.update(EXPERTS=False, PDL=True)
         consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
     names = list(inspect.signature(kernel.fn).parameters)
     types = {**TYPES, **{n: f"*{dtype}" for n in DATA}}

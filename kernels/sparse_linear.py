@@ -447,7 +447,7 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         if p.expert is not None:
             experts = dict(expert_ptr=p.expert, thr_ptr=p.expert_thresholds, stride_we=p.expert_stride, EXPERTS=True)
         _launch(kernel, grid, *args, *strides, k_per, MODE=mode, HAS_BIAS=has_bias,
-                **_segments(p.ends, p.thresholds), **experts, LAUNCH_DEPENDENTS=hopper(device),
+                **_segments(p.ends, p.thresholds), **experts, PDL=hopper(device),
                 **{**cfg, "REDUCE": reduce})
     if split > 1 and reduce == 0:  # partials only: sum them in a second launch
         _launch(kern._splitk_reduce_kernel, (triton.cdiv(N, 256), M), part, p.bias if has_bias else out, out,

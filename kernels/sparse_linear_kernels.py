@@ -25,11 +25,12 @@ Layouts shared by every kernel:
              zeroed workspace allocated once serves every later launch on the stream (no
              memset per call, which under Inductor is one more kernel).
 
-``LAUNCH_DEPENDENTS`` (the GEMVs, sm_90+): each program first lets the next kernel on the
-stream launch (programmatic dependent launch, ``_launch_dependents``).  Only a kernel
-launched with that attribute (Inductor's, with ``config.triton.enable_pdl``) starts early,
-and it waits (``griddepcontrol.wait``) for this grid to complete before it reads what this
-grid writes; without one nothing changes.
+``PDL`` (the GEMVs, sm_90+; programmatic dependent launch): each program first lets the next
+kernel on the stream launch (``_launch_dependents``), then waits until the kernel before it
+has completed and its writes are visible (``_wait_for_prior``) before it reads x or writes
+anything.  Only a kernel launched with the PDL attribute starts early: Inductor's own under
+``config.triton.enable_pdl``, these two under ``wina_fx/early_launch.py``
+(``LAUNCHED_EARLY``); launched the usual way both instructions return at once.
 
 Keep rules (``MODE``): 0 keeps importance > threshold (``threshold_linear``); 1 keeps
 x != 0, used on an input that ``_prep_kernel`` already masked (``topk_linear``).
@@ -206,7 +207,7 @@ def _gemv_kernel(
     BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
     Groups of linears (GROUPS, END0, ...) and rows routed to experts (EXPERTS, ...) as in
@@ -222,10 +223,11 @@ def _gemv_kernel(
     scratch.  Dropped channels cost no arithmetic and no weight traffic.
     """
     pid_n = tl.program_id(0)
-    if LAUNCH_DEPENDENTS:  # see the module docstring
-        pid_n += _launch_dependents()
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
+    if PDL:  # see the module docstring; every read of x and every store address depends on m
+        pid_n += _launch_dependents()
+        m += _wait_for_prior()
     x_row = x_ptr + m * stride_xm
     if EXPERTS:  # written out, not called: see _keep on torch's mutation analysis
         e = tl.load(expert_ptr + m).to(tl.int64)
@@ -280,7 +282,7 @@ def _gemv_masked_kernel(
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
 
@@ -304,10 +306,11 @@ def _gemv_masked_kernel(
     every routed row of a mixture-of-experts op.
     """
     pid_n = tl.program_id(0)
-    if LAUNCH_DEPENDENTS:  # see the module docstring
-        pid_n += _launch_dependents()
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
+    if PDL:  # see the module docstring; every read of x and every store address depends on m
+        pid_n += _launch_dependents()
+        m += _wait_for_prior()
     x_row = x_ptr + m * stride_xm
     if EXPERTS:  # written out, not called: see _keep on torch's mutation analysis
         e = tl.load(expert_ptr + m).to(tl.int64)
@@ -349,6 +352,16 @@ def _launch_dependents():
     around the launch (``tests/test_kernel_effects.py``); ``tl.extra.cuda.gdc_launch_dependents``
     is impure.  The result keeps the compiler from dropping it."""
     return tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r", [],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _wait_for_prior():
+    """``griddepcontrol.wait``; returns 0.  Pure for the same reason as _launch_dependents, so
+    the compiler may move it: the caller adds the result to the token index m, from which
+    every load of x and every store address is computed, and those cannot move above it
+    (the score loads, which no kernel writes, may)."""
+    return tl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r", [],
                                      dtype=tl.int32, is_pure=True, pack=1)
 
 
@@ -488,3 +501,7 @@ def _gemm_masked_kernel(
     _finish(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, part_ptr, cnt_ptr,
             pid_m * tl.num_programs(0) + pid_n, tl.num_programs(0) * tl.num_programs(1), pid_k, SPLIT_K, HAS_BIAS,
             REDUCE, N)
+
+
+# The kernels that wait for the kernel before them (PDL), so Inductor may launch them early.
+LAUNCHED_EARLY = (_gemv_kernel, _gemv_masked_kernel)

@@ -159,8 +159,9 @@ def test_cuda_triton_path_matches_the_cpu_reference(selection, tokens):
 def test_cuda_one_token_steps_with_programmatic_dependent_launch_match_the_cpu_reference():
     """On sm_90+ the backend compiles its graphs with Inductor's programmatic dependent launch
     (option ``pdl``, on by default): the norms, rotary, attention glue and activations after
-    each sparse GEMV may start while it runs.  One-token logits still match the CPU reference,
-    call after call; with ``pdl=False`` Inductor's kernels launch as usual."""
+    each sparse GEMV, and each GEMV after them, may start while the kernel before runs.
+    One-token logits still match the CPU reference, call after call; with ``pdl=False``
+    every kernel launches as usual."""
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
@@ -179,6 +180,8 @@ def test_cuda_one_token_steps_with_programmatic_dependent_launch_match_the_cpu_r
                 step(ids.cuda())  # the first call of the first compile re-lays out and runs op by op
                 _, code = run_and_get_code(lambda: step(ids.cuda()))
                 assert any("'launch_pdl': True" in c for c in code) == pdl, pdl
+                gemvs = [d for c in code for d in c.split("async_compile.triton(")[1:] if "def _gemv" in d]
+                assert gemvs and all(("'launch_pdl': True" in d) == pdl for d in gemvs), pdl  # early_launch.py
                 outs = [step(ids.cuda()).logits.cpu() for _ in range(6)]
                 for call, out in enumerate(outs):
                     assert _rel_err(out, expected) < 1e-3, (pdl, call)
@@ -191,16 +194,16 @@ def test_programmatic_launch_only_for_graphs_on_one_sm90_gpu(monkeypatch):
     """The backend asks Inductor for programmatic dependent launch only where every input
     lives on one sm_90+ GPU and this torch's Inductor has ``triton.enable_pdl``."""
     import torch._inductor.config as inductor_config
-    from wina_fx import backend
+    from wina_fx import early_launch
 
     cpu = [torch.ones(2), 3]
-    assert not backend._programmatic_launch(cpu)
+    assert not early_launch.wanted(cpu)
     from wina_fx.kernels import sparse_linear
 
     monkeypatch.setattr(sparse_linear, "hopper", lambda device: device.type == "meta")
     meta = [torch.ones(2, device="meta"), 3]
-    assert backend._programmatic_launch(meta) == hasattr(inductor_config.triton, "enable_pdl")
-    assert not backend._programmatic_launch(meta + [torch.ones(2)])
+    assert early_launch.wanted(meta) == hasattr(inductor_config.triton, "enable_pdl")
+    assert not early_launch.wanted(meta + [torch.ones(2)])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -10,6 +10,7 @@ local shards (``sharded.py``); before Inductor it is traced down to those shards
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -24,7 +25,7 @@ from wina_fx.passes.localize import local_arguments, localize, sharded_inputs
 from wina_fx.passes.prepare import prepare
 from wina_fx.passes import weight_layout
 
-from . import sharded  # noqa: F401  (registers the wina ops' DTensor strategies)
+from . import early_launch, sharded  # noqa: F401  (registers the wina ops' DTensor strategies)
 from .config import WinaConfig
 from .methods import Plan, get_method
 from .report import Report, ReportRow, record
@@ -47,7 +48,7 @@ def plan_gates(config: WinaConfig, sites: list[LinearSite]) -> tuple[dict[int, G
 def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: str | None,
                   group_notes: list[str] | None = None):
     """Inductor (with the mode's settings, and programmatic dependent launch on sm_90+ unless
-    option pdl is False) or, with inductor=False, the FX graph itself.
+    option pdl is False: ``early_launch.py``) or, with inductor=False, the FX graph itself.
     A tensor-parallel graph is compiled over its local shards (``passes/localize.py``);
     given ``group_notes`` (its report's notes), its sibling sparse linears are merged there
     (the grouped op has no DTensor strategy)."""
@@ -58,29 +59,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: 
 
     mode = mode if mode not in (None, "default") else config.mode
     patches = list_mode_options(mode) if mode != "default" else {}
-    if config.pdl and _programmatic_launch(example_inputs):
-        patches = {**patches, "triton.enable_pdl": True}
-    local = localize(gm, example_inputs)
-    if local is None:
-        return compile_fx(gm, example_inputs, config_patches=patches)
-    local_inputs = [sharded.local(x) for x in example_inputs]
-    if group_notes is not None:
-        _note_groups(group_sibling_linears(local, local_inputs), group_notes)
-    return local_arguments(compile_fx(local, local_inputs, config_patches=patches), sharded_inputs(example_inputs))
-
-
-def _programmatic_launch(example_inputs) -> bool:
-    """The graph runs on an sm_90+ GPU, and this torch's Inductor can launch its kernels
-    early (``triton.enable_pdl``).  Each sparse GEMV lets the next kernel launch first thing
-    (H200, session 13: decode 272 -> 285 tokens/s at 50 %, 309 -> 320 at 65 %)."""
-    from torch._inductor import config as inductor_config
-
-    devices = {x.device for x in example_inputs if isinstance(x, torch.Tensor)}
-    if not hasattr(inductor_config.triton, "enable_pdl") or len(devices) != 1 or devices == {torch.device("cpu")}:
-        return False
-    from wina_fx.kernels.sparse_linear import hopper  # Triton is there wherever a GPU is
-
-    return hopper(devices.pop())
+    launch_early = config.pdl and early_launch.wanted(example_inputs)
+    if launch_early:
+        patches = {**patches, **early_launch.inductor_patches()}
+    with early_launch.gemvs_launched_early() if launch_early else contextlib.nullcontext():
+        local = localize(gm, example_inputs)
+        if local is None:
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        local_inputs = [sharded.local(x) for x in example_inputs]
+        if group_notes is not None:
+            _note_groups(group_sibling_linears(local, local_inputs), group_notes)
+        compiled = compile_fx(local, local_inputs, config_patches=patches)
+    return local_arguments(compiled, sharded_inputs(example_inputs))
 
 
 def wina_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | None = None):
