@@ -138,7 +138,23 @@ def kernel_profile(model, step, prompt, steps: int = 4, top: int = 14) -> dict:
     rows.sort(key=lambda r: -r["us_per_step"])
     total = sum(r["us_per_step"] for r in rows)
     return {"gpu_us_per_step": total, "launches_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:top],
-            "all": rows}
+            "all": rows, "layer_timeline": layer_timeline(prof)}
+
+
+def layer_timeline(prof, anchor: str = "sdpa", layer: int = 10) -> list[dict] | None:
+    """The kernels of one decoder layer in launch order, from one attention kernel (``anchor``
+    in its name) to the next: each kernel's GPU time and the idle time before it.  Without
+    PDL these are the kernels' true durations; with PDL a kernel launched early counts its wait."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    marks = [i for i, e in enumerate(kernels) if anchor in e.name]
+    if len(marks) <= layer + 1:
+        return None
+    first, last = marks[layer], marks[layer + 1]
+    return [{"kernel": e.name[:60], "us": e.time_range.elapsed_us(),
+             "idle_before_us": e.time_range.start - kernels[i - 1].time_range.end}
+            for i, e in enumerate(kernels[first:last], first)]
 
 
 def measured_sparsity(model, prompt, options: dict, steps: int = 4) -> float:
@@ -203,6 +219,8 @@ def profiled(model, step, prompt, tokens_per_s):
     b = prof["breakdown"]
     print(f"  per step: wall {b['wall_us']:.0f} us = sparse linears {b['sparse_linears_us']:.0f} + dense parts "
           f"{b['dense_parts_us']:.0f} + gaps {b['gaps_us']:.0f}", flush=True)
+    for row in prof["layer_timeline"] or []:
+        print(f"    {row['idle_before_us']:6.1f} idle, {row['us']:6.1f} us  {row['kernel']}")
     return prof
 
 
