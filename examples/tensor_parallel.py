@@ -224,6 +224,8 @@ def decode_benchmark(args) -> None:
                   f"{1e6 / rate:.0f} us a step)", flush=True)
             for row in records[-1].get("profile", {}).get("top", []):
                 print(f"    {row['us_per_step']:8.1f} us x{row['calls_per_step']:g}  {row['kernel']}", flush=True)
+            for row in records[-1].get("profile", {}).get("layer_timeline") or []:  # one layer, in order
+                print(f"    {row['idle_before_us']:6.1f} idle, {row['us']:6.1f} us  {row['kernel']}", flush=True)
             os.makedirs(out_dir, exist_ok=True)
             with open(path, "w") as f:  # after every configuration: a run cut short keeps what it measured
                 json.dump({"header": header, "records": records}, f, indent=1)
