@@ -175,6 +175,7 @@ def decode_benchmark(args) -> None:
     pdl = decode.same_launches(args.pdl, device)  # dense TP launches its kernels as wina TP does
     gpu = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu-tiny"
     header = {"gpu": gpu, "ranks": world, "torch": torch.__version__, "transformers": transformers.__version__,
+              "triton": getattr(__import__("triton"), "__version__", None) if cuda else None,
               "model": f"{'tiny Llama' if args.tiny else 'Llama-3-8B shape'}, {model.config.num_hidden_layers} layers, "
                        "random weights", "batch": 1, "tokens": args.tokens, "selection": args.selection,
               "backend": dist.get_backend(), "skip_guard_eval": args.skip_guard_eval,
