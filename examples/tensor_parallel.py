@@ -25,7 +25,9 @@ code on gloo): greedy decoding of the Llama-3-8B shape with random bf16 weights 
 cache under CUDA graphs, dense tensor parallel against wina at 0 / 50 / 65 %; writes
 ``benchmarks/results/decode_tp<ranks>_<gpu>.json`` and a PNG (``$OUT`` if set).  Each record
 has the sparsity measured on the unsharded model with the same thresholds, and the host time
-per step (``--skip-guard-eval`` times dense and wina with dynamo's guards skipped).
+per step.  On CUDA the timed steps skip dynamo's guards, dense and wina alike
+(``--no-skip-guard-eval`` evaluates them: the steps are then paced by the host, which checks
+every DTensor weight's spec in Python at every call).
 """
 from __future__ import annotations
 
@@ -325,9 +327,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="--decode: decoder layers (default: the shape's)")
     parser.add_argument("--profile", action="store_true", help="--decode on cuda: GPU time per step by kernel")
     parser.add_argument("--suffix", default="", help="--decode: appended to the result file name")
-    parser.add_argument("--skip-guard-eval", action="store_true",
+    parser.add_argument("--skip-guard-eval", action=argparse.BooleanOptionalAction, default=None,
                         help="--decode: time the warmed-up steps under torch.compiler.set_stance(skip_guard_eval_unsafe="
-                             "True), dense and wina alike (dynamo's guards check every DTensor weight at every call)")
+                             "True), dense and wina alike: dynamo's guards check every DTensor weight in Python at "
+                             "every call, and nothing they check changes between decode steps (default: on for cuda)")
     parser.add_argument("--cprofile", action="store_true", help="--decode: rank 0's host time by Python function")
     parser.add_argument("--find-sync", action="store_true",
                         help="--decode on cuda: where a decode step makes the host wait for the GPU (rank 0)")
@@ -339,6 +342,8 @@ def main() -> None:
                              "alike (torch 2.11: fails under CUDA graphs)")
     args = parser.parse_args()
     args.decode = args.decode or args.device == "cuda"
+    if args.skip_guard_eval is None:
+        args.skip_guard_eval = args.device == "cuda"
     if not (args.tiny or args.model or args.decode) or (args.model and (args.tiny or args.decode)):
         sys.exit("tensor_parallel.py: give --tiny, --model or --decode (see --help)")
     if args.one_shot_all_reduce and not (args.decode and args.device == "cuda"):

@@ -61,7 +61,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: WinaConfig, mode: 
     patches = list_mode_options(mode) if mode != "default" else {}
     launch_early = config.pdl and early_launch.wanted(example_inputs)
     if launch_early:
-        patches = {**patches, **early_launch.inductor_patches()}
+        patches = {**patches, **early_launch.INDUCTOR_PATCHES}
     with early_launch.gemvs_launched_early() if launch_early else contextlib.nullcontext():
         local = localize(gm, example_inputs)
         if local is None:

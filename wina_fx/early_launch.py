@@ -6,7 +6,7 @@ writes.  Its blocks are then resident and waiting when the kernel before it ends
 of being launched only then.
 
 * Inductor launches its own kernels that way under ``config.triton.enable_pdl``
-  (``inductor_patches``).
+  (``INDUCTOR_PATCHES``).
 * It never launches a user-defined Triton kernel that way (torch 2.11-2.13: the
   ``triton_meta`` that ``define_user_defined_triton_kernel`` writes has no ``launch_pdl``),
   since it cannot know that the kernel waits.  The sparse GEMVs do wait
@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+# Inductor's config patch that launches its own kernels early.
+INDUCTOR_PATCHES = {"triton.enable_pdl": True}
 # What Inductor writes into the generated module for a user kernel: the decorator's keyword.
 _META = "triton_meta={"
 _LAUNCH_EARLY = "'launch_pdl': True, "
@@ -38,11 +40,6 @@ def wanted(example_inputs) -> bool:
     from wina_fx.kernels.sparse_linear import hopper  # Triton is there wherever a GPU is
 
     return hopper(devices.pop())
-
-
-def inductor_patches() -> dict:
-    """Inductor's config patch that launches its own kernels early."""
-    return {"triton.enable_pdl": True}
 
 
 def mark_launched_early(code: str) -> str:
@@ -67,13 +64,17 @@ def gemvs_launched_early():
     def define_early(self, kernel, *args, **kwargs):
         if not any(kernel is k for k in LAUNCHED_EARLY):
             return define_user_kernel(self, kernel, *args, **kwargs)
+        own = vars(self).get("define_kernel")  # an instance's own define_kernel, if it has one
         define_kernel = self.define_kernel
         self.define_kernel = lambda name, code, *rest, **named: define_kernel(name, mark_launched_early(code),
                                                                               *rest, **named)
         try:
             return define_user_kernel(self, kernel, *args, **kwargs)
         finally:
-            del self.define_kernel  # the class's method again
+            if own is None:
+                del self.define_kernel  # the class's method again
+            else:
+                self.define_kernel = own
 
     PythonWrapperCodegen.define_user_defined_triton_kernel = define_early
     try:
