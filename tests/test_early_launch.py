@@ -15,7 +15,7 @@ from wina_fx.early_launch import mark_launched_early
 pytest.importorskip("triton")
 
 SCRIPT = r'''
-import ast, json, torch, torch.fx as fx
+import ast, json, threading, torch, torch.fx as fx
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
@@ -65,16 +65,23 @@ names = ("_gemv_kernel", "_gemv_masked_kernel", "_splitk_reduce_kernel")
 result = {"usual": {n: written_meta(getattr(kern, n)).get("launch_pdl") for n in names}}
 with gemvs_launched_early():
     result["early"] = {n: written_meta(getattr(kern, n)).get("launch_pdl") for n in names}
+    other = []  # a compile in another thread meanwhile is not patched
+    thread = threading.Thread(target=lambda: other.append(written_meta(kern._gemv_kernel).get("launch_pdl")))
+    thread.start(); thread.join()
+    result["other thread"] = other
 result["after"] = written_meta(kern._gemv_kernel).get("launch_pdl")
 print(json.dumps(result))
 '''
 
 
 def test_inductor_writes_launch_pdl_for_the_gemvs_only_inside_the_patch():
+    """Inside ``gemvs_launched_early`` (and only in its thread) both GEMVs carry
+    ``launch_pdl``; the split-K reduce kernel, which does not wait, never does."""
     result = _run_compiled_triton(SCRIPT)
     assert result["usual"] == {"_gemv_kernel": None, "_gemv_masked_kernel": None, "_splitk_reduce_kernel": None}
     assert result["early"] == {"_gemv_kernel": True, "_gemv_masked_kernel": True, "_splitk_reduce_kernel": None}
     assert result["after"] is None
+    assert result["other thread"] == [None]
 
 
 def test_an_unrecognized_definition_is_left_as_it_is_with_a_warning():

@@ -12,12 +12,15 @@ of being launched only then.
   since it cannot know that the kernel waits.  The sparse GEMVs do wait
   (``sparse_linear_kernels.LAUNCHED_EARLY``), so while the backend compiles a graph,
   ``gemvs_launched_early`` adds ``'launch_pdl': True`` to the metadata Inductor writes for
-  exactly those kernels.  Where Inductor writes it differently, nothing is changed and a
+  exactly those kernels (through a wrapper of Inductor's ``define_user_defined_triton_kernel``,
+  installed once, that passes everything through outside that context).  Where Inductor writes it differently, nothing is changed and a
   warning says so: the GEMVs then launch the usual way, and their wait returns at once.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import warnings
 
 import torch
@@ -54,15 +57,33 @@ def mark_launched_early(code: str) -> str:
 
 @contextlib.contextmanager
 def gemvs_launched_early():
-    """Within: Inductor's wrapper codegen defines the kernels of ``LAUNCHED_EARLY`` with
-    ``launch_pdl`` (see the module docstring); every other kernel as before."""
+    """Within (this thread or task): Inductor's wrapper codegen defines the kernels of
+    ``LAUNCHED_EARLY`` with ``launch_pdl`` (see the module docstring); every other kernel,
+    and every kernel outside, as before."""
+    _install()
+    token = _ACTIVE.set(True)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+# On only inside gemvs_launched_early, per thread, so that concurrent or nested compiles
+# cannot leave it on (the wrapper below is installed once and otherwise passes through).
+_ACTIVE = contextvars.ContextVar("wina_gemvs_launched_early", default=False)
+
+
+def _install() -> None:
+    """Wrap ``PythonWrapperCodegen.define_user_defined_triton_kernel``, once per process."""
     from torch._inductor.codegen.wrapper import PythonWrapperCodegen
     from wina_fx.kernels.sparse_linear_kernels import LAUNCHED_EARLY
 
     define_user_kernel = PythonWrapperCodegen.define_user_defined_triton_kernel
+    if getattr(define_user_kernel, "wina_early_launch", False):
+        return
 
     def define_early(self, kernel, *args, **kwargs):
-        if not any(kernel is k for k in LAUNCHED_EARLY):
+        if not _ACTIVE.get() or not any(kernel is k for k in LAUNCHED_EARLY):
             return define_user_kernel(self, kernel, *args, **kwargs)
         own = vars(self).get("define_kernel")  # an instance's own define_kernel, if it has one
         define_kernel = self.define_kernel
@@ -76,8 +97,6 @@ def gemvs_launched_early():
             else:
                 self.define_kernel = own
 
+    define_early.wina_early_launch = True
+    functools.update_wrapper(define_early, define_user_kernel)
     PythonWrapperCodegen.define_user_defined_triton_kernel = define_early
-    try:
-        yield
-    finally:
-        PythonWrapperCodegen.define_user_defined_triton_kernel = define_user_kernel
