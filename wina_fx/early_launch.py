@@ -13,8 +13,9 @@ of being launched only then.
   (``sparse_linear_kernels.LAUNCHED_EARLY``), so while the backend compiles a graph,
   ``gemvs_launched_early`` adds ``'launch_pdl': True`` to the metadata Inductor writes for
   exactly those kernels (through a wrapper of Inductor's ``define_user_defined_triton_kernel``,
-  installed once, that passes everything through outside that context).  Where Inductor writes it differently, nothing is changed and a
-  warning says so: the GEMVs then launch the usual way, and their wait returns at once.
+  installed once, that passes everything through outside that context).  Where Inductor
+  writes that metadata differently, nothing is changed and a warning says so: the GEMVs
+  then launch the usual way, and their wait returns at once.
 """
 from __future__ import annotations
 
