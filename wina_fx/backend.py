@@ -25,7 +25,8 @@ from wina_fx.passes.localize import local_arguments, localize, sharded_inputs
 from wina_fx.passes.prepare import prepare
 from wina_fx.passes import weight_layout
 
-from . import early_launch, sharded  # noqa: F401  (registers the wina ops' DTensor strategies)
+from . import early_launch
+from . import sharded  # noqa: F401  (registers the wina ops' DTensor strategies)
 from .config import WinaConfig
 from .methods import Plan, get_method
 from .report import Report, ReportRow, record
