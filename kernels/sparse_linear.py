@@ -74,8 +74,9 @@ def _num_sms(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def hopper(device: torch.device) -> bool:
-    """sm_90 or newer: the GEMVs let the next kernel launch early (programmatic dependent
-    launch, sparse_linear_kernels.py); never under the interpreter, which has no such instruction."""
+    """sm_90 or newer: the GEMVs let the next kernel launch early and wait for the one before
+    (programmatic dependent launch, sparse_linear_kernels.py); never under the interpreter,
+    which has no such instruction."""
     return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 

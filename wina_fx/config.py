@@ -51,10 +51,11 @@ class WinaConfig:
     group:       on CUDA, run threshold linears that read the same input (q/k/v, gate/up)
                  as one kernel launch over their weights side by side (True), or one
                  launch each (False).  Outputs are the same either way.
-    pdl:         on sm_90+ GPUs, Inductor's kernels are launched early, while the kernel
-                 before them (a sparse GEMV) finishes, and wait for its output on the GPU
-                 (programmatic dependent launch; Inductor's ``triton.enable_pdl`` for this
-                 graph).  False: each kernel launches when the one before has ended.
+    pdl:         on sm_90+ GPUs, kernels are launched early, while the kernel before them
+                 finishes, and wait for its output on the GPU (programmatic dependent
+                 launch): Inductor's own (``triton.enable_pdl`` for this graph) and the
+                 sparse GEMVs (``early_launch.py``).  False: each kernel launches when the
+                 one before has ended.
     prefill:     "sparse" (every step sparse, as the papers evaluate) or "dense": a graph
                  whose steps carry more than one new token per sequence (prefill) runs
                  its linears dense, exactly; one-token decode steps run sparse.
