@@ -30,9 +30,9 @@ from kernels import sparse_linear_kernels as kern  # noqa: E402
 DATA = ("x_ptr", "wt_ptr", "bias_ptr", "out_ptr")  # of the dtype asked for
 # every other argument: i32
 TYPES = {"score_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scr_ptr": "*i32", "expert_ptr": "*i32",
-         "thr_ptr": "*fp32", "threshold": "fp32", "THRESHOLD1": "fp32", "THRESHOLD2": "fp32", "warm_ptr": "*fp16"}
+         "thr_ptr": "*fp32", "threshold": "fp32", "THRESHOLD1": "fp32", "THRESHOLD2": "fp32"}
 # what Triton's launcher specializes at run time for the benchmark shapes (multiples of 16)
-DIVISIBLE_BY_16 = ("x_ptr", "wt_ptr", "out_ptr", "score_ptr", "part_ptr", "cnt_ptr", "scr_ptr", "warm_ptr", "stride_wk",
+DIVISIBLE_BY_16 = ("x_ptr", "wt_ptr", "out_ptr", "score_ptr", "part_ptr", "cnt_ptr", "scr_ptr", "stride_wk",
                    "stride_xm", "N", "K", "K_PER_SPLIT")
 
 
@@ -40,17 +40,16 @@ KERNELS = {"gemv": kern._gemv_kernel, "gemv_masked": kern._gemv_masked_kernel, "
 
 
 def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int, split: int, reduce: int,
-                     row_sum: bool, dtype: str = "fp16", tokens: int = 1, warm: bool = True):
+                     row_sum: bool, dtype: str = "fp16", tokens: int = 1):
     """The compiled kernel; ``dtype`` ("fp16", "bf16", "fp32"): the type of x, W^T, bias and out;
-    ``tokens``: BLOCK_M of ``gemv_union`` (every token in one program); ``warm``: the GEMVs'
-    L2 prefetch of the next weight (``WARM``) compiled in."""
+    ``tokens``: BLOCK_M of ``gemv_union`` (every token in one program)."""
     kernel = KERNELS[path]
     consts = dict(SPLIT_K=split, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=block_n, STAGES=stages, GROUPS=1,
                   ENDS_ALIGNED=False, ROW_SUM=row_sum)
     if path == "gemv_union":
         consts.update(BLOCK_M=tokens, BLOCK_R=rows, BLOCK_KS=512, IEEE=dtype == "fp32")
     else:
-        consts.update(EXPERTS=False, PDL=True, WARM=warm)
+        consts.update(EXPERTS=False, PDL=True)
         consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
     names = list(inspect.signature(kernel.fn).parameters)
     types = {**TYPES, **{n: f"*{dtype}" for n in DATA}}

@@ -10,11 +10,13 @@ stand-in kernels followed by the dispatched threshold GEMV (bf16, M = 1), after 
 * ``cold``: as in decode today;
 * ``warm``: the weight read into L2 after the flush, untimed (the most L2 residency can give);
 * ``side``: the weight streamed into L2 by a kernel on a second stream, forked before the
-  glue and joined after the GEMV, so it runs beside the glue;
-* ``chain``: the sparse linear that comes before it in a layer (``PREVIOUS``), then the glue,
-  then the GEMV, as decode runs them today;
-* ``chain_warm``: the same, the linear before prefetching this GEMV's weight into L2 as its
-  programs finish (the GEMVs' ``warm`` argument, ``WARM`` in sparse_linear_kernels.py).
+  glue and joined after the GEMV, so it runs beside the glue.
+
+Measured on an H200 (session 15, ``results/l2_prefetch_NVIDIA_H200.json``): even ``warm`` saves
+0-4 us, nothing on o_proj, and ``side`` costs 3-30 us.  That run also timed ``chain`` (the
+linear before, then the glue, then the GEMV) against ``chain_warm`` (the linear before
+prefetching this weight into L2 by ``cp.async.bulk.prefetch.L2`` as its programs finished):
+1-7 us slower.  That prefetch was removed; its code is commit 8c7a48b.
 
 Each figure is (time of the untimed part + graph) - (time of the untimed part alone), over
 many replays; the untimed part is the flush, and for ``warm`` the read into L2.  Writes
@@ -36,8 +38,7 @@ from wina_fx.kernels import sparse_linear as sl  # noqa: E402
 
 SHAPES = {"o": (4096, 4096), "qkv": (4096, 6144), "o_tp2": (2048, 4096), "qkv_tp2": (4096, 3072),
           "down": (14336, 4096), "down_tp2": (7168, 4096)}  # (K, N)
-PREVIOUS = {"o": "qkv", "qkv": "down", "o_tp2": "qkv_tp2", "qkv_tp2": "down_tp2", "down": "o", "down_tp2": "o_tp2"}
-CASES = ("cold", "warm", "side", "chain", "chain_warm")
+CASES = ("cold", "warm", "side")
 
 
 @triton.jit
@@ -53,16 +54,9 @@ def read_into_l2(w: torch.Tensor, sink: torch.Tensor, block: int = 8192) -> None
     _read_into_l2[(triton.cdiv(w.numel(), block),)](w, sink, w.numel(), BLOCK=block, num_warps=8)
 
 
-def step(case: str, glue: torch.Tensor, steps: int, x, wt, score, threshold, sparsity, workspace, sink, side,
-         before):
-    """Glue kernels, then the GEMV; with ``case`` "side", the weight into L2 beside the glue;
-    "chain" and "chain_warm": first the linear ``before`` = (x, W^T, score, threshold)."""
+def step(case: str, glue: torch.Tensor, steps: int, x, wt, score, threshold, sparsity, workspace, sink, side):
+    """Glue kernels, then the GEMV; with ``case`` "side", the weight into L2 beside the glue."""
     main = torch.cuda.current_stream()
-    first = None
-    if case.startswith("chain"):
-        bx, bwt, bscore, bthreshold = before
-        first = sl.threshold_linear(bx, bwt, None, bscore, bthreshold, sparsity_hint=sparsity, workspace=workspace,
-                            warm=wt if case == "chain_warm" else None)
     if case == "side":
         side.wait_stream(main)
         with torch.cuda.stream(side):
@@ -72,7 +66,7 @@ def step(case: str, glue: torch.Tensor, steps: int, x, wt, score, threshold, spa
     out = sl.threshold_linear(x, wt, None, score, threshold, sparsity_hint=sparsity, workspace=workspace)
     if case == "side":
         main.wait_stream(side)
-    return out, first
+    return out
 
 
 def timed(fn, replays: int) -> float:
@@ -124,12 +118,9 @@ def main() -> None:
     for name, glue_steps in ((n, g) for n in args.shapes.split(",") for g in glues):
         K, N = SHAPES[name]
         x, wt, score, threshold = linear(name, 0)
-        before = linear(PREVIOUS[name], 1)
         importance = x.float().abs()[0] * score
-        workspace = torch.zeros(sl.workspace_size(max(N, before[1].shape[1])), dtype=torch.int32, device=device)
+        workspace = torch.zeros(sl.workspace_size(N), dtype=torch.int32, device=device)
         expected = (x.float() * (importance > threshold)) @ wt.float()
-        bx, bwt, bscore, bthreshold = before
-        first_expected = (bx.float() * (bx.float().abs()[0] * bscore > bthreshold)) @ bwt.float()
         flush_then_read = torch.cuda.CUDAGraph()  # the untimed part of "warm"
         with torch.cuda.graph(flush_then_read):
             flush_buf.add_(1)
@@ -137,18 +128,15 @@ def main() -> None:
         times = {}
         for case in CASES:
             graph = torch.cuda.CUDAGraph()
-            args_ = (glue, glue_steps, x, wt, score, threshold, args.sparsity, workspace, sink, side, before)
+            args_ = (glue, glue_steps, x, wt, score, threshold, args.sparsity, workspace, sink, side)
             step(case, *args_)  # compile and warm up outside the capture
             torch.cuda.synchronize()
             with torch.cuda.graph(graph):
-                out, first = step(case, *args_)
+                out = step(case, *args_)
             graph.replay()
             torch.cuda.synchronize()
             err = ((out.float() - expected).norm() / expected.norm()).item()
             assert err < 2e-2, (name, case, err)
-            if first is not None:  # the warming linear computes what it computes without warming
-                err = ((first.float() - first_expected).norm() / first_expected.norm()).item()
-                assert err < 2e-2, (PREVIOUS[name], case, err)
 
             untimed = flush_then_read if case == "warm" else flush
 
@@ -158,12 +146,11 @@ def main() -> None:
 
             times[case] = timed(both, args.replays) - timed(untimed.replay, args.replays)
         floor = K * N * 2 * (1 - args.sparsity) / 4.26e12 * 1e6
-        records.append({"shape": name, "K": K, "N": N, "previous": PREVIOUS[name], "sparsity": args.sparsity,
+        records.append({"shape": name, "K": K, "N": N, "sparsity": args.sparsity,
                         "glue_steps": glue_steps, **{f"{c}_us": t for c, t in times.items()}, "floor_us": floor})
         print(f"{name} {K}x{N} at {args.sparsity:.0%}, {glue_steps} glue steps: glue + GEMV cold {times['cold']:.1f} "
-              f"us, warm {times['warm']:.1f}, side {times['side']:.1f}; {PREVIOUS[name]} + glue + GEMV "
-              f"{times['chain']:.1f}, warmed by {PREVIOUS[name]} {times['chain_warm']:.1f} "
-              f"(copy floor of the kept bytes {floor:.1f})", flush=True)
+              f"us, warm {times['warm']:.1f}, side {times['side']:.1f} (copy floor of the kept bytes {floor:.1f})",
+              flush=True)
 
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -333,14 +333,11 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
                    threshold: float = 0.0, k: int | None = None, *, path: str | None = None,
                    config: dict | None = None, out: Tensor | None = None,
                    group: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
-                   sparsity_hint: float = 0.0, workspace: Tensor | None = None, warm: Tensor | None = None) -> Tensor:
+                   sparsity_hint: float = 0.0, workspace: Tensor | None = None) -> Tensor:
     """Shared body of the launchers; ``path``/``config`` override the dispatch (tests, benchmarks).
     ``sparsity_hint``: the sparsity the rule was calibrated for (it picks the M = 1 kernel).
     ``workspace``: int32 zeros of at least ``workspace_size(N, M)`` elements, reused across
     calls (the kernels leave it zero); without it each split-K call zeroes its own.
-    ``warm``: the weight of the sparse linear that runs next, which a GEMV launch on sm_90+
-    prefetches into L2 as its programs finish (``WARM`` in sparse_linear_kernels.py); it
-    changes no result, and other paths ignore it.
 
     ``group`` = (sizes, thresholds): weight_t holds len(sizes) linears side by side, score
     is (len(sizes), K) and the threshold rule of linear g is thresholds[g]."""
@@ -367,7 +364,7 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
         raise ValueError("a group of linears runs on path 'gemv_masked', 'gemv', 'gemv_union' or 'dense', not 'gemm'")
     if path == "gemv_union" and M > UNION_MAX_M:
         raise ValueError(f"path 'gemv_union' takes at most {UNION_MAX_M} tokens (one program holds them all), got {M}")
-    _kernel(p, path, {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}, out, workspace, warm)
+    _kernel(p, path, {**_CONFIGS[path](M, N, K, x.dtype, sms), **(config or {})}, out, workspace)
     return out.reshape(*p.lead, N)
 
 
@@ -392,11 +389,9 @@ def _dense(p: _Problem, out: Tensor) -> Tensor:
     return torch.mm(xms[0], p.weight_t, out=out)
 
 
-def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | None,
-            warm: Tensor | None = None) -> None:
+def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | None) -> None:
     """One launch of the GEMV (``gemv``, ``gemv_masked``, ``gemv_union``) or masked GEMM (``gemm``) kernel into
-    ``out``, its split-K partial sums met as ``cfg["REDUCE"]`` says (0: a second launch); the
-    GEMVs prefetch ``warm`` into L2 on sm_90+ (``_warm_arguments``)."""
+    ``out``, its split-K partial sums met as ``cfg["REDUCE"]`` says (0: a second launch)."""
     (M, N, K), x2, device = p.shape, p.x2, p.x2.device
     split = cfg["SPLIT_K"]
     if path == "gemm":
@@ -453,24 +448,12 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         if p.expert is not None:
             experts = dict(expert_ptr=p.expert, thr_ptr=p.expert_thresholds, stride_we=p.expert_stride, EXPERTS=True)
         _launch(kernel, grid, *args, *strides, k_per, MODE=mode, HAS_BIAS=has_bias,
-                **_segments(p.ends, p.thresholds), **experts, PDL=hopper(device), **_warm_arguments(warm, out),
+                **_segments(p.ends, p.thresholds), **experts, PDL=hopper(device),
                 **{**cfg, "REDUCE": reduce})
     if split > 1 and reduce == 0:  # partials only: sum them in a second launch
         _launch(kern._splitk_reduce_kernel, (triton.cdiv(N, 256), M), part, p.bias if has_bias else out, out,
                 M, N, out.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split),
                 HAS_BIAS=has_bias, BLOCK_N=256, num_warps=4)
-
-
-def _warm_arguments(warm: Tensor | None, out: Tensor) -> dict:
-    """The GEMV kernels' ``warm_ptr``, ``warm_bytes``, ``WARM``: ``warm``'s bytes, from its first
-    element to its last, when the launch runs on sm_90+ (bulk prefetch) and they start on a
-    16-byte boundary; otherwise nothing (WARM off, ``out`` as a placeholder pointer)."""
-    if warm is None or not hopper(out.device) or warm.device != out.device or warm.numel() == 0:
-        return dict(warm_ptr=out, warm_bytes=0, WARM=False)
-    span = (sum((size - 1) * stride for size, stride in zip(warm.shape, warm.stride())) + 1) * warm.element_size()
-    if warm.data_ptr() % 16:
-        return dict(warm_ptr=out, warm_bytes=0, WARM=False)
-    return dict(warm_ptr=warm, warm_bytes=min(span // 16 * 16, 2**31 - 16), WARM=True)
 
 
 def _segments(ends: list[int], thresholds) -> dict:
@@ -482,28 +465,27 @@ def _segments(ends: list[int], thresholds) -> dict:
 
 
 def threshold_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor,
-                     threshold: float, sparsity_hint: float = 0.0, workspace: Tensor | None = None,
-                     warm: Tensor | None = None) -> Tensor:
+                     threshold: float, sparsity_hint: float = 0.0, workspace: Tensor | None = None) -> Tensor:
     """y = (x * m) @ weight_t + bias with m_i = |x_i| * score_i > threshold, decided in-kernel.
 
     x (M, K) fp16/bf16/fp32; weight_t (K, N) contiguous; bias (N,) or None; score (K,)
     float32.  Returns (M, N) in x's dtype; accumulation in float32.  ``sparsity_hint``:
     the share of channels the threshold was calibrated to drop; it only picks the kernel.
-    ``workspace``, ``warm``: see ``_sparse_linear``.
+    ``workspace``: see ``_sparse_linear``.
     """
     return _sparse_linear(x, weight_t, bias, score, threshold=threshold, sparsity_hint=sparsity_hint,
-                          workspace=workspace, warm=warm)
+                          workspace=workspace)
 
 
 def topk_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tensor, k: int,
-                workspace: Tensor | None = None, warm: Tensor | None = None) -> Tensor:
+                workspace: Tensor | None = None) -> Tensor:
     """y = (x * m) @ weight_t + bias, m keeping per token exactly k channels of largest |x_i| * score_i.
 
     The k-th largest importance is found in-kernel by bisection on its float bits (no
     sort); among channels tied at it, the lowest indices are kept, so exactly
     min(max(k, 0), K) channels are kept per token.
     """
-    return _sparse_linear(x, weight_t, bias, score, k=k, workspace=workspace, warm=warm)
+    return _sparse_linear(x, weight_t, bias, score, k=k, workspace=workspace)
 
 
 def expert_threshold_linear(x: Tensor, expert: Tensor, weight_t: Tensor, scores: Tensor, thresholds: Tensor,
@@ -548,7 +530,7 @@ def expert_threshold_linear(x: Tensor, expert: Tensor, weight_t: Tensor, scores:
 
 def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, scores: Tensor,
                            thresholds: list[float], sizes: list[int], sparsity_hint: float = 0.0,
-                           workspace: Tensor | None = None, warm: Tensor | None = None) -> Tensor:
+                           workspace: Tensor | None = None) -> Tensor:
     """Up to 3 threshold linears sharing the input x, in one launch at M = 1.
 
     weight_t (K, sum(sizes)) holds their transposed weights side by side, bias their
@@ -559,6 +541,6 @@ def threshold_linear_group(x: Tensor, weight_t: Tensor, bias: Tensor | None, sco
     """
     if len(sizes) == 1:
         return _sparse_linear(x, weight_t, bias, scores[0], threshold=thresholds[0], sparsity_hint=sparsity_hint,
-                              workspace=workspace, warm=warm)
+                              workspace=workspace)
     return _sparse_linear(x, weight_t, bias, scores, group=(tuple(sizes), tuple(thresholds)),
-                          sparsity_hint=sparsity_hint, workspace=workspace, warm=warm)
+                          sparsity_hint=sparsity_hint, workspace=workspace)

@@ -32,12 +32,6 @@ anything.  Only a kernel launched with the PDL attribute starts early: Inductor'
 ``config.triton.enable_pdl``, these two under ``wina_fx/early_launch.py``
 (``LAUNCHED_EARLY``); launched the usual way both instructions return at once.
 
-``WARM`` (the GEMVs, sm_90+): once a program has stored its outputs, it asks L2 to fetch its
-share of ``warm_ptr[0:warm_bytes]`` (``cp.async.bulk.prefetch.L2``: no registers, the program
-does not wait for it), the weight of the sparse linear that comes next.  The fetches run
-while the small kernels between the two linears (rotary, attention, their glue) leave DRAM
-idle, and the next GEMV then reads its kept rows from L2.
-
 Keep rules (``MODE``): 0 keeps importance > threshold (``threshold_linear``); 1 keeps
 x != 0, used on an input that ``_prep_kernel`` already masked (``topk_linear``).
 """
@@ -213,7 +207,7 @@ def _gemv_kernel(
     BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
-    PDL: tl.constexpr, warm_ptr, warm_bytes, WARM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
     Groups of linears (GROUPS, END0, ...) and rows routed to experts (EXPERTS, ...) as in
@@ -278,8 +272,6 @@ def _gemv_kernel(
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
             part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, M * tl.num_programs(0), pid_k, SPLIT_K, HAS_BIAS,
             REDUCE, n_end)
-    if WARM:  # see the module docstring
-        _warm_l2(warm_ptr, warm_bytes, tl.sum(acc), out_ptr + m * stride_om)
 
 
 @triton.jit
@@ -290,7 +282,7 @@ def _gemv_masked_kernel(
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
-    PDL: tl.constexpr, warm_ptr, warm_bytes, WARM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
 
@@ -350,8 +342,6 @@ def _gemv_masked_kernel(
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
             part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, M * tl.num_programs(0), pid_k, SPLIT_K, HAS_BIAS,
             REDUCE, n_end)
-    if WARM:  # see the module docstring
-        _warm_l2(warm_ptr, warm_bytes, tl.sum(acc), out_ptr + m * stride_om)
 
 
 @triton.jit
@@ -373,31 +363,6 @@ def _wait_for_prior():
     (the score loads, which no kernel writes, may)."""
     return tl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r", [],
                                      dtype=tl.int32, is_pure=True, pack=1)
-
-
-WARM_LANES = tl.constexpr(128)  # prefetches issued per program (one per thread at 4 warps)
-
-
-@triton.jit
-def _warm_l2(warm_ptr, warm_bytes, after, sink_ptr):
-    """Prefetch this program's share of the bytes [warm_ptr, warm_ptr + warm_bytes) into L2 (sm_90+;
-    warm_bytes a multiple of 16), WARM_LANES bulk prefetches of equal 16-byte-multiple length.
-
-    ``after``: a value the program computes last; the asm takes it as an unused operand so
-    that the prefetches cannot be issued before the program's own loads.  The asm is pure
-    (see _launch_dependents), so its result must reach a store or the compiler drops it: a
-    store to sink_ptr under the mask result != 0, which never holds (the result is 0)."""
-    pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
-    lanes = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2) * WARM_LANES
-    per_lane = tl.cdiv(tl.cdiv(warm_bytes, lanes), 16) * 16
-    start = (pid * WARM_LANES + tl.arange(0, WARM_LANES)).to(tl.int64) * per_lane
-    size = tl.minimum(tl.maximum(warm_bytes - start, 0), per_lane).to(tl.int32)
-    address = (warm_ptr.to(tl.pointer_type(tl.int8)) + start).to(tl.int64)
-    done = tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r,f", [address, size, after.to(tl.float32)], dtype=tl.int32, is_pure=True, pack=1)
-    offs = tl.arange(0, WARM_LANES)
-    tl.store(sink_ptr + offs, tl.zeros([WARM_LANES], sink_ptr.dtype.element_ty), mask=done != 0)
 
 
 @triton.jit

@@ -561,28 +561,6 @@ def test_cuda_deterministic_and_graph_capture():
 
 
 @cuda
-@pytest.mark.parametrize("path", ["gemv", "gemv_masked", None])
-def test_cuda_warming_the_next_weight_changes_no_result(path):
-    """A GEMV that prefetches another weight into L2 as it finishes (``warm``) writes the same
-    outputs, bit for bit in a fixed summation order, for warm tensors of any size: larger
-    than the launch has threads, a few bytes, not 16-byte aligned (skipped), a view."""
-    x, w, b, score = make(1, 4096, 6144, torch.bfloat16, device="cuda")
-    wt = w.t().contiguous()
-    thr = threshold_for(x, score, 0.5)
-    nxt = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    warms = [nxt, nxt[:3, :5].contiguous(), nxt.flatten()[1:], nxt[:, :1000], nxt.view(torch.uint8)[16:]]
-    config = None if path is None else {}
-    with deterministic():
-        plain = sl._sparse_linear(x, wt, b, score, thr, path=path, config=config, sparsity_hint=0.5)
-        for warm in warms:
-            out = sl._sparse_linear(x, wt, b, score, thr, path=path, config=config, sparsity_hint=0.5, warm=warm)
-            assert torch.equal(out, plain), tuple(warm.shape)
-    assert rel_err(plain, ref_threshold(x, w, b, score, thr)) < TOL[torch.bfloat16]
-    assert sl._warm_arguments(nxt.flatten()[1:], plain)["WARM"] is False  # 2-byte aligned: not prefetched
-    assert sl._warm_arguments(nxt[:, :1000], plain)["warm_bytes"] == (4095 * 4096 + 1000) * 2 // 16 * 16
-
-
-@cuda
 @pytest.mark.parametrize("M", [1, 64])
 def test_cuda_torch_compile_sees_kernels(M):
     x, w, b, score = make(M, 4096, 4096, torch.float16, device="cuda")
