@@ -1,0 +1,125 @@
+"""passes/pack_gqa.py: one-token grouped-query attention over the K/V heads as stored."""
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import wina_fx
+from wina_fx.passes.pack_gqa import pack_grouped_query_attention
+from tiny_models import tiny_model
+from transformers.integrations.sdpa_attention import repeat_kv
+
+SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def capture(fn, *inputs):
+    """(the dynamo graph of fn, with its example values; the graph's inputs)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*inputs)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def attention(mask_kind: str, groups: int, causal: bool = False):
+    """transformers' sdpa attention over repeat_kv, as it is traced under torch.compile."""
+
+    def fn(q, k, v, mask):
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        return SDPA(q, k, v, attn_mask=None if mask_kind == "none" else mask, dropout_p=0.0, scale=0.3,
+                    is_causal=causal)
+
+    return fn
+
+
+def inputs(batch, kv_heads, groups, queries, length, dim, mask_kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * groups, queries, dim, generator=g)
+    k = torch.randn(batch, kv_heads, length, dim, generator=g)
+    v = torch.randn(batch, kv_heads, length, dim + 3, generator=g)
+    shape = {"none": (1,), "shared": (batch, 1, queries, length), "float": (1, 1, queries, length),
+             "per_head": (batch, kv_heads * groups, queries, length)}[mask_kind]
+    mask = torch.rand(shape, generator=g) > 0.3
+    if mask_kind != "none":
+        mask[..., 0] = True  # every query attends somewhere
+    if mask_kind == "float":
+        mask = torch.where(mask, 0.0, -torch.inf)
+    return q, k, v, mask
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), groups=st.integers(2, 4), length=st.integers(1, 9),
+       dim=st.sampled_from([4, 8]), mask_kind=st.sampled_from(["none", "shared", "float"]))
+def test_packed_attention_is_the_repeated_one(batch, kv_heads, groups, length, dim, mask_kind):
+    """One query token, K/V repeated for G query heads each: the packed graph reads K and V
+    unrepeated and gives the same output."""
+    args = inputs(batch, kv_heads, groups, 1, length, dim, mask_kind)
+    fn = attention(mask_kind, groups)
+    gm, graph_inputs = capture(fn, *args)
+    expected = gm(*graph_inputs)[0]
+    assert pack_grouped_query_attention(gm) == (1, {})
+    assert not any(n.op == "call_method" and n.target == "expand" for n in gm.graph.nodes)  # no repeat left
+    torch.testing.assert_close(gm(*graph_inputs)[0], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expected, fn(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("prefill", "more than one query position (prefill)"),
+    ("per_head", "mask differs across heads or queries"),
+    ("causal", "is_causal set"),
+])
+def test_what_cannot_be_packed_is_left_and_counted(case, reason):
+    queries = 3 if case == "prefill" else 1
+    mask_kind = "per_head" if case == "per_head" else "shared"
+    args = inputs(2, 2, 3, queries, 5, 8, mask_kind)
+    fn = attention("none" if case == "causal" else mask_kind, 3, causal=case == "causal")
+    gm, _ = capture(fn, *args)
+    before = gm.code
+    assert pack_grouped_query_attention(gm) == (0, {reason: 1})
+    assert gm.code == before
+
+
+def test_attention_without_repeated_heads_is_not_touched():
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 6, 8), torch.randn(1, 4, 6, 8)
+    gm, _ = capture(lambda q, k, v: SDPA(q, k, v), q, k, v)
+    assert pack_grouped_query_attention(gm) == (0, {})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inductor", [False, True])
+def test_decode_steps_of_a_grouped_query_llama(inductor):
+    """A tiny Llama with 2 K/V heads for 4 query heads, decoding with a static cache through
+    backend="wina" at 50 %: with option pack_gqa (default) the report names the packed
+    attentions, and the logits are those with pack_gqa=False, step after step."""
+    model, ids = tiny_model("llama", seed=3, kv_heads=2)
+    model.config._attn_implementation = "sdpa"
+    prompt = ids[:1, :6]
+    logits = {}
+    for pack in (True, False):
+        torch._dynamo.reset()
+        cache = transformers.StaticCache(config=model.config, max_cache_len=12)
+        position = torch.arange(prompt.shape[1])
+        token = model(prompt, past_key_values=cache, cache_position=position).logits[:, -1:].argmax(-1)
+        step = torch.compile(model, backend="wina", dynamic=False,
+                             options={"sparsity": 0.5, "inductor": inductor, "pack_gqa": pack})
+        steps = []
+        for _ in range(3):
+            position = position[-1:] + 1
+            steps.append(step(token, past_key_values=cache, cache_position=position).logits)
+            token = steps[-1][:, -1:].argmax(-1)
+        notes = wina_fx.last_report().notes
+        packed = [n for n in notes if n.startswith("attention: 2 one-token")]
+        assert bool(packed) == pack, notes
+        logits[pack] = torch.cat(steps)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+
+
+def test_pack_gqa_option_is_checked():
+    with pytest.raises(ValueError, match="option 'pack_gqa' must be True or False"):
+        wina_fx.WinaConfig.from_options({"pack_gqa": "yes"})
