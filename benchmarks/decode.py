@@ -246,8 +246,8 @@ def main():
     parser.add_argument("--profile", action="store_true", help="also record GPU time per step by kernel")
     parser.add_argument("--separate", action="store_true",
                         help="also time option group=False (one launch per linear) at each sparsity")
-    parser.add_argument("--unpacked", action="store_true",
-                        help="also time option pack_gqa=False (attention over K/V repeated per query head, as "
+    parser.add_argument("--repeated-kv", action="store_true",
+                        help="also time option sdpa_gqa=False (attention over K/V repeated per query head, as "
                              "traced) at each sparsity")
     parser.add_argument("--tiles", help='also time M=1 kernel tile overrides, JSON {name: {...}}, e.g. '
                                         '\'{"prefetch": {"PREFETCH": true}}\' (tuning runs)')
@@ -364,8 +364,8 @@ def main():
                   f"measured sparsity {records[-1]['measured_sparsity']:.3f}, peak memory "
                   f"{records[-1]['peak_memory_vs_dense']:.3f}x dense", flush=True)
             variants = {"separate": ({"group": False}, None)} if args.separate else {}
-            if args.unpacked:
-                variants["unpacked"] = ({"pack_gqa": False}, None)
+            if args.repeated_kv:
+                variants["repeated_kv"] = ({"sdpa_gqa": False}, None)
             variants.update({name: ({}, tiles) for name, tiles in json.loads(args.tiles or "{}").items()})
             for name, (extra, tiles) in variants.items():  # the same sparsity, another option or kernel tiles
                 torch._dynamo.reset()

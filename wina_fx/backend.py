@@ -3,8 +3,8 @@
 dynamo graph -> [orthogonalize] -> find linears -> plan per method (a keep rule per linear,
 and for cats / rsparse a graph rewrite the gates rely on) -> [CUDA: weights not yet stored
 as W^T: re-lay them out on the first call, compile at the next] -> [rewrite] -> experts pass
-(mixture-of-experts ops) -> gate pass -> [group siblings, CUDA] -> [pack one-token grouped-query
-attention] -> Inductor.  A tensor-parallel
+(mixture-of-experts ops) -> gate pass -> [group siblings, CUDA] -> [one-token grouped-query
+attention by sdpa's enable_gqa] -> Inductor.  A tensor-parallel
 graph (DTensor weights) goes the same way up to the gate pass, its sparse ops running on the
 local shards (``sharded.py``); before Inductor it is traced down to those shards
 (``passes/localize.py``), and its siblings are grouped there.
@@ -23,7 +23,7 @@ from wina_fx.passes.experts import gate_experts
 from wina_fx.passes.gate import Gate, gate_linears
 from wina_fx.passes.group import group_sibling_linears
 from wina_fx.passes.localize import local_arguments, localize, sharded_inputs
-from wina_fx.passes.pack_gqa import pack_grouped_query_attention
+from wina_fx.passes.sdpa_gqa import attend_grouped_heads
 from wina_fx.passes.prepare import prepare
 from wina_fx.passes import weight_layout
 
@@ -205,17 +205,17 @@ def _rewrite(gm, example_inputs, config: WinaConfig, prepass, sites, result: Pla
         # Grouping pays where the kernels run; on the CPU it would only add a concatenation.
         if grouped:
             _note_groups(group_sibling_linears(gm, example_inputs), notes)
-    if config.pack_gqa:
-        _note_packed(*pack_grouped_query_attention(gm), notes)
+    if config.sdpa_gqa:
+        _note_gqa(*attend_grouped_heads(gm), notes)
     report = Report(rows, config.method, config.selection, list(notes), orthogonalize=prepass)
     record(report)
     return report
 
 
-def _note_packed(packed: int, left: dict[str, int], notes: list[str]) -> None:
-    if packed:
-        notes.append(f"attention: {packed} one-token attentions over grouped K/V heads read them unrepeated "
-                     "(query heads packed per K/V head; option pack_gqa)")
+def _note_gqa(rewritten: int, left: dict[str, int], notes: list[str]) -> None:
+    if rewritten:
+        notes.append(f"attention: {rewritten} one-token attentions over grouped K/V heads read them unrepeated "
+                     "(sdpa's enable_gqa; option sdpa_gqa)")
     for reason, count in left.items():
         notes.append(f"attention: {count} over repeated K/V heads left as traced ({reason})")
 

@@ -56,11 +56,11 @@ class WinaConfig:
                  launch): Inductor's own (``triton.enable_pdl`` for this graph) and the
                  sparse GEMVs (``early_launch.py``).  False: each kernel launches when the
                  one before has ended.
-    pack_gqa:    attention of one query token over grouped K/V heads reads the K/V heads as
-                 stored, the query heads of each group packed as query positions
-                 (``passes/pack_gqa.py``), instead of the copy of K and V repeated per query
-                 head that transformers' sdpa attention makes under torch.compile.  Same
-                 attention; False: attention as traced.
+    sdpa_gqa:    attention of one query token over grouped K/V heads runs as sdpa's own
+                 grouped-query attention (``enable_gqa``) over the K/V heads as stored
+                 (``passes/sdpa_gqa.py``), instead of over the copy of K and V repeated per
+                 query head that transformers' sdpa attention makes under torch.compile.
+                 Same attention; False: attention as traced.
     prefill:     "sparse" (every step sparse, as the papers evaluate) or "dense": a graph
                  whose steps carry more than one new token per sequence (prefill) runs
                  its linears dense, exactly; one-token decode steps run sparse.
@@ -82,7 +82,7 @@ class WinaConfig:
     rsparse_share: str | float = "search"
     group: bool = True
     pdl: bool = True
-    pack_gqa: bool = True
+    sdpa_gqa: bool = True
     prefill: str = "sparse"
     recipe: str = "default"
 
@@ -137,7 +137,7 @@ class WinaConfig:
         one_of("option 'selection'", self.selection, SELECTIONS)
         one_of("option 'prefill'", self.prefill, PREFILLS)
         one_of("option 'mode'", self.mode, MODES)
-        for flag in ("measure", "inductor", "group", "pdl", "pack_gqa"):
+        for flag in ("measure", "inductor", "group", "pdl", "sdpa_gqa"):
             if not isinstance(getattr(self, flag), bool):
                 fail(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
         object.__setattr__(self, "orthogonalize", orthogonalize_variant(self.orthogonalize))
