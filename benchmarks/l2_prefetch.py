@@ -12,11 +12,11 @@ stand-in kernels followed by the dispatched threshold GEMV (bf16, M = 1), after 
 * ``side``: the weight streamed into L2 by a kernel on a second stream, forked before the
   glue and joined after the GEMV, so it runs beside the glue.
 
-Measured on an H200 (session 15, ``results/l2_prefetch_NVIDIA_H200.json``): even ``warm`` saves
-0-4 us, nothing on o_proj, and ``side`` costs 3-30 us.  That run also timed ``chain`` (the
-linear before, then the glue, then the GEMV) against ``chain_warm`` (the linear before
-prefetching this weight into L2 by ``cp.async.bulk.prefetch.L2`` as its programs finished):
-1-7 us slower.  That prefetch was removed; its code is commit 8c7a48b.
+Measured on an H200 (session 15, ``results/l2_prefetch_NVIDIA_H200.{json,log}``): even ``warm``
+saves at most 4 us, and next to nothing on o_proj; ``side`` costs 2-31 us.  That run also
+timed ``chain`` (the linear before, then the glue, then the GEMV) against ``chain_warm`` (the
+linear before prefetching this weight into L2 by ``cp.async.bulk.prefetch.L2`` as its
+programs finished): 1.1-7.6 us slower.  That prefetch was removed; its code is commit 8c7a48b.
 
 Each figure is (time of the untimed part + graph) - (time of the untimed part alone), over
 many replays; the untimed part is the flush, and for ``warm`` the read into L2.  Writes
