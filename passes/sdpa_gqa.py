@@ -4,11 +4,14 @@ transformers' sdpa attention, traced by dynamo with a mask, repeats each K/V hea
 query heads that share it (``repeat_kv``: ``k[:, :, None].expand(B, Hkv, G, L, D).reshape(B,
 Hkv G, L, D)``) before ``scaled_dot_product_attention``.  Compiled, that is a copy of the whole K
 and V cache per layer and step.  ``enable_gqa=True`` asks sdpa for the same attention (query
-head h reads K/V head h // G) without the copy.  Measured on an H200 (Llama-3-8B's 32 over 8
-heads, bf16, under Inductor; ``benchmarks/attention_decode.py``): 7.5 against 10.0 us a layer
-with 169 cached positions, 13.9 against 50.4 with 4096.  (Packing the G query heads of a group
-as G query positions of one head, as transformers does outside torch.compile, measured slower
-than the copy: 11.5 and 86.3 us.)
+head h reads K/V head h // G) without the copy.  With a mask, sdpa takes its math path for
+that, which Inductor compiles into kernels of its own that read each K/V head in place.
+Measured on an H200 (Llama-3-8B's 32 over 8 heads, bf16, under Inductor;
+``benchmarks/attention_decode.py``): 7.5 against 10.0 us a layer with 169 cached positions, 13.9
+against 50.4 with 4096.  (Packing the G query heads of a group as G query positions of one
+head, as transformers does outside torch.compile, measured slower than the copy: 11.5 and
+86.3 us.)  With more query positions the math path is not what one wants (prefill: flash
+attention), hence one query position only.
 
 Invariant: each rewritten attention reads the same query, mask, scale, dropout and causal
 flag, and for every query head the K/V head that repeat_kv gave it, as before (up to the float
