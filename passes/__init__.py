@@ -4,5 +4,7 @@ from .gate import Gate, gate_linears
 from .keep_rule import KeepRule
 from .group import group_sibling_linears
 from .orthogonalize import OrthogonalizeReport, orthogonalize
+from .sdpa_gqa import attend_grouped_heads
 
-__all__ = ["LinearSite", "find_linears", "Gate", "KeepRule", "gate_linears", "group_sibling_linears", "OrthogonalizeReport", "orthogonalize"]
+__all__ = ["LinearSite", "find_linears", "Gate", "KeepRule", "gate_linears", "group_sibling_linears", "OrthogonalizeReport",
+           "orthogonalize", "attend_grouped_heads"]
