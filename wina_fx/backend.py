@@ -23,8 +23,8 @@ from wina_fx.passes.experts import gate_experts
 from wina_fx.passes.gate import Gate, gate_linears
 from wina_fx.passes.group import group_sibling_linears
 from wina_fx.passes.localize import local_arguments, localize, sharded_inputs
-from wina_fx.passes.sdpa_gqa import attend_grouped_heads
 from wina_fx.passes.prepare import prepare
+from wina_fx.passes.sdpa_gqa import attend_grouped_heads
 from wina_fx.passes import weight_layout
 
 from . import early_launch
