@@ -105,10 +105,10 @@ def main() -> None:
         flush_buf.add_(1)
     records = []
 
-    def linear(name: str, seed: int):
+    def linear(name: str):
         """(x, W^T, score, threshold) of a random bf16 linear at the asked sparsity."""
         K, N = SHAPES[name]
-        gen = torch.Generator(device=device).manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(0)
         wt = (torch.randn(K, N, device=device, generator=gen) * 0.02).to(torch.bfloat16)
         x = torch.randn(1, K, device=device, generator=gen).to(torch.bfloat16)
         score = wt.float().norm(dim=1)
@@ -117,7 +117,7 @@ def main() -> None:
 
     for name, glue_steps in ((n, g) for n in args.shapes.split(",") for g in glues):
         K, N = SHAPES[name]
-        x, wt, score, threshold = linear(name, 0)
+        x, wt, score, threshold = linear(name)
         importance = x.float().abs()[0] * score
         workspace = torch.zeros(sl.workspace_size(N), dtype=torch.int32, device=device)
         expected = (x.float() * (importance > threshold)) @ wt.float()

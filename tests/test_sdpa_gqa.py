@@ -1,13 +1,12 @@
 """passes/sdpa_gqa.py: one-token grouped-query attention by sdpa's enable_gqa, over the K/V heads as stored."""
 import pytest
 import torch
-import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wina_fx
 from wina_fx.passes.sdpa_gqa import attend_grouped_heads
-from tiny_models import tiny_model
+from tiny_models import compiled_decode_steps, tiny_model
 from transformers.integrations.sdpa_attention import repeat_kv
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -107,21 +106,10 @@ def test_decode_steps_of_a_grouped_query_llama(device, inductor):
     prompt = ids[:1, :6].to(device)
     logits = {}
     for rewrite in (True, False):
-        torch._dynamo.reset()
-        cache = transformers.StaticCache(config=model.config, max_cache_len=12)
-        position = torch.arange(prompt.shape[1], device=device)
-        token = model(prompt, past_key_values=cache, cache_position=position).logits[:, -1:].argmax(-1)
-        step = torch.compile(model, backend="wina", dynamic=False,
-                             options={"sparsity": 0.5, "inductor": inductor, "sdpa_gqa": rewrite})
-        steps = []
-        for _ in range(3):
-            position = position[-1:] + 1
-            steps.append(step(token, past_key_values=cache, cache_position=position).logits)
-            token = steps[-1][:, -1:].argmax(-1)
-        notes = wina_fx.last_report().notes
+        options = {"sparsity": 0.5, "inductor": inductor, "sdpa_gqa": rewrite}
+        logits[rewrite], notes = compiled_decode_steps(model, prompt, options, cache_len=12)
         rewritten = [n for n in notes if n.startswith("attention: 2 one-token")]
         assert bool(rewritten) == rewrite, notes
-        logits[rewrite] = torch.cat(steps)
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
 
 

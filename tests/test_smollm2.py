@@ -7,6 +7,7 @@ import torch
 import wina_fx
 from wina_fx.data import text
 from wina_fx.eval import perplexity, token_windows
+from tiny_models import compiled_decode_steps
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -96,24 +97,12 @@ def test_decode_with_sdpa_grouped_query_attention(smollm2, evaluation_windows):
     """SmolLM2 (9 query heads over 3 K/V heads) decoding with a static cache at 50 %: option
     sdpa_gqa rewrites all 30 one-token attentions to read K/V as stored, and gives the
     logits the traced attention over repeated K/V gives, step after step."""
-    import transformers
-
     model, _ = smollm2
     prompt = evaluation_windows[0][:, :24]
     logits, notes = {}, {}
     for rewrite in (True, False):
-        torch._dynamo.reset()
-        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
-        position = torch.arange(prompt.shape[1])
-        token = model(prompt, past_key_values=cache, cache_position=position).logits[:, -1:].argmax(-1)
-        step = torch.compile(model, backend="wina", dynamic=False,
-                             options={"sparsity": 0.5, "inductor": False, "sdpa_gqa": rewrite})
-        steps = []
-        for _ in range(3):
-            position = position[-1:] + 1
-            steps.append(step(token, past_key_values=cache, cache_position=position).logits)
-            token = steps[-1][:, -1:].argmax(-1)
-        logits[rewrite], notes[rewrite] = torch.cat(steps), wina_fx.last_report().notes
+        options = {"sparsity": 0.5, "inductor": False, "sdpa_gqa": rewrite}
+        logits[rewrite], notes[rewrite] = compiled_decode_steps(model, prompt, options, cache_len=32)
     assert any(n.startswith("attention: 30 one-token attentions") for n in notes[True]), notes[True]
     assert not any(n.startswith("attention:") for n in notes[False])
     assert ((logits[True] - logits[False]).norm() / logits[False].norm()).item() < 1e-5

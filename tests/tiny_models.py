@@ -68,3 +68,25 @@ def masked_input_hooks(model, sparsity: float, skip: tuple[str, ...] = ()) -> li
         hooks.append(module.register_forward_pre_hook(
             lambda m, args, score=score, k=k: (args[0] * reference.topk_mask(args[0], score, k).to(args[0].dtype),)))
     return hooks
+
+
+@torch.no_grad()
+def compiled_decode_steps(model, prompt, options: dict, steps: int = 3, cache_len: int | None = None):
+    """(logits of ``steps`` greedy one-token steps stacked, the last report's notes): the prompt
+    prefilled eagerly into a static cache, then each step through ``backend="wina"`` with
+    ``options`` (dynamo reset first, so the graph is compiled for these options)."""
+    import transformers
+
+    import wina_fx
+
+    torch._dynamo.reset()
+    cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len or prompt.shape[1] + steps + 2)
+    position = torch.arange(prompt.shape[1], device=prompt.device)
+    token = model(prompt, past_key_values=cache, cache_position=position).logits[:, -1:].argmax(-1)
+    step = torch.compile(model, backend="wina", dynamic=False, options=options)
+    logits = []
+    for _ in range(steps):
+        position = position[-1:] + 1
+        logits.append(step(token, past_key_values=cache, cache_position=position).logits)
+        token = logits[-1][:, -1:].argmax(-1)
+    return torch.cat(logits), wina_fx.last_report().notes
