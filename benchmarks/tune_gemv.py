@@ -51,12 +51,12 @@ CASES.update({  # one rank's shards of those linears, tensor parallel over 2 GPU
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 
 
-def case_weights(K: int, sizes, generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+def case_weights(K: int, sizes, generator, dtype=torch.float16) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Rotated fp16 copies of a case's W^T (K, sum sizes), enough that one pass over them
     leaves the L2 cache cold, and the (len(sizes), K) WINA scores of its linears."""
     N = sum(sizes)
     copies = min(16, max(bench.NBUF_MIN, -(-int(bench.ROTATE_BYTES) // (K * N * 2))))
-    ws_t = [(torch.randn(K, N, device="cuda", generator=generator) * K**-0.5).half() for _ in range(copies)]
+    ws_t = [(torch.randn(K, N, device="cuda", generator=generator) * K**-0.5).to(dtype) for _ in range(copies)]
     ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
     scores = torch.stack([ws_t[0][:, e - n:e].float().norm(dim=1) for e, n in zip(ends, sizes)])
     return ws_t, scores
@@ -130,7 +130,7 @@ def masked(block_n, block_k, per_sm, stages=3, warps=4, reduce=1):
     return "gemv_masked", cfg
 
 
-def wide(path, block_n, rows, per_sm, stages=3, reduce=1, split=None):
+def wide(path, block_n, rows, per_sm, stages=3, reduce=1, split=None, prefetch=False):
     """Wide, short tiles (session 11): block_n columns (2 * block_n contiguous bytes of each
     kept row, 8 fp16 per thread), `rows` rows per step summed in the thread (ROW_SUM), and
     split-K to about per_sm programs per SM, or a fixed ``split``; masked loads
@@ -143,8 +143,8 @@ def wide(path, block_n, rows, per_sm, stages=3, reduce=1, split=None):
     def cfg(K, sizes, s):
         tiles = sum(triton.cdiv(n, block_n) for n in sizes)
         fitted = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // (2 * rows), 128))
-        c = dict(BLOCK_N=block_n, SPLIT_K=split or fitted, STAGES=stages, REDUCE=reduce, num_warps=block_n // 256,
-                 ROW_SUM=True)
+        c = dict(BLOCK_N=block_n, SPLIT_K=split or fitted, STAGES=1 if prefetch else stages, REDUCE=reduce,
+                 num_warps=block_n // 256, ROW_SUM=True, PREFETCH=prefetch, UNPACK=prefetch)
         c["BLOCK_K" if path == "gemv_masked" else "BLOCK_R"] = rows
         return c
     return path, cfg
@@ -193,6 +193,12 @@ CANDIDATES = {
     # session 12: the split of the wide tiles, one at a time
     **{f"wm2048x{n}": wide("gemv_masked", 2048, 8, 2, reduce=2, split=n) for n in range(20, 49)},
     **{f"wc2048x{n}": wide("gemv", 2048, 8, 2, reduce=2, split=n) for n in range(20, 49)},
+    # session 16: loads straight into registers, one step ahead (PREFETCH), bf16 read as int32 pairs
+    # (UNPACK, bf16 only): ncu found the pipelined tiles spending 7-8 instructions per weight element
+    **{f"p{kind}{n}r{r}p{p}": wide(path, n, r, p, reduce=2, prefetch=True)
+       for kind, path in (("m", "gemv_masked"), ("c", "gemv")) for n, r, p in
+       ((2048, 8, 2), (2048, 8, 3), (1024, 8, 2), (1024, 8, 4), (512, 8, 4), (512, 8, 8), (1024, 16, 2))},
+    "wm2048r8p2s1a": wide("gemv_masked", 2048, 8, 2, 1, 2), "wm1024r8p4s1a": wide("gemv_masked", 1024, 8, 4, 1, 2),
 }
 QUICK = ["dispatched", "loop_r1", "cmp2_r1"]
 
@@ -203,6 +209,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="5 candidates, 2 cases")
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"of {', '.join(CASES)}")
     ap.add_argument("--candidates", default=None, help="comma-separated names (default: all)")
+    ap.add_argument("--suffix", default="", help="appended to the result file name")
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                    help="of the weights and x (TEAL's kernel: float16 only)")
     ap.add_argument("--final", action="store_true",
                     help="the dispatched kernel only, beside cuBLAS and TEAL: kernels_<gpu>_dispatch.json and .png")
     args = ap.parse_args()
@@ -211,9 +221,11 @@ def main():
     if args.final:
         names = ["dispatched"]
     cases = ["5120x17920", "qkv"] if args.quick else args.cases.split(",")
+    sparsities = [float(v) for v in args.sparsities.split(",")]
+    dtype = getattr(torch, args.dtype)
     bw = bench.copy_bandwidth()
-    header = bench.device_header(bw)
-    out_path = os.path.join(bench.out_dir(), f"kernels_{bench.gpu_tag()}_{'dispatch' if args.final else 'tune'}.json")
+    header = dict(bench.device_header(bw), dtype=args.dtype)
+    out_path = os.path.join(bench.out_dir(), f"kernels_{bench.gpu_tag()}_{'dispatch' if args.final else 'tune'}{args.suffix}.json")
     print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
     records = []
     ws = torch.zeros(sl.workspace_size(max(sum(s) for _, s in CASES.values())), dtype=torch.int32, device="cuda")
@@ -222,11 +234,11 @@ def main():
     for case in cases:
         K, sizes = CASES[case]
         N = sum(sizes)
-        ws_t, scores = case_weights(K, sizes, g)
-        x = torch.randn(1, K, device="cuda", generator=g).half()
+        ws_t, scores = case_weights(K, sizes, g, dtype)
+        x = torch.randn(1, K, device="cuda", generator=g).to(dtype)
         dense = bench.time_us([lambda w=w: x @ w for w in ws_t])  # cuBLAS on W^T (K, N): as F.linear on W.t()
         dense_f = bench.time_us([lambda w=w: F.linear(x, w.t()) for w in ws_t])
-        for s in SPARSITIES:
+        for s in sparsities:
             thr = [reference.importance(x, sc).quantile(s).item() if s > 0 else -1.0 for sc in scores]
             masks = [reference.threshold_mask(x, sc, t)[0] for sc, t in zip(scores, thr)]
             kept_bytes = sum(int(m.sum()) * n * 2 for m, n in zip(masks, sizes))
@@ -244,7 +256,7 @@ def main():
                     return sl._sparse_linear(x, w, None, score_arg, threshold=thr[0], group=group, path=path,
                                              config=cfg, sparsity_hint=s, workspace=ws)
                 check_and_time(rec, name, fn, ws_t, ref, ws, f"{case} s={s}")
-            if teal is not None:
+            if teal is not None and dtype == torch.float16:
                 tthr = [(x.abs().float().quantile(s).item() if s > 0 else -1.0)] * len(sizes)
                 tmask = x.abs()[0] > tthr[0]
                 tref = ws_t[0].t().double() @ (x[0].double() * tmask)

@@ -144,64 +144,59 @@ _CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _g
             "gemv_union": _gemv_union_config}
 
 
-# Weights of at least this many elements (the Llama-3-8B MLP linears, 5120x17920) take the
-# wide tiles at every sparsity; smaller ones (q/k/v, o) only where they measured faster.
+# Weights of at least this many elements (the Llama-3-8B MLP linears, 5120x17920) switch to
+# compacted rows at a lower sparsity than the smaller ones (q/k/v, o).
 WIDE_MIN_WEIGHT = 1 << 25
-GROUPED_WIDE_MASKED_FROM = 0.2  # between the 0 % and 25 % measurements (see _gemv_choice)
 
 
-def _wide_config(path: str, K: int, sizes: tuple[int, ...], sms: int, block_n: int, rows: int, warps: int,
-                 stages: int, reduce: int) -> tuple[str, dict]:
-    """Wide, short tiles (ROW_SUM): block_n columns, so each kept row is read in runs of
-    2 block_n contiguous bytes, and `rows` rows a step summed in the thread; split-K to
-    about two programs per SM (at most 32 splits when the last ticket sums them: it holds
-    one partial tile per split).  The output tiles are counted per linear of a group, as
-    the kernel lays them out (a 7168-wide linear is 4 tiles of 2048, not 3.5)."""
+def _wide_config(path: str, K: int, sizes: tuple[int, ...], sms: int, block_n: int, rows: int, per_sm: int,
+                 reduce: int) -> tuple[str, dict]:
+    """Wide, short tiles (ROW_SUM): block_n columns, one 16-byte vector of each row per thread
+    (block_n / 256 warps), so each kept row is read in runs of 2 block_n contiguous bytes, and
+    `rows` rows a step summed in the thread; the loads straight into registers one step ahead
+    (PREFETCH), a bf16 weight read as int32 pairs (UNPACK, where the launcher finds it fits);
+    split-K to about per_sm programs per SM (at most 32 splits when the last ticket sums them:
+    it holds one partial tile per split).  The output tiles are counted per linear of a group,
+    as the kernel lays them out (a 7168-wide linear is 7 tiles of 1024)."""
     tiles = sum(triton.cdiv(n, block_n) for n in sizes)
-    split = max(1, min(triton.cdiv(2 * sms, tiles), K // (2 * rows), 128 if reduce == 2 else 32))
+    split = max(1, min(triton.cdiv(per_sm * sms, tiles), K // (2 * rows), 128 if reduce == 2 else 32))
     return path, {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": rows, "SPLIT_K": split,
-                  "STAGES": stages, "REDUCE": reduce, "num_warps": warps, "ROW_SUM": True}
+                  "STAGES": 1, "REDUCE": reduce, "num_warps": block_n // 256, "ROW_SUM": True, "PREFETCH": True,
+                  "UNPACK": True}
 
 
 def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: float,
                  sizes: tuple[int, ...] | None = None) -> tuple[str, dict]:
     """(path, config) at one token, from the shape and the calibrated sparsity, as measured
-    on an H200 (``kernels_h200_tune_run6.json``, benchmarks/NOTES.md, session 11):
+    on an H200 (``kernels_h200_tune_s16_{bf16,fp16}.json``, benchmarks/NOTES.md, session 16):
 
     * N <= 2048 (k/v projections alone): masked loads, one 256-row step per program.
-    * weights of WIDE_MIN_WEIGHT elements or more: 2048 columns x 8 rows, 8 warps;
-      compacted rows from 60 % (groups, i.e. gate/up: from 50 %), masked loads below
-      (groups below GROUPED_WIDE_MASKED_FROM: the 64-column masked tiles).  Session 13
-      (``kernels_h200_tune_run11.json``), once every K range was even: gate/up 48.6 / 41.2 us
-      at 25 / 40 % against 49.3 / 44.6 for the 64-column tiles, the tensor-parallel half
-      28.6 / 25.2 against 29.7 / 29.7; at 0 % the 64-column tiles stay ahead (59.6 / 63.1).
-    * smaller weights: 1024 columns x 8 rows masked, 4 stages, below 50 %; compacted rows
-      in 512 x 16 tiles from 75 %; the masked tiles of ``_gemv_masked_config`` between.
+    * below 40 %, and for groups of large weights (gate/up) until they switch: masked loads,
+      1024 columns x 8 rows, about 4 programs per SM;
+    * from 40 %: masked loads, 512 columns x 8 rows, about 8 programs per SM;
+    * from 60 % (weights of WIDE_MIN_WEIGHT elements or more) or 70 % (smaller ones): compacted
+      rows, 1024 columns x 8 rows, about 2 programs per SM.
 
-    Split-K partial sums meet by float32 atomics into the workspace (REDUCE 2; the
-    summation order varies from run to run), or, under
-    ``torch.use_deterministic_algorithms(True)``, in a fixed order by the last program's
-    ticket (REDUCE 1; about 1-2 us slower on the wide tiles).  ``sizes``: the output
-    widths of a group's linears (q/k/v, gate/up), None for one linear.
+    Every one with its loads straight into registers one step ahead (PREFETCH): Triton's
+    pipelined tiles, through shared memory, spent 7-8 instructions per weight element and
+    were bound by issuing them (ncu, session 16).  Split-K partial sums meet by float32
+    atomics into the workspace (REDUCE 2; the summation order varies from run to run), or,
+    under ``torch.use_deterministic_algorithms(True)``, in a fixed order by the last
+    program's ticket (REDUCE 1).  ``sizes``: the output widths of a group's linears (q/k/v,
+    gate/up), None for one linear.
     """
     sizes = sizes or (N,)
-    grouped = len(sizes) > 1
+    large = K * N >= WIDE_MIN_WEIGHT
     reduce = 1 if torch.are_deterministic_algorithms_enabled() else 2
     s = sparsity_hint
     if N <= 2048:
         return "gemv_masked", dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=triton.cdiv(K, 256), STAGES=1, REDUCE=reduce,
                                    num_warps=4)
-    if K * N >= WIDE_MIN_WEIGHT:
-        if s >= (0.5 if grouped else 0.6):
-            return _wide_config("gemv", K, sizes, sms, 2048, 8, 8, 3, reduce)
-        if not grouped or s >= GROUPED_WIDE_MASKED_FROM:
-            return _wide_config("gemv_masked", K, sizes, sms, 2048, 8, 8, 3, reduce)
-    elif s < 0.5:
-        return _wide_config("gemv_masked", K, sizes, sms, 1024, 8, 4, 4, reduce)
-    elif s >= 0.75:
-        return _wide_config("gemv", K, sizes, sms, 512, 16, 2, 3, reduce)
-    # through _CONFIGS, so that a benchmark overriding a path's tiles reaches the dispatch too
-    return "gemv_masked", {**_CONFIGS["gemv_masked"](1, N, K, dtype, sms), "REDUCE": reduce}
+    if s >= (0.6 if large else 0.7):
+        return _wide_config("gemv", K, sizes, sms, 1024, 8, 2, reduce)
+    if s < 0.4 or (large and len(sizes) > 1):
+        return _wide_config("gemv_masked", K, sizes, sms, 1024, 8, 4, reduce)
+    return _wide_config("gemv_masked", K, sizes, sms, 512, 8, 8, reduce)
 
 
 def _traced(x: Tensor) -> bool:
@@ -443,7 +438,8 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
         # every argument explicit: torch's mutation analysis of a user kernel fails on a defaulted
         # one, and Inductor then clones every tensor argument (the weight too) around each launch
-        cfg = {"ROW_SUM": False, **cfg}
+        cfg = {"ROW_SUM": False, "PREFETCH": False, "UNPACK": False, **cfg}
+        cfg["UNPACK"] = cfg["UNPACK"] and _pairs_fit(p)
         experts = dict(expert_ptr=out, thr_ptr=out, stride_we=0, EXPERTS=False)
         if p.expert is not None:
             experts = dict(expert_ptr=p.expert, thr_ptr=p.expert_thresholds, stride_we=p.expert_stride, EXPERTS=True)
@@ -454,6 +450,13 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         _launch(kern._splitk_reduce_kernel, (triton.cdiv(N, 256), M), part, p.bias if has_bias else out, out,
                 M, N, out.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split),
                 HAS_BIAS=has_bias, BLOCK_N=256, num_warps=4)
+
+
+def _pairs_fit(p: _Problem) -> bool:
+    """The GEMVs can read a bf16 weight as int32 pairs of adjacent columns (UNPACK): every
+    linear of the group, and the row stride, an even number of columns."""
+    return (p.weight_t.dtype == torch.bfloat16 and p.weight_t.stride(0) % 2 == 0 and p.expert_stride % 2 == 0
+            and all(end % 2 == 0 for end in p.ends))
 
 
 def _segments(ends: list[int], thresholds) -> dict:

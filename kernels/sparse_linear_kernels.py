@@ -207,7 +207,7 @@ def _gemv_kernel(
     BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr, UNPACK: tl.constexpr,
 ):
     """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
     Groups of linears (GROUPS, END0, ...) and rows routed to experts (EXPERTS, ...) as in
@@ -258,17 +258,22 @@ def _gemv_kernel(
 
     offs_n = col0 + tl.arange(0, BLOCK_N)
     nmask = offs_n < n_end
-    acc = tl.zeros((1 if ROW_SUM else BLOCK_R, BLOCK_N), tl.float32)
-    if n_keep == k_hi - k_lo:  # every channel of the range kept (dense input): no indirection
-        for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
-            offs_j = j + tl.arange(0, BLOCK_R)
-            acc = _fma_rows(acc, k_lo + offs_j, offs_j < n_keep, x_row, wt_ptr, stride_wk, offs_n, nmask, ROW_SUM)
+    if PREFETCH:  # ROW_SUM tiles only
+        acc = _compacted_prefetched(scr, n_keep, n_keep == k_hi - k_lo, x_row, wt_ptr, stride_wk, k_lo, col0, n_end,
+                                    BLOCK_N, BLOCK_R, UNPACK)
     else:
-        for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
-            offs_j = j + tl.arange(0, BLOCK_R)
-            jmask = offs_j < n_keep
-            rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
-            acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask, ROW_SUM)
+        acc = tl.zeros((1 if ROW_SUM else BLOCK_R, BLOCK_N), tl.float32)
+        if n_keep == k_hi - k_lo:  # every channel of the range kept (dense input): no indirection
+            for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
+                offs_j = j + tl.arange(0, BLOCK_R)
+                acc = _fma_rows(acc, k_lo + offs_j, offs_j < n_keep, x_row, wt_ptr, stride_wk, offs_n, nmask,
+                                ROW_SUM)
+        else:
+            for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
+                offs_j = j + tl.arange(0, BLOCK_R)
+                jmask = offs_j < n_keep
+                rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
+                acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask, ROW_SUM)
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
             part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, M * tl.num_programs(0), pid_k, SPLIT_K, HAS_BIAS,
             REDUCE, n_end)
@@ -282,7 +287,7 @@ def _gemv_masked_kernel(
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr, UNPACK: tl.constexpr,
 ):
     """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
 
@@ -329,19 +334,125 @@ def _gemv_masked_kernel(
             col0 = tl.multiple_of(col0, 16)
     offs_n = col0 + tl.arange(0, BLOCK_N)
     nmask = offs_n < n_end
-    acc = tl.zeros((1 if ROW_SUM else BLOCK_K, BLOCK_N), tl.float32)
-    for c in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-        offs = c + tl.arange(0, BLOCK_K)
-        valid = offs < k_hi
-        xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
-        keep = _keep(xf, tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0), valid, threshold, MODE)
-        w = tl.load(wt_ptr + offs[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & nmask[None, :],
-                    other=0.0, eviction_policy="evict_first")
-        acc = _accumulate(acc, w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None], ROW_SUM)  # where: no dropped NaN
+    if PREFETCH:  # ROW_SUM tiles only
+        acc = _masked_prefetched(x_row, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, n_end, MODE,
+                                 BLOCK_N, BLOCK_K, UNPACK)
+    else:
+        acc = tl.zeros((1 if ROW_SUM else BLOCK_K, BLOCK_N), tl.float32)
+        for c in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+            offs = c + tl.arange(0, BLOCK_K)
+            valid = offs < k_hi
+            xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
+            keep = _keep(xf, tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0), valid, threshold, MODE)
+            w = tl.load(wt_ptr + offs[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & nmask[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            acc = _accumulate(acc, w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None], ROW_SUM)  # no dropped NaN
     # n_end: a tile ending inside its linear stores nothing into the next one's columns
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
             part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, M * tl.num_programs(0), pid_k, SPLIT_K, HAS_BIAS,
             REDUCE, n_end)
+
+
+@triton.jit
+def _row_tile(wt_ptr, rows, rmask, stride_wk, col0, n_end, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
+    """wt[rows, col0:col0 + BLOCK_N], zeros in the rows not in rmask and the columns from n_end;
+    loaded straight into registers.  UNPACK (bf16): as int32 pairs of adjacent columns,
+    (rows, BLOCK_N // 2), which _rows_dot widens by two bit operations (col0, n_end, the
+    row stride even)."""
+    if UNPACK:
+        offs_p = col0 // 2 + tl.arange(0, BLOCK_N // 2)
+        return tl.load(wt_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wk // 2) + offs_p[None, :],
+                       mask=rmask[:, None] & (offs_p < n_end // 2)[None, :], other=0)
+    else:
+        offs_n = col0 + tl.arange(0, BLOCK_N)
+        return tl.load(wt_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                       mask=rmask[:, None] & (offs_n < n_end)[None, :], other=0.0)
+
+
+@triton.jit
+def _rows_dot(acc_a, acc_b, w, xk, UNPACK: tl.constexpr):
+    """Column sums of w * xk[:, None] in float32, added to acc_a (1, BLOCK_N), or with UNPACK to the
+    even columns' acc_a and the odd columns' acc_b (1, BLOCK_N // 2).  A bf16 is the top half of
+    its float32, so the pair word shifted left by 16 is the even column exactly, and with its
+    low half cleared the odd one: two integer operations for two values."""
+    if UNPACK:
+        even = (w << 16).to(tl.float32, bitcast=True)
+        odd = (w & -65536).to(tl.float32, bitcast=True)
+        return (acc_a + tl.sum(even * xk[:, None], axis=0, keep_dims=True),
+                acc_b + tl.sum(odd * xk[:, None], axis=0, keep_dims=True))
+    else:
+        return acc_a + tl.sum(w.to(tl.float32) * xk[:, None], axis=0, keep_dims=True), acc_b
+
+
+@triton.jit
+def _masked_prefetched(x_row, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, n_end,
+                       MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr):
+    """The (1, BLOCK_N) float32 column sums of the kept rows of wt[k_lo:k_hi, col0:col0 + BLOCK_N]
+    times x, BLOCK_K rows a step, the loads kept in registers ahead of their use: the weight
+    rows one step ahead, x and the scores two.  Every load goes straight to registers, with no
+    asynchronous copy into shared memory and back (Triton's pipelining), which cost the
+    wide tiles about half their instructions (ncu, session 16)."""
+    acc_a = tl.zeros((1, BLOCK_N // 2 if UNPACK else BLOCK_N), tl.float32)
+    acc_b = tl.zeros((1, BLOCK_N // 2 if UNPACK else 1), tl.float32)
+    offs = k_lo + tl.arange(0, BLOCK_K)
+    valid = offs < k_hi
+    xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
+    keep = _keep(xf, tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0), valid, threshold, MODE)
+    w = _row_tile(wt_ptr, offs, keep, stride_wk, col0, n_end, BLOCK_N, UNPACK)
+    xk = tl.where(keep, xf, 0.0)  # carried instead of keep: no predicates saved across the loop; no dropped NaN
+    offs += BLOCK_K
+    valid = offs < k_hi
+    xf_next = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
+    score_next = tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0)
+    for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+        keep_next = _keep(xf_next, score_next, valid, threshold, MODE)
+        w_next = _row_tile(wt_ptr, offs, keep_next, stride_wk, col0, n_end, BLOCK_N, UNPACK)
+        acc_a, acc_b = _rows_dot(acc_a, acc_b, w, xk, UNPACK)
+        xk, w = tl.where(keep_next, xf_next, 0.0), w_next
+        offs += BLOCK_K
+        valid = offs < k_hi
+        xf_next = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
+        score_next = tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0)
+    acc_a, acc_b = _rows_dot(acc_a, acc_b, w, xk, UNPACK)
+    if UNPACK:
+        return tl.interleave(acc_a, acc_b)
+    else:
+        return acc_a
+
+
+@triton.jit
+def _kept_rows(scr, offs_j, n_keep, all_kept, k_lo):
+    """Row ids and mask of kept channels offs_j of a program's range: read back from its scratch
+    row, or, when the whole range is kept, k_lo + offs_j without reading it."""
+    jmask = offs_j < n_keep
+    rows = tl.load(scr + offs_j, mask=jmask & ~all_kept, other=0, cache_modifier=".cg")
+    return tl.where(all_kept, k_lo + offs_j, rows), jmask
+
+
+@triton.jit
+def _compacted_prefetched(scr, n_keep, all_kept, x_row, wt_ptr, stride_wk, k_lo, col0, n_end,
+                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UNPACK: tl.constexpr):
+    """The (1, BLOCK_N) float32 column sums of wt[kept rows, col0:col0 + BLOCK_N] times x[kept rows],
+    BLOCK_R kept rows a step, as _masked_prefetched: the weight rows and their x values one
+    step ahead in registers, the kept ids two."""
+    acc_a = tl.zeros((1, BLOCK_N // 2 if UNPACK else BLOCK_N), tl.float32)
+    acc_b = tl.zeros((1, BLOCK_N // 2 if UNPACK else 1), tl.float32)
+    offs_j = tl.arange(0, BLOCK_R)
+    rows, jmask = _kept_rows(scr, offs_j, n_keep, all_kept, k_lo)
+    w = _row_tile(wt_ptr, rows, jmask, stride_wk, col0, n_end, BLOCK_N, UNPACK)
+    xk = tl.load(x_row + rows, mask=jmask, other=0.0).to(tl.float32)
+    rows_next, jmask_next = _kept_rows(scr, offs_j + BLOCK_R, n_keep, all_kept, k_lo)
+    for j in range(BLOCK_R, n_keep, BLOCK_R):
+        w_next = _row_tile(wt_ptr, rows_next, jmask_next, stride_wk, col0, n_end, BLOCK_N, UNPACK)
+        xk_next = tl.load(x_row + rows_next, mask=jmask_next, other=0.0).to(tl.float32)
+        acc_a, acc_b = _rows_dot(acc_a, acc_b, w, xk, UNPACK)
+        w, xk = w_next, xk_next
+        rows_next, jmask_next = _kept_rows(scr, j + BLOCK_R + offs_j, n_keep, all_kept, k_lo)
+    acc_a, acc_b = _rows_dot(acc_a, acc_b, w, xk, UNPACK)
+    if UNPACK:
+        return tl.interleave(acc_a, acc_b)
+    else:
+        return acc_a
 
 
 @triton.jit

@@ -42,21 +42,23 @@ t = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device="meta")
 results = {}
 for kernel in ("_gemv_kernel", "_gemv_masked_kernel"):
     # REDUCE 2 (the dispatched split-K: float32 sums in the ticket buffer) on the wide tiles
-    for groups, experts, row_sum, reduce in ((1, False, False, 1), (1, True, False, 1), (2, False, False, 1),
-                                             (1, False, True, 2), (2, False, True, 2), (1, True, True, 2)):
+    # and the dispatched wide tiles' loads prefetched into registers, bf16 pairs unpacked (PREFETCH, UNPACK)
+    for groups, experts, row_sum, reduce, prefetch in (
+            (1, False, False, 1, False), (1, True, False, 1, False), (2, False, False, 1, False),
+            (1, False, True, 2, False), (1, False, True, 2, True), (2, False, True, 2, True), (1, True, True, 2, True)):
         args = dict(x_ptr=t(S, K), wt_ptr=t(E, K, N), bias_ptr=t(S, N), score_ptr=t(max(E, groups), K, dt=torch.float32),
                     out_ptr=t(S, N), part_ptr=t(2, S, N, dt=torch.float32), cnt_ptr=t(8, dt=torch.int32),
                     M=S, N=N, K=K, stride_xm=K, stride_wk=N, stride_om=N, threshold=0.0, K_PER_SPLIT=32,
                     SPLIT_K=2, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=32, STAGES=1,
                     END0=48 if groups > 1 else N, END1=N, THRESHOLD1=0.0, THRESHOLD2=0.0, GROUPS=groups,
                     ENDS_ALIGNED=True, expert_ptr=t(S, dt=torch.int64), thr_ptr=t(E, dt=torch.float32),
-                    stride_we=K * N, EXPERTS=experts, ROW_SUM=row_sum, PDL=True)
+                    stride_we=K * N, EXPERTS=experts, ROW_SUM=row_sum, PDL=True, PREFETCH=prefetch, UNPACK=prefetch)
         if kernel == "_gemv_kernel":
             args.update(scr_ptr=t(256, dt=torch.int32), BLOCK_R=16, BLOCK_KS=32)
         else:
             args.update(BLOCK_K=32)
         found = analyse(getattr(kern, kernel), args, {})
-        launch = f"{kernel} groups={groups} experts={experts} row_sum={row_sum} reduce={reduce}"
+        launch = f"{kernel} groups={groups} experts={experts} row_sum={row_sum} reduce={reduce} prefetch={prefetch}"
         results[launch] = sorted(d.name for d in found.read_writes.writes)
 print(json.dumps(results))
 '''
@@ -75,7 +77,7 @@ def test_gemv_kernels_write_only_their_outputs():
     writes = _run_compiled_triton(SCRIPT)
     if writes is None:
         pytest.skip("this torch has no identify_accessed_tensors")
-    assert len(writes) == 12
+    assert len(writes) == 14
     for launch, written in writes.items():
         allowed = {"out_ptr", "part_ptr", "cnt_ptr"} | ({"scr_ptr"} if launch.startswith("_gemv_kernel") else set())
         assert set(written) <= allowed, (launch, written)
