@@ -1,7 +1,8 @@
-"""Registers, spills and shared memory of a GEMV configuration on a Hopper GPU, without one.
+"""Registers, spills, shared memory and main-loop instructions of a GEMV configuration on a
+Hopper GPU, without one.
 
-    python benchmarks/kernel_resources.py                      # the dispatched wide tiles and two older ones
-    python benchmarks/kernel_resources.py --path gemv --block-n 2048 --rows 8 --warps 8 --stages 3
+    python benchmarks/kernel_resources.py                      # the dispatched wide tiles and older ones
+    python benchmarks/kernel_resources.py --path gemv --block-n 1024 --rows 8 --warps 4 --stages 1 --prefetch
 
 Triton compiles for a target it is told about (sm_90 here) without a GPU, and ships the
 ``cuobjdump`` that reads the cubin's resource usage (spilled registers show as a stack frame, STACK, of kilobytes).
@@ -9,12 +10,18 @@ Occupancy follows from it: programs
 per SM = min(65536 / (registers x threads), 228 KB / shared memory), which decides how
 many of a launch's programs run in the first wave.  fp16 weights, threshold rule, no
 bias, one linear, split-K as given (``--dtype`` for bf16 or fp32).
+
+The SASS of the main loop (the last backward branch: the weight rows' loop) divided by
+the weight elements one thread handles per step gives instructions per weight element:
+what bounds a GEMV whose schedulers are busy issuing rather than waiting on memory (ncu,
+session 16: Triton's software-pipelined tiles spent 7-8, the register-prefetched ones 4.5).
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,16 +47,17 @@ KERNELS = {"gemv": kern._gemv_kernel, "gemv_masked": kern._gemv_masked_kernel, "
 
 
 def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int, split: int, reduce: int,
-                     row_sum: bool, dtype: str = "fp16", tokens: int = 1):
+                     row_sum: bool, dtype: str = "fp16", tokens: int = 1, prefetch: bool = False):
     """The compiled kernel; ``dtype`` ("fp16", "bf16", "fp32"): the type of x, W^T, bias and out;
-    ``tokens``: BLOCK_M of ``gemv_union`` (every token in one program)."""
+    ``tokens``: BLOCK_M of ``gemv_union`` (every token in one program); ``prefetch``: PREFETCH
+    and (bf16) UNPACK of the one-token GEMVs."""
     kernel = KERNELS[path]
     consts = dict(SPLIT_K=split, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=block_n, STAGES=stages, GROUPS=1,
                   ENDS_ALIGNED=False, ROW_SUM=row_sum)
     if path == "gemv_union":
         consts.update(BLOCK_M=tokens, BLOCK_R=rows, BLOCK_KS=512, IEEE=dtype == "fp32")
     else:
-        consts.update(EXPERTS=False, PDL=True)
+        consts.update(EXPERTS=False, PDL=True, PREFETCH=prefetch, UNPACK=prefetch and dtype == "bf16")
         consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
     names = list(inspect.signature(kernel.fn).parameters)
     types = {**TYPES, **{n: f"*{dtype}" for n in DATA}}
@@ -69,13 +77,33 @@ def resource_usage(compiled) -> str:
     return f"{usage} | shared memory {compiled.metadata.shared} bytes"
 
 
-DEFAULTS = [  # (path, BLOCK_N, rows, warps, stages, split, REDUCE, ROW_SUM)
-    ("gemv_masked", 2048, 8, 8, 3, 30, 2, True),   # large weights below 60 %
-    ("gemv", 2048, 8, 8, 3, 30, 2, True),          # large weights from 60 %
-    ("gemv_masked", 1024, 8, 4, 4, 44, 2, True),   # smaller weights below 50 %
-    ("gemv", 512, 16, 2, 3, 22, 2, True),          # smaller weights from 75 %
-    ("gemv_masked", 32, 256, 4, 3, 1, 1, False),   # session 8's 5120x17920 tiles
-    ("gemv", 128, 64, 4, 3, 2, 1, False),          # session 8's compacted tiles
+def sass(compiled) -> str:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loop_instructions(compiled) -> int:
+    """Instructions from the target of the last backward branch to that branch: the body of
+    the kernel's last loop (the GEMVs' weight rows)."""
+    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass(compiled))]
+    body = 0
+    for addr, op in code:
+        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", op)
+        if target and target.group(1) and int(target.group(1), 16) < addr:
+            body = sum(1 for a, _ in code if int(target.group(1), 16) <= a <= addr)
+    return body
+
+
+DEFAULTS = [  # (path, BLOCK_N, rows, warps, stages, split, REDUCE, ROW_SUM, PREFETCH)
+    ("gemv_masked", 1024, 8, 4, 1, 38, 2, True, True),  # dispatched below 40 % (session 16)
+    ("gemv_masked", 512, 8, 2, 1, 30, 2, True, True),   # dispatched from 40 %
+    ("gemv", 1024, 8, 4, 1, 15, 2, True, True),         # dispatched from 60 / 70 %
+    ("gemv_masked", 2048, 8, 8, 3, 30, 2, True, False),  # session 11-15's large weights below 60 %
+    ("gemv", 2048, 8, 8, 3, 30, 2, True, False),         # session 11-15's large weights from 60 %
+    ("gemv_masked", 32, 256, 4, 3, 3, 2, False, False),  # session 8-15's o and q/k/v tiles at 50 %
 ]
 
 
@@ -90,15 +118,18 @@ def main() -> None:
     ap.add_argument("--split", type=int, default=16)
     ap.add_argument("--reduce", type=int, default=2, choices=[0, 1, 2])
     ap.add_argument("--no-row-sum", action="store_true")
+    ap.add_argument("--prefetch", action="store_true", help="PREFETCH (and UNPACK for bf16)")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     args = ap.parse_args()
     configs = DEFAULTS if args.path is None else [(args.path, args.block_n, args.rows, args.warps, args.stages,
-                                                   args.split, args.reduce, not args.no_row_sum)]
-    for cfg in configs:
+                                                   args.split, args.reduce, not args.no_row_sum, args.prefetch)]
+    for *cfg, prefetch in configs:
+        compiled = compile_for_sm90(*cfg, args.dtype, args.tokens, prefetch)
+        per_thread = cfg[1] * (cfg[2] * args.tokens if cfg[0] == "gemv_union" else cfg[2]) // (32 * cfg[3])
         print(f"{cfg[0]:11s} {cfg[1]:4d} cols x {cfg[2]:3d} rows, {cfg[3]} warps, {cfg[4]} stages, split {cfg[5]}, "
-              f"REDUCE {cfg[6]}, ROW_SUM {cfg[7]}, {args.dtype}"
-              f"{f', {args.tokens} tokens' if cfg[0] == 'gemv_union' else ''}: "
-              f"{resource_usage(compile_for_sm90(*cfg, args.dtype, args.tokens))}",
+              f"REDUCE {cfg[6]}, ROW_SUM {cfg[7]}, PREFETCH {prefetch}, {args.dtype}"
+              f"{f', {args.tokens} tokens' if cfg[0] == 'gemv_union' else ''}: {resource_usage(compiled)} | "
+              f"main loop {loop_instructions(compiled) / per_thread:.2f} instructions per weight element",
               flush=True)
 
 

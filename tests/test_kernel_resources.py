@@ -1,7 +1,7 @@
-"""The dispatched GEMV configurations compile for a Hopper GPU, fp16 and fp32, without
+"""The dispatched GEMV configurations compile for a Hopper GPU, fp16, bf16 and fp32, without
 spilling registers and within one SM's shared memory.
 
-The wide tiles hold a 2048-column accumulator and a software pipeline per program; a tile
+The wide tiles hold a 1024-column accumulator and the next step's weight rows per program; a tile
 change that spills to local memory still computes right (the interpreter tests pass) but
 runs far slower.  Triton compiles for sm_90 without a GPU, and its own cuobjdump reads the
 cubin's resource usage (``benchmarks/kernel_resources.py``).  Runs in a fresh process
@@ -33,11 +33,12 @@ for N, K, sizes in [(17920, 5120, None), (4096, 14336, None), (28672, 4096, (143
             torch.use_deterministic_algorithms(deterministic)
             path, cfg = sl._gemv_choice(N, K, torch.float16, 132, s, sizes)
             rows = cfg.get("BLOCK_K", cfg.get("BLOCK_R"))
-            key = f"{path} {cfg['BLOCK_N']}x{rows} w{cfg['num_warps']} s{cfg['STAGES']} split{cfg['SPLIT_K']} reduce{cfg['REDUCE']} {cfg.get('ROW_SUM', False)}"
-            for dtype in ("fp16", "fp32"):
+            key = f"{path} {cfg['BLOCK_N']}x{rows} w{cfg['num_warps']} s{cfg['STAGES']} split{cfg['SPLIT_K']} reduce{cfg['REDUCE']} {cfg.get('ROW_SUM', False)} {cfg.get('PREFETCH', False)}"
+            for dtype in ("fp16", "bf16", "fp32"):
                 if f"{key} {dtype}" not in report:
                     compiled = kr.compile_for_sm90(path, cfg["BLOCK_N"], rows, cfg["num_warps"], cfg["STAGES"],
-                                                   cfg["SPLIT_K"], cfg["REDUCE"], cfg.get("ROW_SUM", False), dtype)
+                                                   cfg["SPLIT_K"], cfg["REDUCE"], cfg.get("ROW_SUM", False), dtype,
+                                                   prefetch=cfg.get("PREFETCH", False))
                     report[f"{key} {dtype}"] = kr.resource_usage(compiled)
 print(json.dumps(report))
 '''
@@ -50,7 +51,7 @@ def test_dispatched_configurations_do_not_spill():
                             timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(report) >= 12  # masked and compacted, wide and narrow, both reductions, fp16 and fp32
+    assert len(report) >= 18  # masked and compacted, wide and narrow, both reductions, fp16, bf16 and fp32
     for config, usage in report.items():
         # spilled registers show as a stack frame (a spilled accumulator: kilobytes); the
         # deterministic masked tiles keep an 8-byte one

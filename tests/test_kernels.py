@@ -11,6 +11,7 @@ launchers allocate is poisoned (NaN / garbage ints), so an unwritten element fai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -262,6 +263,61 @@ def test_split_k_fixup_with_empty_splits(dtype):
             assert rel_err(run(x, w, b, score, thr=thr, path=path, config=cfg), ref) < TOL[dtype], (path, sparsity)
 
 
+def prefetched(path, block_n, split, reduce=2, unpack=True):
+    """The dispatched one-token tiles (rows summed in the thread, loads prefetched into
+    registers; UNPACK where the launcher finds the weight fits), scaled down."""
+    return path, {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": 8, "SPLIT_K": split,
+                  "STAGES": 1, "REDUCE": reduce, "ROW_SUM": True, "PREFETCH": True, "UNPACK": unpack, "num_warps": 1}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefetched_wide_tiles(dtype):
+    """The register-prefetched tiles (PREFETCH) of both one-token GEMVs, with bf16 weights read
+    as int32 pairs (UNPACK) where every column end and the row stride are even: ragged K and
+    N, odd ends (UNPACK then off), groups, a weight read through a wider row stride, one
+    step per program, splits with no rows left, each split-K reduction, sparsity 0 to 100 %,
+    and a NaN in a dropped channel, which is never read."""
+    cfgs = [prefetched(path, block_n, split, reduce) for path in ("gemv_masked", "gemv")
+            for block_n, split, reduce in ((64, 1, 2), (32, 9, 2), (64, 3, 1))]
+    for M, K, sizes, pad in [(1, 257, (130,), 0), (1, 64, (64, 16, 50), 0),
+                             (1, 257, (33, 17, 40), 0), (1, 100, (70,), 6), (1, 100, (70,), 5), (2, 17, (96,), 0)]:
+        x, w, b, scores = make_group(M, K, sizes, dtype, seed=K + sum(sizes) + pad)
+        wt = torch.cat([w.t(), torch.zeros(K, pad, dtype=dtype)], 1)[:, :sum(sizes)] if pad else w.t().contiguous()
+        for sparsity in (0.0, 0.6, 1.0):
+            thr = group_thresholds(x, scores, [sparsity] * len(sizes))
+            ref = ref_group(x, w, b, scores, thr, sizes)
+            group = (sizes, tuple(thr)) if len(sizes) > 1 else None
+            for path, cfg in cfgs:
+                out = sl._sparse_linear(x, wt, b, scores if group else scores[0], thr[0], path=path, config=cfg,
+                                        group=group)
+                assert rel_err(out, ref) < TOL[dtype], (sizes, pad, sparsity, path, cfg)
+    x, w, b, scores = make_group(1, 100, (64,), dtype, seed=1)
+    thr = threshold_for(x, scores[0], 0.5)
+    dropped = int((reference.importance(x, scores[0]) <= thr).nonzero()[0, 1])
+    clean = x.clone()
+    x[0, dropped] = float("nan")  # |NaN| * score > thr is false: dropped
+    for path, cfg in cfgs:
+        out = sl._sparse_linear(x, w.t().contiguous(), b, scores[0], thr, path=path, config=cfg)
+        assert rel_err(out, ref_threshold(clean, w, b, scores[0], thr)) < TOL[dtype], (path, cfg)
+
+
+def test_unpack_fits_only_even_bf16_columns():
+    """UNPACK reads a bf16 weight as int32 pairs of adjacent columns, so the launcher turns it
+    on only when every linear's column end and the row stride are even (and never for fp16,
+    fp32 or an odd expert stride)."""
+    def fits(dtype, N, stride=None, sizes=None, expert_stride=0):
+        wt = torch.zeros(8, stride or N, dtype=dtype)[:, :N]
+        p = sl._problem(torch.zeros(1, 8, dtype=dtype), wt, None,
+                        torch.ones(len(sizes), 8) if sizes else torch.ones(8), 0.0, None,
+                        (sizes, (0.0,) * len(sizes)) if sizes else None)
+        return sl._pairs_fit(dataclasses.replace(p, expert_stride=expert_stride))
+
+    bf16 = torch.bfloat16
+    assert fits(bf16, 64) and fits(bf16, 64, stride=70) and fits(bf16, 130, sizes=(64, 16, 50))
+    assert not fits(bf16, 65) and not fits(bf16, 64, stride=71) and not fits(bf16, 130, sizes=(63, 17, 50))
+    assert not fits(torch.float16, 64) and not fits(torch.float32, 64) and not fits(bf16, 64, expert_stride=513)
+
+
 @pytest.mark.parametrize("reduce", [1, 2])
 def test_workspace_is_left_zero_and_reused(reduce):
     """REDUCE 1 and 2 take tickets (and, for 2, float32 sums) from a caller's workspace and
@@ -447,31 +503,31 @@ def deterministic():
 
 
 def test_dispatch_at_one_token(monkeypatch):
-    """_gemv_choice (the H200-measured rule, session 11): small outputs take one-step masked
-    programs; large weights wide tiles (2048 columns, rows summed in the thread), masked
-    below 60 % (groups: below 50 %, and the 64-column masked tiles below 20 %) and
-    compacted from there;
-    smaller weights wide masked tiles below 50 %, compacted ones from 75 %.  Split-K sums
-    by float32 atomics, or by the last ticket in deterministic mode.  The launcher follows
-    the rule for single linears, groups and top-k (whose sparsity is 1 - k / K), with the
-    same results."""
+    """_gemv_choice (the H200-measured rule, session 16): small outputs take one-step masked
+    programs; every other shape wide tiles (rows summed in the thread, loads prefetched into
+    registers, bf16 unpacked from int32 pairs): masked 1024-column tiles below 40 % (and for
+    the gate/up group until it switches), masked 512-column tiles from 40 %, compacted
+    1024-column tiles from 60 % (large weights) or 70 % (smaller ones).  Split-K sums by
+    float32 atomics, or by the last ticket in deterministic mode.  The launcher follows the
+    rule for single linears, groups and top-k (whose sparsity is 1 - k / K), with the same
+    results."""
     fp16 = torch.float16
     assert sl._gemv_choice(1024, 4096, fp16, 132, 0.9)[1]["REDUCE"] == 2
-    for (N, K, sizes), below, above in [((17920, 5120, None), 0.5, 0.65), ((14336, 4096, None), 0.5, 0.6),
-                                        ((4096, 14336, None), 0.5, 0.65), ((28672, 4096, (14336, 14336)), 0.4, 0.5),
-                                        ((4096, 4096, None), 0.65, 0.8), ((6144, 4096, (4096, 1024, 1024)), 0.65, 0.75)]:
-        grouped = sizes is not None
-        path, cfg = sl._gemv_choice(N, K, fp16, 132, below, sizes)
-        assert path == "gemv_masked" and cfg["REDUCE"] == 2, (N, K)
-        assert cfg.get("ROW_SUM", False) == (N * K >= sl.WIDE_MIN_WEIGHT), (N, K)
-        if grouped and N * K >= sl.WIDE_MIN_WEIGHT:
-            path, cfg = sl._gemv_choice(N, K, fp16, 132, 0.1, sizes)
-            assert path == "gemv_masked" and not cfg.get("ROW_SUM", False) and cfg["BLOCK_N"] == 64, (N, K)
+    for (N, K, sizes), below, above in [((17920, 5120, None), 0.5, 0.6), ((14336, 4096, None), 0.55, 0.6),
+                                        ((4096, 14336, None), 0.5, 0.65), ((28672, 4096, (14336, 14336)), 0.5, 0.6),
+                                        ((4096, 4096, None), 0.65, 0.7), ((6144, 4096, (4096, 1024, 1024)), 0.65, 0.8)]:
+        large_group = sizes is not None and N * K >= sl.WIDE_MIN_WEIGHT
+        for s, block_n in [(0.25, 1024), (below, 1024 if large_group else 512)]:
+            path, cfg = sl._gemv_choice(N, K, fp16, 132, s, sizes)
+            assert path == "gemv_masked" and cfg["BLOCK_N"] == block_n and cfg["BLOCK_K"] == 8, (N, K, s)
+            assert cfg["REDUCE"] == 2 and cfg["ROW_SUM"] and cfg["PREFETCH"] and cfg["STAGES"] == 1, (N, K, s)
+            assert cfg["num_warps"] == block_n // 256, (N, K, s)
         path, cfg = sl._gemv_choice(N, K, fp16, 132, above, sizes)
-        assert path == "gemv" and cfg["ROW_SUM"] and cfg["SPLIT_K"] >= 1, (N, K)
-    # wide tiles: the output tiles counted per linear of a group (7168 = 4 tiles of 2048, not 3.5)
-    assert sl._gemv_choice(14336, 4096, fp16, 132, 0.65, (7168, 7168))[1]["SPLIT_K"] == 33
-    assert sl._gemv_choice(4096, 4096, fp16, 132, 0.25)[1]["ROW_SUM"]
+        assert path == "gemv" and cfg["ROW_SUM"] and cfg["PREFETCH"] and cfg["BLOCK_N"] == 1024, (N, K)
+    # about 2 compacted programs per SM, the output tiles counted per linear of a group
+    # (7168 = 7 tiles of 1024); split-K bounded so that each program has 2 steps of 8 rows
+    assert sl._gemv_choice(14336, 4096, fp16, 132, 0.65, (7168, 7168))[1]["SPLIT_K"] == 19
+    assert sl._gemv_choice(4096, 4096, fp16, 132, 0.5)[1]["SPLIT_K"] == 128
     with deterministic():
         assert all(sl._gemv_choice(N, 4096, fp16, 132, s)[1]["REDUCE"] == 1
                    for N in (1024, 4096, 17920) for s in (0.25, 0.5, 0.9))
@@ -480,7 +536,7 @@ def test_dispatch_at_one_token(monkeypatch):
     launched = []
     real = sl._launch
     monkeypatch.setattr(sl, "_launch", lambda kernel, *a, **k: (launched.append(kernel), real(kernel, *a, **k)))
-    sizes, K = (1500, 700, 100), 64  # a small weight: compacted from 75 %
+    sizes, K = (1500, 700, 100), 64  # a small weight: compacted from 70 %
     x, w, b, scores = make_group(1, K, sizes, torch.float32, seed=9)
     thr = group_thresholds(x, scores, (0.6, 0.7, 0.8))
     ref = ref_group(x, w, b, scores, thr, sizes)
