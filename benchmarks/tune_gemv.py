@@ -130,7 +130,7 @@ def masked(block_n, block_k, per_sm, stages=3, warps=4, reduce=1):
     return "gemv_masked", cfg
 
 
-def wide(path, block_n, rows, per_sm, stages=3, reduce=1, split=None, prefetch=False):
+def wide(path, block_n, rows, per_sm, stages=3, reduce=1, split=None, prefetch=False, vectors=1):
     """Wide, short tiles (session 11): block_n columns (2 * block_n contiguous bytes of each
     kept row, 8 fp16 per thread), `rows` rows per step summed in the thread (ROW_SUM), and
     split-K to about per_sm programs per SM, or a fixed ``split``; masked loads
@@ -144,7 +144,7 @@ def wide(path, block_n, rows, per_sm, stages=3, reduce=1, split=None, prefetch=F
         tiles = sum(triton.cdiv(n, block_n) for n in sizes)
         fitted = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // (2 * rows), 128))
         c = dict(BLOCK_N=block_n, SPLIT_K=split or fitted, STAGES=1 if prefetch else stages, REDUCE=reduce,
-                 num_warps=block_n // 256, ROW_SUM=True, PREFETCH=prefetch, UNPACK=prefetch)
+                 num_warps=block_n // (256 * vectors), ROW_SUM=True, PREFETCH=prefetch, UNPACK=prefetch)
         c["BLOCK_K" if path == "gemv_masked" else "BLOCK_R"] = rows
         return c
     return path, cfg
@@ -199,6 +199,15 @@ CANDIDATES = {
        for kind, path in (("m", "gemv_masked"), ("c", "gemv")) for n, r, p in
        ((2048, 8, 2), (2048, 8, 3), (1024, 8, 2), (1024, 8, 4), (512, 8, 4), (512, 8, 8), (1024, 16, 2))},
     "wm2048r8p2s1a": wide("gemv_masked", 2048, 8, 2, 1, 2), "wm1024r8p4s1a": wide("gemv_masked", 1024, 8, 4, 1, 2),
+    # session 16, second round: two 16-byte vectors of each row per thread (v2: the keep decisions,
+    # which every thread makes for every row of a step, spread over twice the weight; 216 registers)
+    # and more or fewer programs per SM
+    **{f"p{kind}{n}r{r}p{p}v2": wide(path, n, r, p, reduce=2, prefetch=True, vectors=2)
+       for kind, path in (("m", "gemv_masked"), ("c", "gemv")) for n, r, p in
+       ((1024, 8, 4), (1024, 8, 2), (2048, 8, 2), (512, 8, 8), (512, 8, 4))},
+    **{f"pm512r8p{p}": wide("gemv_masked", 512, 8, p, reduce=2, prefetch=True) for p in (6, 12, 16)},
+    "pc1024r8p3": wide("gemv", 1024, 8, 3, reduce=2, prefetch=True),
+    "pc512r8p8": wide("gemv", 512, 8, 8, reduce=2, prefetch=True),
 }
 QUICK = ["dispatched", "loop_r1", "cmp2_r1"]
 

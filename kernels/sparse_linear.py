@@ -175,7 +175,7 @@ def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: fl
       1024 columns x 8 rows, about 4 programs per SM;
     * from 40 %: masked loads, 512 columns x 8 rows, about 8 programs per SM;
     * from 60 % (weights of WIDE_MIN_WEIGHT elements or more) or 70 % (smaller ones): compacted
-      rows, 1024 columns x 8 rows, about 2 programs per SM.
+      rows, 1024 columns x 8 rows, about 3 programs per SM.
 
     Every one with its loads straight into registers one step ahead (PREFETCH): Triton's
     pipelined tiles, through shared memory, spent 7-8 instructions per weight element and
@@ -193,7 +193,7 @@ def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: fl
         return "gemv_masked", dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=triton.cdiv(K, 256), STAGES=1, REDUCE=reduce,
                                    num_warps=4)
     if s >= (0.6 if large else 0.7):
-        return _wide_config("gemv", K, sizes, sms, 1024, 8, 2, reduce)
+        return _wide_config("gemv", K, sizes, sms, 1024, 8, 3, reduce)
     if s < 0.4 or (large and len(sizes) > 1):
         return _wide_config("gemv_masked", K, sizes, sms, 1024, 8, 4, reduce)
     return _wide_config("gemv_masked", K, sizes, sms, 512, 8, 8, reduce)
