@@ -1,17 +1,19 @@
 """Launch the dispatched one-token GEMV of a few Llama-3-8B linears, for Nsight Compute.
 
-    ncu --kernel-name regex:_gemv --launch-skip 3 --launch-count 4 \\
-        --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy \\
-        --section MemoryWorkloadAnalysis python benchmarks/ncu_gemv.py --sparsity 0.5
+    for s in o qkv down gate_up; do
+      ncu --clock-control none --kernel-name regex:_gemv --launch-skip 1 --launch-count 1 \\
+          --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy \\
+          --section SourceCounters -o ncu_$s python benchmarks/ncu_gemv.py --shapes $s --repeats 2
+      ncu -i ncu_$s.ncu-rep --page source --print-source sass --csv > sass_$s.csv   # per-instruction counts
+    done
 
 Each linear of ``--shapes`` (bf16, random weights, WINA scores, the threshold that drops
 ``--sparsity`` of the channels) is launched ``--repeats`` times as decode launches it
 (``threshold_linear`` / ``threshold_linear_group`` with the calibrated sparsity as the hint,
-one shared workspace), in shape order, then checked against the float64 reference.  With
-the defaults, ``--launch-skip 3 --launch-count 4`` profiles the fourth launch of each of the
-four shapes.  Why: in session 15 (benchmarks/NOTES.md) the o GEMV took as long with its
-weight in L2 as from DRAM; its warp stall reasons say which link of a program's chain (x,
-the keep decision, the weight rows, the split-K sum) holds it.
+one shared workspace), in shape order, then checked against the float64 reference.  One shape
+a process, ``--launch-skip 1 --launch-count 1`` profiles its second launch.  Session 16
+(benchmarks/NOTES.md) read from this that the GEMVs were bound by issuing 7-8 instructions
+per weight element (``ncu_gemv_h200_session16_before.txt``), not by DRAM.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ can be captured in CUDA graphs):
   ``gemv_masked`` (``_gemv_masked_kernel``: decides the mask and loads only the kept
   weight rows by masked loads) below the shape's crossover sparsity, ``gemv``
   (``_gemv_kernel``: compacts the kept channel ids, then streams full tiles of kept rows)
-  from it; on the large weights both in wide, short tiles (2048 columns x 8 rows).
+  from it; both in wide, short tiles (512 or 1024 columns x 8 rows) whose loads go straight
+  into registers one step ahead, a bf16 weight read as int32 column pairs.
   Split-K partial sums meet by float32 atomics (or, under
   ``torch.use_deterministic_algorithms(True)``, in a fixed order through self-resetting
   tickets) in a workspace allocated once per device (``wina_fx.ops`` passes it), so one
@@ -107,10 +108,9 @@ def _gemv_masked_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int) ->
     use an asynchronous copy, so each step waits for x before issuing its weight rows; the
     2-warp and 256-row tiles avoid that (64 x 128 with 4 warps does not, and still measured
     best on the gate/up groups).
-    The dispatch (_gemv_choice) takes these tiles for the gate/up group below 50 % and for
-    weights under WIDE_MIN_WEIGHT at 50-75 %; the single wide shapes above now take wide
-    tiles.  REDUCE=0 (a second reduce launch) needs no zeroed buffer; the dispatch sets
-    REDUCE 2 (or 1), whose tickets and sums live in the shared workspace."""
+    Since session 16 the one-token dispatch (_gemv_choice) takes its own wide tiles; these
+    serve a caller naming the path (tests, benchmarks, a few tokens run per token).
+    REDUCE=0 (a second reduce launch) needs no zeroed buffer."""
     block_n, block_k, warps = (64, 128, 4) if N >= 16384 else (32, 256, 4)
     if _widening(N, K):
         block_n, block_k, warps = (32, 256, 4) if N >= 16384 else (64, 128, 2)
