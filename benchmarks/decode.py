@@ -250,7 +250,7 @@ def main():
                         help="also time option sdpa_gqa=False (attention over K/V repeated per query head, as "
                              "traced) at each sparsity")
     parser.add_argument("--tiles", help='also time M=1 kernel tile overrides, JSON {name: {...}}, e.g. '
-                                        '\'{"prefetch": {"PREFETCH": true}}\' (tuning runs)')
+                                        '\'{"w1024": {"BLOCK_N": 1024, "num_warps": 4}}\' (tuning runs)')
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="Inductor's programmatic dependent launch (sm_90+), dense and wina alike: the backend's "
                              "option pdl, and Inductor's triton.enable_pdl for the dense baseline")

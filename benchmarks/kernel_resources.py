@@ -2,7 +2,7 @@
 Hopper GPU, without one.
 
     python benchmarks/kernel_resources.py                      # the dispatched wide tiles and older ones
-    python benchmarks/kernel_resources.py --path gemv --block-n 1024 --rows 8 --warps 4 --stages 1 --prefetch
+    python benchmarks/kernel_resources.py --path gemv --block-n 1024 --rows 8 --warps 4 --stages 1
 
 Triton compiles for a target it is told about (sm_90 here) without a GPU, and ships the
 ``cuobjdump`` that reads the cubin's resource usage (spilled registers show as a stack frame, STACK, of kilobytes).
@@ -14,7 +14,8 @@ bias, one linear, split-K as given (``--dtype`` for bf16 or fp32).
 The SASS of the main loop (the last backward branch: the weight rows' loop) divided by
 the weight elements one thread handles per step gives instructions per weight element:
 what bounds a GEMV whose schedulers are busy issuing rather than waiting on memory (ncu,
-session 16: Triton's software-pipelined tiles spent 7-8, the register-prefetched ones 4.5).
+session 16: Triton's software-pipelined wide tiles spent 6.7-7.2, the register-prefetched
+ones 4.5 in bf16).
 """
 from __future__ import annotations
 
@@ -47,17 +48,17 @@ KERNELS = {"gemv": kern._gemv_kernel, "gemv_masked": kern._gemv_masked_kernel, "
 
 
 def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int, split: int, reduce: int,
-                     row_sum: bool, dtype: str = "fp16", tokens: int = 1, prefetch: bool = False):
-    """The compiled kernel; ``dtype`` ("fp16", "bf16", "fp32"): the type of x, W^T, bias and out;
-    ``tokens``: BLOCK_M of ``gemv_union`` (every token in one program); ``prefetch``: PREFETCH
-    and (bf16) UNPACK of the one-token GEMVs."""
+                     row_sum: bool, dtype: str = "fp16", tokens: int = 1):
+    """The compiled kernel; ``dtype`` ("fp16", "bf16", "fp32"): the type of x, W^T, bias and out
+    (bf16 wide tiles read as int32 pairs, UNPACK, as the launcher does); ``tokens``: BLOCK_M of
+    ``gemv_union`` (every token in one program)."""
     kernel = KERNELS[path]
     consts = dict(SPLIT_K=split, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=block_n, STAGES=stages, GROUPS=1,
                   ENDS_ALIGNED=False, ROW_SUM=row_sum)
     if path == "gemv_union":
         consts.update(BLOCK_M=tokens, BLOCK_R=rows, BLOCK_KS=512, IEEE=dtype == "fp32")
     else:
-        consts.update(EXPERTS=False, PDL=True, PREFETCH=prefetch, UNPACK=prefetch and dtype == "bf16")
+        consts.update(EXPERTS=False, PDL=True, UNPACK=row_sum and dtype == "bf16")
         consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
     names = list(inspect.signature(kernel.fn).parameters)
     types = {**TYPES, **{n: f"*{dtype}" for n in DATA}}
@@ -97,13 +98,12 @@ def loop_instructions(compiled) -> int:
     return body
 
 
-DEFAULTS = [  # (path, BLOCK_N, rows, warps, stages, split, REDUCE, ROW_SUM, PREFETCH)
-    ("gemv_masked", 1024, 8, 4, 1, 38, 2, True, True),  # dispatched below 40 % (session 16)
-    ("gemv_masked", 512, 8, 2, 1, 30, 2, True, True),   # dispatched from 40 %
-    ("gemv", 1024, 8, 4, 1, 15, 2, True, True),         # dispatched from 60 / 70 %
-    ("gemv_masked", 2048, 8, 8, 3, 30, 2, True, False),  # session 11-15's large weights below 60 %
-    ("gemv", 2048, 8, 8, 3, 30, 2, True, False),         # session 11-15's large weights from 60 %
-    ("gemv_masked", 32, 256, 4, 3, 3, 2, False, False),  # session 8-15's o and q/k/v tiles at 50 %
+DEFAULTS = [  # (path, BLOCK_N, rows, warps, stages, split, REDUCE, ROW_SUM)
+    ("gemv_masked", 1024, 8, 4, 1, 38, 2, True),  # dispatched below 40 % (session 16)
+    ("gemv_masked", 512, 8, 2, 1, 30, 2, True),   # dispatched from 40 %
+    ("gemv", 1024, 8, 4, 1, 15, 2, True),         # dispatched from 60 / 70 %
+    ("gemv_masked", 32, 256, 4, 3, 3, 2, False),  # session 8-15's o and q/k/v tiles at 50 % (narrow,
+                                                  # pipelined by Triton: 6.3 instructions per element)
 ]
 
 
@@ -118,16 +118,15 @@ def main() -> None:
     ap.add_argument("--split", type=int, default=16)
     ap.add_argument("--reduce", type=int, default=2, choices=[0, 1, 2])
     ap.add_argument("--no-row-sum", action="store_true")
-    ap.add_argument("--prefetch", action="store_true", help="PREFETCH (and UNPACK for bf16)")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     args = ap.parse_args()
     configs = DEFAULTS if args.path is None else [(args.path, args.block_n, args.rows, args.warps, args.stages,
-                                                   args.split, args.reduce, not args.no_row_sum, args.prefetch)]
-    for *cfg, prefetch in configs:
-        compiled = compile_for_sm90(*cfg, args.dtype, args.tokens, prefetch)
+                                                   args.split, args.reduce, not args.no_row_sum)]
+    for cfg in configs:
+        compiled = compile_for_sm90(*cfg, args.dtype, args.tokens)
         per_thread = cfg[1] * (cfg[2] * args.tokens if cfg[0] == "gemv_union" else cfg[2]) // (32 * cfg[3])
         print(f"{cfg[0]:11s} {cfg[1]:4d} cols x {cfg[2]:3d} rows, {cfg[3]} warps, {cfg[4]} stages, split {cfg[5]}, "
-              f"REDUCE {cfg[6]}, ROW_SUM {cfg[7]}, PREFETCH {prefetch}, {args.dtype}"
+              f"REDUCE {cfg[6]}, ROW_SUM {cfg[7]}, {args.dtype}"
               f"{f', {args.tokens} tokens' if cfg[0] == 'gemv_union' else ''}: {resource_usage(compiled)} | "
               f"main loop {loop_instructions(compiled) / per_thread:.2f} instructions per weight element",
               flush=True)

@@ -130,21 +130,22 @@ def masked(block_n, block_k, per_sm, stages=3, warps=4, reduce=1):
     return "gemv_masked", cfg
 
 
-def wide(path, block_n, rows, per_sm, stages=3, reduce=1, split=None, prefetch=False, vectors=1):
-    """Wide, short tiles (session 11): block_n columns (2 * block_n contiguous bytes of each
-    kept row, 8 fp16 per thread), `rows` rows per step summed in the thread (ROW_SUM), and
-    split-K to about per_sm programs per SM, or a fixed ``split``; masked loads
+def wide(path, block_n, rows, per_sm, reduce=1, split=None, vectors=1):
+    """Wide, short tiles (ROW_SUM, as dispatched since session 16): block_n columns (2 * block_n
+    contiguous bytes of each kept row, one 16-byte vector per thread, or ``vectors``), `rows` rows
+    per step summed in the thread, the loads straight into registers one step ahead, bf16 read as
+    int32 pairs; split-K to about per_sm programs per SM, or a fixed ``split``; masked loads
     (`gemv_masked`) or compacted rows (`gemv`).
 
     Session 12 (runs 9-10, ``kernels_h200_tune_run10_split_sweep.json``) swept fixed splits
-    20-48 of the 2048 x 8 tiles: the masked kernel took 1.3-1.8x longer whenever a program's
+    20-48 of the then 2048 x 8 tiles: the masked kernel took 1.3-1.8x longer whenever a program's
     K range was an odd number of its 8-row steps (K_PER_SPLIT not a multiple of 16).  The
     launcher now rounds that range to 16 channels, so a split runs as the split that range gives."""
     def cfg(K, sizes, s):
         tiles = sum(triton.cdiv(n, block_n) for n in sizes)
         fitted = max(1, min(triton.cdiv(per_sm * bench.num_sms(), tiles), K // (2 * rows), 128))
-        c = dict(BLOCK_N=block_n, SPLIT_K=split or fitted, STAGES=1 if prefetch else stages, REDUCE=reduce,
-                 num_warps=block_n // (256 * vectors), ROW_SUM=True, PREFETCH=prefetch, UNPACK=prefetch)
+        c = dict(BLOCK_N=block_n, SPLIT_K=split or fitted, STAGES=1, REDUCE=reduce,
+                 num_warps=block_n // (256 * vectors), ROW_SUM=True, UNPACK=True)
         c["BLOCK_K" if path == "gemv_masked" else "BLOCK_R"] = rows
         return c
     return path, cfg
@@ -172,42 +173,22 @@ CANDIDATES = {
     "m64x256p2": masked(64, 256, 2), "m32x256p2": masked(32, 256, 2), "m32x512p2": masked(32, 512, 2),
     # Also timed in run 4 and dropped: the compacted kernel with the kept x values written beside
     # the kept ids (async loads instead of a gather of x): slower everywhere (255 registers).
-    # run 5 (session 11): wide, short tiles, long contiguous row segments
-    "wm512r16p2": wide("gemv_masked", 512, 16, 2), "wm1024r16p2": wide("gemv_masked", 1024, 16, 2),
-    "wm1024r16p3": wide("gemv_masked", 1024, 16, 3), "wm1024r8p2s4": wide("gemv_masked", 1024, 8, 2, 4),
-    "wm2048r8p2": wide("gemv_masked", 2048, 8, 2), "wm1024r16p2a": wide("gemv_masked", 1024, 16, 2, reduce=2),
-    "wm1024r32p1": wide("gemv_masked", 1024, 32, 1),
-    "wc512r16p2": wide("gemv", 512, 16, 2), "wc1024r16p2": wide("gemv", 1024, 16, 2),
-    "wc1024r16p3": wide("gemv", 1024, 16, 3), "wc2048r8p2": wide("gemv", 2048, 8, 2),
-    "wc1024r16p2a": wide("gemv", 1024, 16, 2, reduce=2),
-    # run 6: split-K sums by float32 atomics (reduce=2) won run 5; deeper pipelines, more programs
-    "wm1024r16p3a": wide("gemv_masked", 1024, 16, 3, reduce=2), "wm1024r8p2s4a": wide("gemv_masked", 1024, 8, 2, 4, 2),
-    "wm512r16p4a": wide("gemv_masked", 512, 16, 4, reduce=2), "wm2048r8p2a": wide("gemv_masked", 2048, 8, 2, reduce=2),
-    "wc1024r8p2s5a": wide("gemv", 1024, 8, 2, 5, 2), "wc1024r8p3s4a": wide("gemv", 1024, 8, 3, 4, 2),
-    "wc512r16p4a": wide("gemv", 512, 16, 4, reduce=2), "wc2048r8p2a": wide("gemv", 2048, 8, 2, reduce=2),
-    "wc1024r16p2s4a": wide("gemv", 1024, 16, 2, 4, 2), "loop_r2": looped(2), "cmp2_r2": compacted(2, 2),
-    # session 12: more weight steps in flight per SM for the latency-bound masked kernel (3 programs
-    # an SM: 80 registers, 66 KB; 4 stages: the weight rows two steps ahead, 2 an SM), now that no
-    # program has an odd number of 8-row steps
-    "wm2048r8p3a": wide("gemv_masked", 2048, 8, 3, reduce=2), "wm2048r8p2s4a": wide("gemv_masked", 2048, 8, 2, 4, 2),
-    # session 12: the split of the wide tiles, one at a time
-    **{f"wm2048x{n}": wide("gemv_masked", 2048, 8, 2, reduce=2, split=n) for n in range(20, 49)},
-    **{f"wc2048x{n}": wide("gemv", 2048, 8, 2, reduce=2, split=n) for n in range(20, 49)},
-    # session 16: loads straight into registers, one step ahead (PREFETCH), bf16 read as int32 pairs
-    # (UNPACK, bf16 only): ncu found the pipelined tiles spending 7-8 instructions per weight element
-    **{f"p{kind}{n}r{r}p{p}": wide(path, n, r, p, reduce=2, prefetch=True)
+    "loop_r2": looped(2), "cmp2_r2": compacted(2, 2),
+    # Sessions 11-15 timed wide, short tiles software-pipelined by Triton (wm*, wc*: 512-2048
+    # columns, 8-32 rows, 2-5 stages, fixed splits 20-48; kernels_h200_tune_run5-10*.json).  Since
+    # session 16 the wide tiles (ROW_SUM) load straight into registers one step ahead instead
+    # (ncu: the pipelined ones spent 7-8 instructions per weight element); those candidates are
+    # in git history.  p{m,c}{columns}r{rows}p{programs per SM}[v2]: masked or compacted, v2 with
+    # two 16-byte vectors of each row per thread (216 registers; never ahead in session 16).
+    **{f"p{kind}{n}r{r}p{p}": wide(path, n, r, p, reduce=2)
        for kind, path in (("m", "gemv_masked"), ("c", "gemv")) for n, r, p in
-       ((2048, 8, 2), (2048, 8, 3), (1024, 8, 2), (1024, 8, 4), (512, 8, 4), (512, 8, 8), (1024, 16, 2))},
-    "wm2048r8p2s1a": wide("gemv_masked", 2048, 8, 2, 1, 2), "wm1024r8p4s1a": wide("gemv_masked", 1024, 8, 4, 1, 2),
-    # session 16, second round: two 16-byte vectors of each row per thread (v2: the keep decisions,
-    # which every thread makes for every row of a step, spread over twice the weight; 216 registers)
-    # and more or fewer programs per SM
-    **{f"p{kind}{n}r{r}p{p}v2": wide(path, n, r, p, reduce=2, prefetch=True, vectors=2)
+       ((2048, 8, 2), (2048, 8, 3), (1024, 8, 2), (1024, 8, 3), (1024, 8, 4), (512, 8, 4), (512, 8, 8),
+        (1024, 16, 2))},
+    **{f"p{kind}{n}r{r}p{p}v2": wide(path, n, r, p, reduce=2, vectors=2)
        for kind, path in (("m", "gemv_masked"), ("c", "gemv")) for n, r, p in
        ((1024, 8, 4), (1024, 8, 2), (2048, 8, 2), (512, 8, 8), (512, 8, 4))},
-    **{f"pm512r8p{p}": wide("gemv_masked", 512, 8, p, reduce=2, prefetch=True) for p in (6, 12, 16)},
-    "pc1024r8p3": wide("gemv", 1024, 8, 3, reduce=2, prefetch=True),
-    "pc512r8p8": wide("gemv", 512, 8, 8, reduce=2, prefetch=True),
+    **{f"pm512r8p{p}": wide("gemv_masked", 512, 8, p, reduce=2) for p in (6, 12, 16)},
+    "pc512r8p8": wide("gemv", 512, 8, 8, reduce=2),
 }
 QUICK = ["dispatched", "loop_r1", "cmp2_r1"]
 

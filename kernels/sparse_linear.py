@@ -153,16 +153,15 @@ def _wide_config(path: str, K: int, sizes: tuple[int, ...], sms: int, block_n: i
                  reduce: int) -> tuple[str, dict]:
     """Wide, short tiles (ROW_SUM): block_n columns, one 16-byte vector of each row per thread
     (block_n / 256 warps), so each kept row is read in runs of 2 block_n contiguous bytes, and
-    `rows` rows a step summed in the thread; the loads straight into registers one step ahead
-    (PREFETCH), a bf16 weight read as int32 pairs (UNPACK, where the launcher finds it fits);
+    `rows` rows a step summed in the thread, the loads straight into registers one step ahead;
+    a bf16 weight read as int32 pairs (UNPACK, where the launcher finds it fits);
     split-K to about per_sm programs per SM (at most 32 splits when the last ticket sums them:
     it holds one partial tile per split).  The output tiles are counted per linear of a group,
     as the kernel lays them out (a 7168-wide linear is 7 tiles of 1024)."""
     tiles = sum(triton.cdiv(n, block_n) for n in sizes)
     split = max(1, min(triton.cdiv(per_sm * sms, tiles), K // (2 * rows), 128 if reduce == 2 else 32))
     return path, {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": rows, "SPLIT_K": split,
-                  "STAGES": 1, "REDUCE": reduce, "num_warps": block_n // 256, "ROW_SUM": True, "PREFETCH": True,
-                  "UNPACK": True}
+                  "STAGES": 1, "REDUCE": reduce, "num_warps": block_n // 256, "ROW_SUM": True, "UNPACK": True}
 
 
 def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: float,
@@ -177,7 +176,7 @@ def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: fl
     * from 60 % (weights of WIDE_MIN_WEIGHT elements or more) or 70 % (smaller ones): compacted
       rows, 1024 columns x 8 rows, about 3 programs per SM.
 
-    Every one with its loads straight into registers one step ahead (PREFETCH): Triton's
+    Every one with its loads straight into registers one step ahead (ROW_SUM): Triton's
     pipelined tiles, through shared memory, spent 7-8 instructions per weight element and
     were bound by issuing them (ncu, session 16).  Split-K partial sums meet by float32
     atomics into the workspace (REDUCE 2; the summation order varies from run to run), or,
@@ -438,7 +437,7 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
         # every argument explicit: torch's mutation analysis of a user kernel fails on a defaulted
         # one, and Inductor then clones every tensor argument (the weight too) around each launch
-        cfg = {"ROW_SUM": False, "PREFETCH": False, "UNPACK": False, **cfg}
+        cfg = {"ROW_SUM": False, "UNPACK": False, **cfg}
         cfg["UNPACK"] = cfg["UNPACK"] and _pairs_fit(p)
         experts = dict(expert_ptr=out, thr_ptr=out, stride_we=0, EXPERTS=False)
         if p.expert is not None:

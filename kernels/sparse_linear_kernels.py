@@ -178,25 +178,12 @@ def _prep_kernel(
 
 
 @triton.jit
-def _accumulate(acc, prod, ROW_SUM: tl.constexpr):
-    """acc += prod (rows, BLOCK_N), or with ROW_SUM acc (1, BLOCK_N) += the column sums of prod.
-
-    ROW_SUM is for wide, short tiles (512+ columns, a few rows), where each thread holds all
-    the rows of its columns: the sum stays in the thread, and the accumulator takes
-    BLOCK_N / threads registers instead of rows times that."""
-    if ROW_SUM:
-        return acc + tl.sum(prod, axis=0, keep_dims=True)
-    else:
-        return acc + prod
-
-
-@triton.jit
-def _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask, ROW_SUM: tl.constexpr):
-    """acc += wt[rows, offs_n] * x[rows] in float32 (see _accumulate)."""
+def _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask):
+    """acc (rows, BLOCK_N) += wt[rows, offs_n] * x[rows] in float32 (the narrow tiles)."""
     w = tl.load(wt_ptr + rows[:, None] * stride_wk + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
                 other=0.0, eviction_policy="evict_first")
     xg = tl.load(x_row + rows, mask=jmask, other=0.0)
-    return _accumulate(acc, w.to(tl.float32) * xg.to(tl.float32)[:, None], ROW_SUM)
+    return acc + w.to(tl.float32) * xg.to(tl.float32)[:, None]
 
 
 @triton.jit
@@ -207,7 +194,7 @@ def _gemv_kernel(
     BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH: tl.constexpr, UNPACK: tl.constexpr,
+    PDL: tl.constexpr, UNPACK: tl.constexpr,
 ):
     """Sparse GEMV over the kept rows only, one launch.  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
     Groups of linears (GROUPS, END0, ...) and rows routed to experts (EXPERTS, ...) as in
@@ -218,9 +205,11 @@ def _gemv_kernel(
     channels and writes the kept channel ids, compacted, into its private scratch row
     (scr, int32: 4 bytes per kept channel against 2 BLOCK_N bytes of weight).  Then it
     reads only those rows of wt, BLOCK_R rows x BLOCK_N columns at a time (each row
-    segment contiguous), software-pipelined STAGES deep, and multiplies-adds in float32.
-    When the whole range is kept (dense input) it reads the rows directly, without the
-    scratch.  Dropped channels cost no arithmetic and no weight traffic.
+    segment contiguous), and multiplies-adds in float32: with ROW_SUM in wide tiles whose
+    loads go straight into registers a step ahead (_compacted_prefetched; UNPACK as there),
+    else in tiles software-pipelined STAGES deep by Triton.  When the whole range is kept
+    (dense input) it reads the rows directly, without the scratch.  Dropped channels cost
+    no arithmetic and no weight traffic.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -258,22 +247,21 @@ def _gemv_kernel(
 
     offs_n = col0 + tl.arange(0, BLOCK_N)
     nmask = offs_n < n_end
-    if PREFETCH:  # ROW_SUM tiles only
+    if ROW_SUM:
         acc = _compacted_prefetched(scr, n_keep, n_keep == k_hi - k_lo, x_row, wt_ptr, stride_wk, k_lo, col0, n_end,
                                     BLOCK_N, BLOCK_R, UNPACK)
     else:
-        acc = tl.zeros((1 if ROW_SUM else BLOCK_R, BLOCK_N), tl.float32)
+        acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
         if n_keep == k_hi - k_lo:  # every channel of the range kept (dense input): no indirection
             for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
                 offs_j = j + tl.arange(0, BLOCK_R)
-                acc = _fma_rows(acc, k_lo + offs_j, offs_j < n_keep, x_row, wt_ptr, stride_wk, offs_n, nmask,
-                                ROW_SUM)
+                acc = _fma_rows(acc, k_lo + offs_j, offs_j < n_keep, x_row, wt_ptr, stride_wk, offs_n, nmask)
         else:
             for j in tl.range(0, n_keep, BLOCK_R, num_stages=STAGES):
                 offs_j = j + tl.arange(0, BLOCK_R)
                 jmask = offs_j < n_keep
                 rows = tl.load(scr + offs_j, mask=jmask, other=0, cache_modifier=".cg")
-                acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask, ROW_SUM)
+                acc = _fma_rows(acc, rows, jmask, x_row, wt_ptr, stride_wk, offs_n, nmask)
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
             part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, M * tl.num_programs(0), pid_k, SPLIT_K, HAS_BIAS,
             REDUCE, n_end)
@@ -287,7 +275,7 @@ def _gemv_masked_kernel(
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH: tl.constexpr, UNPACK: tl.constexpr,
+    PDL: tl.constexpr, UNPACK: tl.constexpr,
 ):
     """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
 
@@ -295,9 +283,15 @@ def _gemv_masked_kernel(
     decides the keep mask and loads the weight rows with that mask, so a dropped row
     issues no memory transaction.  Nothing precedes the first weight load but one load
     of x (no compaction pass); the price is that every BLOCK_K step is issued and
-    multiplied whatever its sparsity, which caps the gain at high sparsity.
-    (Measured and dropped: the same with BLOCK_M = 16 tokens on tensor cores, 1.4-3x slower;
-    hand-written double buffering of x and the weight rows, 1.2-1.5x slower at 25-80 %.)
+    multiplied whatever its sparsity, which caps the gain at high sparsity.  ROW_SUM: wide,
+    short tiles (512+ columns, a few rows; each thread holds every row of its columns and
+    sums them itself) whose loads go straight into registers a step ahead
+    (_masked_prefetched; UNPACK: a bf16 weight read as int32 column pairs); else narrow
+    tiles, (BLOCK_K, BLOCK_N) accumulators software-pipelined STAGES deep by Triton.
+    (Measured and dropped: the same with BLOCK_M = 16 tokens on tensor cores, 1.4-3x slower.
+    Hand-written double buffering of x and the weight rows measured 1.2-1.5x slower on the
+    narrow tiles in session 4; on the wide ones, without Triton's pipelining through shared
+    memory, it is what halved the instructions per weight element in session 16.)
 
     GROUPS = 2 or 3: wt holds the transposed weights of linears sharing x side by side,
     columns [0, END0), [END0, END1), [END1, N) (GROUPS = 2: END1 = N); score_ptr holds
@@ -334,11 +328,11 @@ def _gemv_masked_kernel(
             col0 = tl.multiple_of(col0, 16)
     offs_n = col0 + tl.arange(0, BLOCK_N)
     nmask = offs_n < n_end
-    if PREFETCH:  # ROW_SUM tiles only
+    if ROW_SUM:
         acc = _masked_prefetched(x_row, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, n_end, MODE,
                                  BLOCK_N, BLOCK_K, UNPACK)
     else:
-        acc = tl.zeros((1 if ROW_SUM else BLOCK_K, BLOCK_N), tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
         for c in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             offs = c + tl.arange(0, BLOCK_K)
             valid = offs < k_hi
@@ -346,7 +340,7 @@ def _gemv_masked_kernel(
             keep = _keep(xf, tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0), valid, threshold, MODE)
             w = tl.load(wt_ptr + offs[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & nmask[None, :],
                         other=0.0, eviction_policy="evict_first")
-            acc = _accumulate(acc, w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None], ROW_SUM)  # no dropped NaN
+            acc += w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None]  # where: no dropped NaN
     # n_end: a tile ending inside its linear stores nothing into the next one's columns
     _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
             part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, M * tl.num_programs(0), pid_k, SPLIT_K, HAS_BIAS,

@@ -42,8 +42,8 @@ t = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device="meta")
 results = {}
 for kernel in ("_gemv_kernel", "_gemv_masked_kernel"):
     # REDUCE 2 (the dispatched split-K: float32 sums in the ticket buffer) on the wide tiles
-    # and the dispatched wide tiles' loads prefetched into registers, bf16 pairs unpacked (PREFETCH, UNPACK)
-    for groups, experts, row_sum, reduce, prefetch in (
+    # the wide tiles (ROW_SUM: loads prefetched into registers; UNPACK: bf16 column pairs) as dispatched
+    for groups, experts, row_sum, reduce, unpack in (
             (1, False, False, 1, False), (1, True, False, 1, False), (2, False, False, 1, False),
             (1, False, True, 2, False), (1, False, True, 2, True), (2, False, True, 2, True), (1, True, True, 2, True)):
         args = dict(x_ptr=t(S, K), wt_ptr=t(E, K, N), bias_ptr=t(S, N), score_ptr=t(max(E, groups), K, dt=torch.float32),
@@ -52,13 +52,13 @@ for kernel in ("_gemv_kernel", "_gemv_masked_kernel"):
                     SPLIT_K=2, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=32, STAGES=1,
                     END0=48 if groups > 1 else N, END1=N, THRESHOLD1=0.0, THRESHOLD2=0.0, GROUPS=groups,
                     ENDS_ALIGNED=True, expert_ptr=t(S, dt=torch.int64), thr_ptr=t(E, dt=torch.float32),
-                    stride_we=K * N, EXPERTS=experts, ROW_SUM=row_sum, PDL=True, PREFETCH=prefetch, UNPACK=prefetch)
+                    stride_we=K * N, EXPERTS=experts, ROW_SUM=row_sum, PDL=True, UNPACK=unpack)
         if kernel == "_gemv_kernel":
             args.update(scr_ptr=t(256, dt=torch.int32), BLOCK_R=16, BLOCK_KS=32)
         else:
             args.update(BLOCK_K=32)
         found = analyse(getattr(kern, kernel), args, {})
-        launch = f"{kernel} groups={groups} experts={experts} row_sum={row_sum} reduce={reduce} prefetch={prefetch}"
+        launch = f"{kernel} groups={groups} experts={experts} row_sum={row_sum} reduce={reduce} unpack={unpack}"
         results[launch] = sorted(d.name for d in found.read_writes.writes)
 print(json.dumps(results))
 '''

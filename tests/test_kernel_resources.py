@@ -33,12 +33,11 @@ for N, K, sizes in [(17920, 5120, None), (4096, 14336, None), (28672, 4096, (143
             torch.use_deterministic_algorithms(deterministic)
             path, cfg = sl._gemv_choice(N, K, torch.float16, 132, s, sizes)
             rows = cfg.get("BLOCK_K", cfg.get("BLOCK_R"))
-            key = f"{path} {cfg['BLOCK_N']}x{rows} w{cfg['num_warps']} s{cfg['STAGES']} split{cfg['SPLIT_K']} reduce{cfg['REDUCE']} {cfg.get('ROW_SUM', False)} {cfg.get('PREFETCH', False)}"
+            key = f"{path} {cfg['BLOCK_N']}x{rows} w{cfg['num_warps']} s{cfg['STAGES']} split{cfg['SPLIT_K']} reduce{cfg['REDUCE']} {cfg.get('ROW_SUM', False)}"
             for dtype in ("fp16", "bf16", "fp32"):
                 if f"{key} {dtype}" not in report:
                     compiled = kr.compile_for_sm90(path, cfg["BLOCK_N"], rows, cfg["num_warps"], cfg["STAGES"],
-                                                   cfg["SPLIT_K"], cfg["REDUCE"], cfg.get("ROW_SUM", False), dtype,
-                                                   prefetch=cfg.get("PREFETCH", False))
+                                                   cfg["SPLIT_K"], cfg["REDUCE"], cfg.get("ROW_SUM", False), dtype)
                     report[f"{key} {dtype}"] = kr.resource_usage(compiled)
 print(json.dumps(report))
 '''

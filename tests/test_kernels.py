@@ -267,16 +267,16 @@ def prefetched(path, block_n, split, reduce=2, unpack=True):
     """The dispatched one-token tiles (rows summed in the thread, loads prefetched into
     registers; UNPACK where the launcher finds the weight fits), scaled down."""
     return path, {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": 8, "SPLIT_K": split,
-                  "STAGES": 1, "REDUCE": reduce, "ROW_SUM": True, "PREFETCH": True, "UNPACK": unpack, "num_warps": 1}
+                  "STAGES": 1, "REDUCE": reduce, "ROW_SUM": True, "UNPACK": unpack, "num_warps": 1}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prefetched_wide_tiles(dtype):
-    """The register-prefetched tiles (PREFETCH) of both one-token GEMVs, with bf16 weights read
-    as int32 pairs (UNPACK) where every column end and the row stride are even: ragged K and
-    N, odd ends (UNPACK then off), groups, a weight read through a wider row stride, one
-    step per program, splits with no rows left, each split-K reduction, sparsity 0 to 100 %,
-    and a NaN in a dropped channel, which is never read."""
+    """The wide tiles (ROW_SUM: loads prefetched into registers) of both one-token GEMVs, with
+    bf16 weights read as int32 pairs (UNPACK) where every column end and the row stride are
+    even: ragged K and N, odd ends (UNPACK then off), groups, a weight read through a wider
+    row stride, one step per program, splits with no rows left, each split-K reduction,
+    sparsity 0 to 100 %, and a NaN in a dropped channel, which is never read."""
     cfgs = [prefetched(path, block_n, split, reduce) for path in ("gemv_masked", "gemv")
             for block_n, split, reduce in ((64, 1, 2), (32, 9, 2), (64, 3, 1))]
     for M, K, sizes, pad in [(1, 257, (130,), 0), (1, 64, (64, 16, 50), 0),
@@ -520,10 +520,10 @@ def test_dispatch_at_one_token(monkeypatch):
         for s, block_n in [(0.25, 1024), (below, 1024 if large_group else 512)]:
             path, cfg = sl._gemv_choice(N, K, fp16, 132, s, sizes)
             assert path == "gemv_masked" and cfg["BLOCK_N"] == block_n and cfg["BLOCK_K"] == 8, (N, K, s)
-            assert cfg["REDUCE"] == 2 and cfg["ROW_SUM"] and cfg["PREFETCH"] and cfg["STAGES"] == 1, (N, K, s)
+            assert cfg["REDUCE"] == 2 and cfg["ROW_SUM"] and cfg["UNPACK"] and cfg["STAGES"] == 1, (N, K, s)
             assert cfg["num_warps"] == block_n // 256, (N, K, s)
         path, cfg = sl._gemv_choice(N, K, fp16, 132, above, sizes)
-        assert path == "gemv" and cfg["ROW_SUM"] and cfg["PREFETCH"] and cfg["BLOCK_N"] == 1024, (N, K)
+        assert path == "gemv" and cfg["ROW_SUM"] and cfg["UNPACK"] and cfg["BLOCK_N"] == 1024, (N, K)
     # about 3 compacted programs per SM, the output tiles counted per linear of a group
     # (7168 = 7 tiles of 1024: 14 tiles, 29 splits); masked 512-column tiles at about 8 per SM
     # (8 tiles: 132 splits wanted, 128 at most under float32 atomics)
