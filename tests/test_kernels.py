@@ -19,6 +19,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -299,6 +301,23 @@ def test_prefetched_wide_tiles(dtype):
     for path, cfg in cfgs:
         out = sl._sparse_linear(x, w.t().contiguous(), b, scores[0], thr, path=path, config=cfg)
         assert rel_err(out, ref_threshold(clean, w, b, scores[0], thr)) < TOL[dtype], (path, cfg)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(K=st.integers(1, 300), sizes=st.lists(st.integers(1, 160), min_size=1, max_size=3),
+       dtype=st.sampled_from(DTYPES), path=st.sampled_from(["gemv_masked", "gemv"]),
+       block_n=st.sampled_from([32, 64]), rows=st.sampled_from([8, 16]), split=st.integers(1, 12),
+       reduce=st.sampled_from([0, 1, 2]), sparsity=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_wide_tiles_match_the_reference(K, sizes, dtype, path, block_n, rows, split, reduce, sparsity, seed):
+    """Any shape, group, tile, split and sparsity: the wide tiles equal the float64 reference."""
+    x, w, b, scores = make_group(1, K, tuple(sizes), dtype, seed=seed)
+    thr = group_thresholds(x, scores, [sparsity] * len(sizes))
+    group = (tuple(sizes), tuple(thr)) if len(sizes) > 1 else None
+    cfg = {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": rows, "SPLIT_K": split, "STAGES": 1,
+           "REDUCE": reduce, "ROW_SUM": True, "UNPACK": True, "num_warps": 1}
+    out = sl._sparse_linear(x, w.t().contiguous(), b, scores if group else scores[0], thr[0], path=path, config=cfg,
+                            group=group)
+    assert rel_err(out, ref_group(x, w, b, scores, thr, tuple(sizes))) < TOL[dtype]
 
 
 def test_unpack_fits_only_even_bf16_columns():
