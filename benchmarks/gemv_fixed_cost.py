@@ -12,8 +12,15 @@ contiguous, and for a graph of one empty kernel (the harness), sit beside it, fr
 same process and timer (``benchmarks/kernels.py``: CUDA graphs over rotated weights).
 Why: the small GEMVs (o, q/k/v) lose 5-6 us each against their copy floor and take the
 same time with their weight in L2 (benchmarks/NOTES.md, session 15); the fit separates a
-fixed cost from a slow stream.  ``--variants split1`` adds the same kernel without split-K
-(one program per output tile: no atomics, no last-program sum).
+fixed cost from a slow stream.  ``--variants`` adds the same kernel with one thing changed:
+
+* ``split1``: no split-K (one program per output tile: no atomics, no last-program sum);
+* ``half_split``: half the splits (half the programs, each with twice the rows);
+* ``tickets``: split-K partials stored, then summed in a fixed order by the last program of
+  each tile (REDUCE 1) instead of float32 atomics: every dispatched GEMV issues about
+  programs x BLOCK_N = 0.54 M atomic adds, 128 onto each output of o, which may be what
+  its fixed cost is made of (session 16);
+* ``two_launches``: partials stored, summed by a second kernel (REDUCE 0).
 
 Writes ``gemv_fixed_cost_<gpu>.json`` to $OUT (else benchmarks/results/).
 """
@@ -56,7 +63,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="o,qkv,down,gate_up,5120x17920", help=f"of {', '.join(CASES)}")
     ap.add_argument("--hint", type=float, default=0.5, help="calibrated sparsity that picks kernel and tiles")
-    ap.add_argument("--variants", default="dispatched,split1", help="of dispatched, split1")
+    ap.add_argument("--variants", default="dispatched,split1",
+                    help="of dispatched, split1, half_split, tickets, two_launches")
     args = ap.parse_args()
     bw = bench.copy_bandwidth()
     header = dict(bench.device_header(bw), hint=args.hint, kept=KEPT)
@@ -77,7 +85,12 @@ def main() -> None:
         x = torch.randn(1, K, device="cuda", generator=g).to(dtype)
         group = len(sizes) > 1
         path, cfg = sl._gemv_choice(N, K, dtype, bench.num_sms(), args.hint, tuple(sizes) if group else None)
-        configs = {"dispatched": cfg, "split1": dict(cfg, SPLIT_K=1)}
+        configs = {"dispatched": cfg, "split1": dict(cfg, SPLIT_K=1),
+                   "half_split": dict(cfg, SPLIT_K=max(1, cfg["SPLIT_K"] // 2)), "tickets": dict(cfg, REDUCE=1),
+                   "two_launches": dict(cfg, REDUCE=0)}
+        unknown = set(args.variants.split(",")) - set(configs)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(configs)}")
         rec = dict(case=name, K=K, sizes=list(sizes), dtype=str(dtype), path=path, config=cfg, points=[])
         for kept in KEPT:
             drop = 1.0 - kept
