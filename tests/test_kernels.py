@@ -659,13 +659,13 @@ def test_cuda_triton_op_wrapping():
     assert rel_err(fn(x), ref_threshold(x, w, b, score, 0.3)) < 1e-2
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("E, K, N, S", [(4, 100, 33, 2), (3, 257, 130, 5), (5, 64, 300, 1)])
 def test_expert_rows_match_the_reference(E, K, N, S, dtype):
     """Rows routed to experts of a 3-D weight, one launch: each row through its expert's
-    threshold rule and W^T, on every GEMV path, the experts' W^T read in place from a
-    weight stored (E, N, K) transposed (as the backend re-lays it out) and from one with
-    padded expert strides."""
+    threshold rule and W^T, on every GEMV path and the wide tiles (bf16 pairs where the
+    strides are even), the experts' W^T read in place from a weight stored (E, N, K)
+    transposed (as the backend re-lays it out) and from one with padded expert strides."""
     g = torch.Generator().manual_seed(E * K + S)
     stored = torch.randn(E, N, K, generator=g).to(dtype)
     relaid = stored.transpose(1, 2).contiguous().transpose(1, 2)  # values of stored, W_e^T rows contiguous
@@ -678,7 +678,8 @@ def test_expert_rows_match_the_reference(E, K, N, S, dtype):
     ref = reference.expert_threshold_linear(x.double(), expert, stored.transpose(1, 2).double(), scores, thresholds)
     configs = [(None, None), ("gemv_masked", dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=3, STAGES=1, REDUCE=1, num_warps=4)),
                ("gemv", dict(BLOCK_N=32, BLOCK_R=16, SPLIT_K=2, STAGES=1, REDUCE=1, num_warps=4)),
-               ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=2, STAGES=1, REDUCE=2, num_warps=4))]
+               ("gemv_masked", dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=2, STAGES=1, REDUCE=2, num_warps=4)),
+               prefetched("gemv_masked", 64, 3), prefetched("gemv", 64, 2)]
     for weight_t in (relaid.transpose(1, 2), padded):
         weight_t = weight_t.to(DEVICE) if DEVICE == "cpu" else _on_cuda_keeping_strides(weight_t)
         for path, cfg in configs:
