@@ -453,9 +453,10 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
 
 def _pairs_fit(p: _Problem) -> bool:
     """The GEMVs can read a bf16 weight as int32 pairs of adjacent columns (UNPACK): every
-    linear of the group, and the row stride, an even number of columns."""
+    linear of the group, the row stride, the expert stride and the view's offset into its
+    storage an even number of elements (so each pair is 4-byte aligned; a storage's base is)."""
     return (p.weight_t.dtype == torch.bfloat16 and p.weight_t.stride(0) % 2 == 0 and p.expert_stride % 2 == 0
-            and all(end % 2 == 0 for end in p.ends))
+            and p.weight_t.storage_offset() % 2 == 0 and all(end % 2 == 0 for end in p.ends))
 
 
 def _segments(ends: list[int], thresholds) -> dict:

@@ -322,10 +322,10 @@ def test_wide_tiles_match_the_reference(K, sizes, dtype, path, block_n, rows, sp
 
 def test_unpack_fits_only_even_bf16_columns():
     """UNPACK reads a bf16 weight as int32 pairs of adjacent columns, so the launcher turns it
-    on only when every linear's column end and the row stride are even (and never for fp16,
-    fp32 or an odd expert stride)."""
-    def fits(dtype, N, stride=None, sizes=None, expert_stride=0):
-        wt = torch.zeros(8, stride or N, dtype=dtype)[:, :N]
+    on only when every linear's column end, the row stride and the view's storage offset are
+    even (and never for fp16, fp32 or an odd expert stride)."""
+    def fits(dtype, N, stride=None, sizes=None, expert_stride=0, offset=0):
+        wt = torch.zeros(8, stride or N + offset, dtype=dtype)[:, offset:offset + N]
         p = sl._problem(torch.zeros(1, 8, dtype=dtype), wt, None,
                         torch.ones(len(sizes), 8) if sizes else torch.ones(8), 0.0, None,
                         (sizes, (0.0,) * len(sizes)) if sizes else None)
@@ -335,6 +335,7 @@ def test_unpack_fits_only_even_bf16_columns():
     assert fits(bf16, 64) and fits(bf16, 64, stride=70) and fits(bf16, 130, sizes=(64, 16, 50))
     assert not fits(bf16, 65) and not fits(bf16, 64, stride=71) and not fits(bf16, 130, sizes=(63, 17, 50))
     assert not fits(torch.float16, 64) and not fits(torch.float32, 64) and not fits(bf16, 64, expert_stride=513)
+    assert fits(bf16, 64, stride=70, offset=2) and not fits(bf16, 64, stride=70, offset=1)  # pairs 4-byte aligned
 
 
 @pytest.mark.parametrize("reduce", [1, 2])
@@ -596,6 +597,22 @@ def test_cuda_large(M, K, N, dtype):
         assert rel_err(sl.topk_linear(x, wt, b, score, k), ref) < TOL[dtype], sparsity
         for path in (["gemv", "gemv_masked", "gemm"] if M <= 8 else ["gemm", "dense"]):
             assert rel_err(run(x, w, b, score, thr=thr, path=path), ref_threshold(x, w, b, score, thr)) < TOL[dtype]
+
+
+@cuda
+@pytest.mark.parametrize("offset", [1, 2])
+def test_cuda_bf16_weight_views_at_any_offset(offset):
+    """A bf16 W^T viewed at an odd storage offset cannot be read as 4-byte column pairs (UNPACK
+    would issue misaligned loads, a fault on the GPU): the launcher reads it by element; at an
+    even offset by pairs.  Both as the dispatch picks, at every one-token tile."""
+    x, w, b, score = make(1, 4096, 4096, torch.bfloat16, device="cuda")
+    buffer = torch.zeros(4096, 4096 + 2, dtype=torch.bfloat16, device="cuda")
+    wt = buffer[:, offset:offset + 4096]
+    wt.copy_(w.t())
+    for sparsity in [0.3, 0.5, 0.8]:
+        thr = threshold_for(x, score, sparsity)
+        out = sl.threshold_linear(x, wt, b, score, thr, sparsity)
+        assert rel_err(out, ref_threshold(x, w, b, score, thr)) < TOL[torch.bfloat16], (offset, sparsity)
 
 
 @cuda
