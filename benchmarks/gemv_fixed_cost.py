@@ -84,7 +84,7 @@ def main() -> None:
         scores = torch.stack([ws_t[0][:, e - n:e].float().norm(dim=1) for e, n in zip(ends, sizes)])
         x = torch.randn(1, K, device="cuda", generator=g).to(dtype)
         group = len(sizes) > 1
-        path, cfg = sl._gemv_choice(N, K, dtype, bench.num_sms(), args.hint, tuple(sizes) if group else None)
+        path, cfg = sl._gemv_choice(N, K, bench.num_sms(), args.hint, tuple(sizes) if group else None)
         configs = {"dispatched": cfg, "split1": dict(cfg, SPLIT_K=1),
                    "half_split": dict(cfg, SPLIT_K=max(1, cfg["SPLIT_K"] // 2)), "tickets": dict(cfg, REDUCE=1),
                    "two_launches": dict(cfg, REDUCE=0)}

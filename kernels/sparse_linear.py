@@ -164,7 +164,7 @@ def _wide_config(path: str, K: int, sizes: tuple[int, ...], sms: int, block_n: i
                   "STAGES": 1, "REDUCE": reduce, "num_warps": block_n // 256, "ROW_SUM": True, "UNPACK": True}
 
 
-def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: float,
+def _gemv_choice(N: int, K: int, sms: int, sparsity_hint: float,
                  sizes: tuple[int, ...] | None = None) -> tuple[str, dict]:
     """(path, config) at one token, from the shape and the calibrated sparsity, as measured
     on an H200 (``kernels_h200_tune_s16_{bf16,fp16}.json``, benchmarks/NOTES.md, session 16):
@@ -176,7 +176,7 @@ def _gemv_choice(N: int, K: int, dtype: torch.dtype, sms: int, sparsity_hint: fl
     * from 60 % (weights of WIDE_MIN_WEIGHT elements or more) or 70 % (smaller ones): compacted
       rows, 1024 columns x 8 rows, about 3 programs per SM.
 
-    Every one with its loads straight into registers one step ahead (ROW_SUM): Triton's
+    The wide ones load straight into registers one step ahead (ROW_SUM): Triton's
     pipelined tiles, through shared memory, spent 7-8 instructions per weight element and
     were bound by issuing them (ncu, session 16).  Split-K partial sums meet by float32
     atomics into the workspace (REDUCE 2; the summation order varies from run to run), or,
@@ -347,7 +347,7 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
     sms = _num_sms(x.device)
     if path is None and not p.keeps_all and M <= GEMV_MAX_M:
         hint = 1 - p.k / K if p.k is not None else sparsity_hint
-        path, tiles = _gemv_choice(N, K, x.dtype, sms, hint, p.sizes)
+        path, tiles = _gemv_choice(N, K, sms, hint, p.sizes)
         config = {**tiles, **(config or {})}
     path = path or ("dense" if p.keeps_all or M > SPARSE_MAX_M else "gemm")
     if path == "dense":
@@ -523,7 +523,7 @@ def expert_threshold_linear(x: Tensor, expert: Tensor, weight_t: Tensor, scores:
                  expert_stride=weight_t.stride(0))
     sms = _num_sms(x.device)
     if path is None:
-        path, tiles = _gemv_choice(N, K, x.dtype, sms, sparsity_hint)
+        path, tiles = _gemv_choice(N, K, sms, sparsity_hint)
         config = {**tiles, **(config or {})}
     if path not in ("gemv", "gemv_masked"):
         raise ValueError(f"expert rows run on path 'gemv' or 'gemv_masked', not {path!r}")

@@ -31,7 +31,7 @@ for N, K, sizes in [(17920, 5120, None), (4096, 14336, None), (28672, 4096, (143
     for s in (0.25, 0.5, 0.65, 0.8):
         for deterministic in (False, True):
             torch.use_deterministic_algorithms(deterministic)
-            path, cfg = sl._gemv_choice(N, K, torch.float16, 132, s, sizes)
+            path, cfg = sl._gemv_choice(N, K, 132, s, sizes)
             rows = cfg.get("BLOCK_K", cfg.get("BLOCK_R"))
             key = f"{path} {cfg['BLOCK_N']}x{rows} w{cfg['num_warps']} s{cfg['STAGES']} split{cfg['SPLIT_K']} reduce{cfg['REDUCE']} {cfg.get('ROW_SUM', False)}"
             for dtype in ("fp16", "bf16", "fp32"):

@@ -531,28 +531,27 @@ def test_dispatch_at_one_token(monkeypatch):
     float32 atomics, or by the last ticket in deterministic mode.  The launcher follows the
     rule for single linears, groups and top-k (whose sparsity is 1 - k / K), with the same
     results."""
-    fp16 = torch.float16
-    assert sl._gemv_choice(1024, 4096, fp16, 132, 0.9)[1]["REDUCE"] == 2
+    assert sl._gemv_choice(1024, 4096, 132, 0.9)[1]["REDUCE"] == 2
     for (N, K, sizes), below, above in [((17920, 5120, None), 0.5, 0.6), ((14336, 4096, None), 0.55, 0.6),
                                         ((4096, 14336, None), 0.5, 0.65), ((28672, 4096, (14336, 14336)), 0.5, 0.6),
                                         ((4096, 4096, None), 0.65, 0.7), ((6144, 4096, (4096, 1024, 1024)), 0.65, 0.8)]:
         large_group = sizes is not None and N * K >= sl.WIDE_MIN_WEIGHT
         for s, block_n in [(0.25, 1024), (below, 1024 if large_group else 512)]:
-            path, cfg = sl._gemv_choice(N, K, fp16, 132, s, sizes)
+            path, cfg = sl._gemv_choice(N, K, 132, s, sizes)
             assert path == "gemv_masked" and cfg["BLOCK_N"] == block_n and cfg["BLOCK_K"] == 8, (N, K, s)
             assert cfg["REDUCE"] == 2 and cfg["ROW_SUM"] and cfg["UNPACK"] and cfg["STAGES"] == 1, (N, K, s)
             assert cfg["num_warps"] == block_n // 256, (N, K, s)
-        path, cfg = sl._gemv_choice(N, K, fp16, 132, above, sizes)
+        path, cfg = sl._gemv_choice(N, K, 132, above, sizes)
         assert path == "gemv" and cfg["ROW_SUM"] and cfg["UNPACK"] and cfg["BLOCK_N"] == 1024, (N, K)
     # about 3 compacted programs per SM, the output tiles counted per linear of a group
     # (7168 = 7 tiles of 1024: 14 tiles, 29 splits); masked 512-column tiles at about 8 per SM
     # (8 tiles: 132 splits wanted, 128 at most under float32 atomics)
-    assert sl._gemv_choice(14336, 4096, fp16, 132, 0.65, (7168, 7168))[1]["SPLIT_K"] == 29
-    assert sl._gemv_choice(4096, 4096, fp16, 132, 0.5)[1]["SPLIT_K"] == 128
+    assert sl._gemv_choice(14336, 4096, 132, 0.65, (7168, 7168))[1]["SPLIT_K"] == 29
+    assert sl._gemv_choice(4096, 4096, 132, 0.5)[1]["SPLIT_K"] == 128
     with deterministic():
-        assert all(sl._gemv_choice(N, 4096, fp16, 132, s)[1]["REDUCE"] == 1
+        assert all(sl._gemv_choice(N, 4096, 132, s)[1]["REDUCE"] == 1
                    for N in (1024, 4096, 17920) for s in (0.25, 0.5, 0.9))
-        assert sl._gemv_choice(17920, 5120, fp16, 132, 0.5)[1]["SPLIT_K"] <= 32
+        assert sl._gemv_choice(17920, 5120, 132, 0.5)[1]["SPLIT_K"] <= 32
 
     launched = []
     real = sl._launch
