@@ -265,11 +265,11 @@ def test_split_k_fixup_with_empty_splits(dtype):
             assert rel_err(run(x, w, b, score, thr=thr, path=path, config=cfg), ref) < TOL[dtype], (path, sparsity)
 
 
-def prefetched(path, block_n, split, reduce=2, unpack=True):
+def prefetched(path, block_n, split, reduce=2, rows=8):
     """The dispatched one-token tiles (rows summed in the thread, loads prefetched into
     registers; UNPACK where the launcher finds the weight fits), scaled down."""
-    return path, {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": 8, "SPLIT_K": split,
-                  "STAGES": 1, "REDUCE": reduce, "ROW_SUM": True, "UNPACK": unpack, "num_warps": 1}
+    return path, {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": rows, "SPLIT_K": split,
+                  "STAGES": 1, "REDUCE": reduce, "ROW_SUM": True, "UNPACK": True, "num_warps": 1}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -313,8 +313,7 @@ def test_wide_tiles_match_the_reference(K, sizes, dtype, path, block_n, rows, sp
     x, w, b, scores = make_group(1, K, tuple(sizes), dtype, seed=seed)
     thr = group_thresholds(x, scores, [sparsity] * len(sizes))
     group = (tuple(sizes), tuple(thr)) if len(sizes) > 1 else None
-    cfg = {"BLOCK_N": block_n, "BLOCK_K" if path == "gemv_masked" else "BLOCK_R": rows, "SPLIT_K": split, "STAGES": 1,
-           "REDUCE": reduce, "ROW_SUM": True, "UNPACK": True, "num_warps": 1}
+    _, cfg = prefetched(path, block_n, split, reduce, rows)
     out = sl._sparse_linear(x, w.t().contiguous(), b, scores if group else scores[0], thr[0], path=path, config=cfg,
                             group=group)
     assert rel_err(out, ref_group(x, w, b, scores, thr, tuple(sizes))) < TOL[dtype]
