@@ -52,7 +52,7 @@ SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 
 
 def case_weights(K: int, sizes, generator, dtype=torch.float16) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Rotated fp16 copies of a case's W^T (K, sum sizes), enough that one pass over them
+    """Rotated copies (``dtype``) of a case's W^T (K, sum sizes), enough that one pass over them
     leaves the L2 cache cold, and the (len(sizes), K) WINA scores of its linears."""
     N = sum(sizes)
     copies = min(16, max(bench.NBUF_MIN, -(-int(bench.ROTATE_BYTES) // (K * N * 2))))
