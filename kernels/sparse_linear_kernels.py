@@ -364,6 +364,23 @@ def _row_tile(wt_ptr, rows, rmask, stride_wk, col0, n_end, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _row_sum_accumulators(BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
+    """Zero float32 accumulators of _rows_dot: (1, BLOCK_N) and an unused (1, 1), or with UNPACK
+    the even and the odd columns, (1, BLOCK_N // 2) each."""
+    return (tl.zeros((1, BLOCK_N // 2 if UNPACK else BLOCK_N), tl.float32),
+            tl.zeros((1, BLOCK_N // 2 if UNPACK else 1), tl.float32))
+
+
+@triton.jit
+def _in_column_order(acc_a, acc_b, UNPACK: tl.constexpr):
+    """The (1, BLOCK_N) column sums from _rows_dot's accumulators (UNPACK: even and odd interleaved)."""
+    if UNPACK:
+        return tl.interleave(acc_a, acc_b)
+    else:
+        return acc_a
+
+
+@triton.jit
 def _rows_dot(acc_a, acc_b, w, xk, UNPACK: tl.constexpr):
     """Column sums of w * xk[:, None] in float32, added to acc_a (1, BLOCK_N), or with UNPACK to the
     even columns' acc_a and the odd columns' acc_b (1, BLOCK_N // 2).  A bf16 is the top half of
@@ -386,8 +403,7 @@ def _masked_prefetched(x_row, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshol
     rows one step ahead, x and the scores two.  Every load goes straight to registers, with no
     asynchronous copy into shared memory and back (Triton's pipelining), which cost the
     wide tiles about half their instructions (ncu, session 16)."""
-    acc_a = tl.zeros((1, BLOCK_N // 2 if UNPACK else BLOCK_N), tl.float32)
-    acc_b = tl.zeros((1, BLOCK_N // 2 if UNPACK else 1), tl.float32)
+    acc_a, acc_b = _row_sum_accumulators(BLOCK_N, UNPACK)
     offs = k_lo + tl.arange(0, BLOCK_K)
     valid = offs < k_hi
     xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
@@ -407,11 +423,7 @@ def _masked_prefetched(x_row, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshol
         valid = offs < k_hi
         xf_next = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
         score_next = tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0)
-    acc_a, acc_b = _rows_dot(acc_a, acc_b, w, xk, UNPACK)
-    if UNPACK:
-        return tl.interleave(acc_a, acc_b)
-    else:
-        return acc_a
+    return _in_column_order(*_rows_dot(acc_a, acc_b, w, xk, UNPACK), UNPACK)
 
 
 @triton.jit
@@ -429,8 +441,7 @@ def _compacted_prefetched(scr, n_keep, all_kept, x_row, wt_ptr, stride_wk, k_lo,
     """The (1, BLOCK_N) float32 column sums of wt[kept rows, col0:col0 + BLOCK_N] times x[kept rows],
     BLOCK_R kept rows a step, as _masked_prefetched: the weight rows and their x values one
     step ahead in registers, the kept ids two."""
-    acc_a = tl.zeros((1, BLOCK_N // 2 if UNPACK else BLOCK_N), tl.float32)
-    acc_b = tl.zeros((1, BLOCK_N // 2 if UNPACK else 1), tl.float32)
+    acc_a, acc_b = _row_sum_accumulators(BLOCK_N, UNPACK)
     offs_j = tl.arange(0, BLOCK_R)
     rows, jmask = _kept_rows(scr, offs_j, n_keep, all_kept, k_lo)
     w = _row_tile(wt_ptr, rows, jmask, stride_wk, col0, n_end, BLOCK_N, UNPACK)
@@ -442,11 +453,7 @@ def _compacted_prefetched(scr, n_keep, all_kept, x_row, wt_ptr, stride_wk, k_lo,
         acc_a, acc_b = _rows_dot(acc_a, acc_b, w, xk, UNPACK)
         w, xk = w_next, xk_next
         rows_next, jmask_next = _kept_rows(scr, j + BLOCK_R + offs_j, n_keep, all_kept, k_lo)
-    acc_a, acc_b = _rows_dot(acc_a, acc_b, w, xk, UNPACK)
-    if UNPACK:
-        return tl.interleave(acc_a, acc_b)
-    else:
-        return acc_a
+    return _in_column_order(*_rows_dot(acc_a, acc_b, w, xk, UNPACK), UNPACK)
 
 
 @triton.jit
