@@ -35,9 +35,10 @@ import torch
 import triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("wina_bench_kernels", os.path.join(HERE, "kernels.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)  # puts the source tree on sys.path
+_spec = importlib.util.spec_from_file_location("wina_tune_gemv", os.path.join(HERE, "tune_gemv.py"))
+tune = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tune)  # loads benchmarks/kernels.py, which puts the source tree on sys.path
+bench = tune.bench
 from kernels import reference, sparse_linear as sl  # noqa: E402
 
 CASES = {  # name: (K, output sizes of the linears sharing x, dtype)
@@ -48,6 +49,13 @@ CASES = {  # name: (K, output sizes of the linears sharing x, dtype)
     "5120x17920": (5120, (17920,), torch.float16),
 }
 KEPT = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
+VARIANTS = {  # name: the dispatched config -> the variant's (see the module docstring)
+    "dispatched": lambda cfg: cfg,
+    "split1": lambda cfg: dict(cfg, SPLIT_K=1),
+    "half_split": lambda cfg: dict(cfg, SPLIT_K=max(1, cfg["SPLIT_K"] // 2)),
+    "tickets": lambda cfg: dict(cfg, REDUCE=1),
+    "two_launches": lambda cfg: dict(cfg, REDUCE=0),
+}
 
 
 def fit(bytes_, us) -> tuple[float, float]:
@@ -63,9 +71,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="o,qkv,down,gate_up,5120x17920", help=f"of {', '.join(CASES)}")
     ap.add_argument("--hint", type=float, default=0.5, help="calibrated sparsity that picks kernel and tiles")
-    ap.add_argument("--variants", default="dispatched,split1",
-                    help="of dispatched, split1, half_split, tickets, two_launches")
+    ap.add_argument("--variants", default="dispatched,split1", help=f"of {', '.join(VARIANTS)}")
     args = ap.parse_args()
+    for given, valid in ((args.variants, VARIANTS), (args.cases, CASES)):
+        if set(given.split(",")) - set(valid):
+            ap.error(f"unknown {sorted(set(given.split(',')) - set(valid))}; choose from {', '.join(valid)}")
     bw = bench.copy_bandwidth()
     header = dict(bench.device_header(bw), hint=args.hint, kept=KEPT)
     print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
@@ -78,19 +88,12 @@ def main() -> None:
     for name in args.cases.split(","):
         K, sizes, dtype = CASES[name]
         N = sum(sizes)
-        copies = min(16, max(bench.NBUF_MIN, -(-int(bench.ROTATE_BYTES) // (K * N * 2))))
-        ws_t = [(torch.randn(K, N, device="cuda", generator=g) * K ** -0.5).to(dtype) for _ in range(copies)]
+        ws_t, scores = tune.case_weights(K, sizes, g, dtype)
         ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
-        scores = torch.stack([ws_t[0][:, e - n:e].float().norm(dim=1) for e, n in zip(ends, sizes)])
         x = torch.randn(1, K, device="cuda", generator=g).to(dtype)
         group = len(sizes) > 1
         path, cfg = sl._gemv_choice(N, K, bench.num_sms(), args.hint, tuple(sizes) if group else None)
-        configs = {"dispatched": cfg, "split1": dict(cfg, SPLIT_K=1),
-                   "half_split": dict(cfg, SPLIT_K=max(1, cfg["SPLIT_K"] // 2)), "tickets": dict(cfg, REDUCE=1),
-                   "two_launches": dict(cfg, REDUCE=0)}
-        unknown = set(args.variants.split(",")) - set(configs)
-        if unknown:
-            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(configs)}")
+        configs = {name: change(cfg) for name, change in VARIANTS.items()}
         rec = dict(case=name, K=K, sizes=list(sizes), dtype=str(dtype), path=path, config=cfg, points=[])
         for kept in KEPT:
             drop = 1.0 - kept
