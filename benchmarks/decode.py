@@ -408,7 +408,8 @@ def main():
 
 @contextlib.contextmanager
 def _tiles_override(tiles: dict | None):
-    """Tiles of the M = 1 masked kernel overridden while a variant compiles and runs.
+    """The one-token dispatch's config (``_gemv_choice``: either GEMV, every shape) updated
+    with ``tiles`` while a variant compiles and runs, e.g. {"REDUCE": 2}.
 
     Inductor's caches are off meanwhile: they may key the graph before the triton_op is
     traced into kernels, and a cached compile of the same graph would bring back the
@@ -419,16 +420,21 @@ def _tiles_override(tiles: dict | None):
 
     from wina_fx.kernels import sparse_linear as sl
 
-    saved = sl._CONFIGS["gemv_masked"]
     if not tiles:
         yield
         return
-    sl._CONFIGS["gemv_masked"] = lambda *a: {**saved(*a), **tiles}
+    saved = sl._gemv_choice
+
+    def choice(*args, **kwargs):
+        path, config = saved(*args, **kwargs)
+        return path, {**config, **tiles}
+
+    sl._gemv_choice = choice
     try:
         with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
             yield
     finally:
-        sl._CONFIGS["gemv_masked"] = saved
+        sl._gemv_choice = saved
 
 
 def plot(records, header, path):

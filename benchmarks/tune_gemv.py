@@ -183,7 +183,9 @@ CANDIDATES = {
     **{f"p{kind}{n}r{r}p{p}": wide(path, n, r, p, reduce=2)
        for kind, path in (("m", "gemv_masked"), ("c", "gemv")) for n, r, p in
        ((2048, 8, 2), (2048, 8, 3), (1024, 8, 2), (1024, 8, 3), (1024, 8, 4), (512, 8, 4), (512, 8, 8),
-        (1024, 16, 2))},
+        (1024, 16, 2),
+        # session 17, for the tensor-parallel shards (the o shard ran 128 splits of 16 rows)
+        (256, 8, 8), (256, 8, 16), (1024, 8, 8), (512, 16, 4))},
     **{f"p{kind}{n}r{r}p{p}v2": wide(path, n, r, p, reduce=2, vectors=2)
        for kind, path in (("m", "gemv_masked"), ("c", "gemv")) for n, r, p in
        ((1024, 8, 4), (1024, 8, 2), (2048, 8, 2), (512, 8, 8), (512, 8, 4))},
