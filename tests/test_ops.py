@@ -154,3 +154,19 @@ def test_cuda_compiled_with_programmatic_dependent_launch_stays_right():
         for _ in range(20):
             x = torch.randn(1, 4096, device="cuda", generator=g).half()
             assert _rel_err(compiled(x), reference(x)) < 2e-2
+
+
+def test_workspace_has_the_shape_of_its_fake_after_a_larger_call():
+    """The shared workspace grows for a wide linear (over 2**16 int32: gate/up of a model
+    with a 53248-wide MLP) and is then asked for by a narrower one: the op still returns
+    exactly the shape its fake kernel promises, which Inductor asserts on every call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    device = torch.device("cpu")
+    for numel in (200_000, 10, 70_000, 1 << 16):
+        real = torch.ops.wina.workspace(device, numel)
+        with FakeTensorMode():
+            fake = torch.ops.wina.workspace(device, numel)
+        assert real.shape == fake.shape and real.dtype == fake.dtype == torch.int32, numel
+        assert not real.any()
+    torch.library.opcheck(torch.ops.wina.workspace.default, (device, 10))

@@ -43,16 +43,23 @@ def workspace(device: torch.device, numel: int) -> Tensor:
     it found it, so one buffer allocated once serves every later launch with no memset
     (under Inductor a memset would be one more kernel per linear).  Launches on one
     device must not run concurrently on different streams (decode runs them in order on
-    one).  Buffers outgrown are kept: a captured CUDA graph may still point at them."""
+    one).  Buffers outgrown are kept: a captured CUDA graph may still point at them.  The
+    result is always the first ``_workspace_numel(numel)`` elements of the newest buffer, the
+    shape the fake kernel gives (Inductor checks it), however large an earlier call made it."""
     buffers = _WORKSPACES.setdefault(torch.device(device), [])
-    if not buffers or buffers[-1].numel() < numel:
-        buffers.append(torch.zeros(max(numel, 1 << 16), dtype=torch.int32, device=device))
-    return buffers[-1]
+    size = _workspace_numel(numel)
+    if not buffers or buffers[-1].numel() < size:
+        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return buffers[-1][:size]
+
+
+def _workspace_numel(numel: int) -> int:
+    return max(numel, 1 << 16)
 
 
 @workspace.register_fake
 def _(device, numel):
-    return torch.empty(max(numel, 1 << 16), dtype=torch.int32, device=device)
+    return torch.empty(_workspace_numel(numel), dtype=torch.int32, device=device)
 
 
 def _workspace(x: Tensor, n_out: int, rows: int | None = None) -> Tensor:
