@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 
 import torch
@@ -80,8 +79,7 @@ def main() -> None:
     header = dict(bench.device_header(bw), hint=args.hint, kept=KEPT)
     print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
     ws = torch.zeros(sl.workspace_size(28672), dtype=torch.int32, device="cuda")
-    one = torch.zeros(1, device="cuda")
-    empty_us = bench.time_us([lambda: one.add_(0)])
+    empty_us = bench.empty_graph_us()
     print(f"graph of one empty kernel: {empty_us:.2f} us")
     g = torch.Generator(device="cuda").manual_seed(0)
     records = []
@@ -131,10 +129,7 @@ def main() -> None:
         records.append(rec)
         del ws_t
         torch.cuda.empty_cache()
-    path_out = os.path.join(bench.out_dir(), f"gemv_fixed_cost_{bench.gpu_tag()}.json")
-    with open(path_out, "w") as f:
-        json.dump(dict(header=dict(header, empty_graph_us=empty_us), records=records), f, indent=1)
-    print(f"-> {path_out}")
+    print(f"-> {bench.save_records('gemv_fixed_cost', dict(header, empty_graph_us=empty_us), records)}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 
 import torch
@@ -103,7 +102,7 @@ def main() -> None:
     bw = bench.copy_bandwidth()
     header = dict(bench.device_header(bw), hint=args.hint)
     print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
-    empty_us = bench.time_us([lambda one=torch.zeros(1, device="cuda"): one.add_(0)])
+    empty_us = bench.empty_graph_us()
     print(f"graph of one empty kernel: {empty_us:.2f} us")
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = torch.zeros(sl.workspace_size(17920), dtype=torch.int32, device="cuda")
@@ -173,10 +172,7 @@ def main() -> None:
                 print(f"    {key:26s} p10 {q['p10']:5.2f}  p50 {q['p50']:5.2f}  p90 {q['p90']:5.2f}  max {q['max']:5.2f}")
         del ws_t
         torch.cuda.empty_cache()
-    path_out = os.path.join(bench.out_dir(), f"gemv_phases_{bench.gpu_tag()}.json")
-    with open(path_out, "w") as f:
-        json.dump(dict(header=dict(header, empty_graph_us=empty_us), records=records), f, indent=1)
-    print(f"-> {path_out}")
+    print(f"-> {bench.save_records('gemv_phases', dict(header, empty_graph_us=empty_us), records)}")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,20 @@ class _NoFlush:
         triton.runtime.driver.active.get_empty_cache_for_benchmark = self.saved
 
 
+def empty_graph_us() -> float:
+    """What the harness itself costs: a CUDA graph of one empty kernel, timed as every case is."""
+    one = torch.zeros(1, device=DEVICE)
+    return time_us([lambda: one.add_(0)])
+
+
+def save_records(stem: str, header: dict, records: list) -> str:
+    """``<stem>_<gpu>.json`` in out_dir(): the run's header and its records; returns the path."""
+    path = os.path.join(out_dir(), f"{stem}_{gpu_tag()}.json")
+    with open(path, "w") as f:
+        json.dump(dict(header=header, records=records), f, indent=1)
+    return path
+
+
 def time_us(fns, flush=False) -> float:
     """Median latency (us) of fns (one per weight buffer), each captured in a CUDA graph."""
     graphs = []
