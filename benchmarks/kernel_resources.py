@@ -101,6 +101,7 @@ def loop_instructions(compiled) -> int:
 DEFAULTS = [  # (path, BLOCK_N, rows, warps, stages, split, REDUCE, ROW_SUM)
     ("gemv_masked", 1024, 8, 4, 1, 38, 2, True),  # dispatched below 40 % (session 16)
     ("gemv_masked", 512, 8, 2, 1, 30, 2, True),   # dispatched from 40 %
+    ("gemv_masked", 512, 16, 2, 1, 30, 2, True),  # dispatched from 40 % for weights of at most 2**24 elements
     ("gemv", 1024, 8, 4, 1, 15, 2, True),         # dispatched from 60 / 70 %
     ("gemv_masked", 32, 256, 4, 3, 3, 2, False),  # session 8-15's o and q/k/v tiles at 50 % (narrow,
                                                   # pipelined by Triton: 6.3 instructions per element)

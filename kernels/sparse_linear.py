@@ -147,6 +147,9 @@ _CONFIGS = {"gemv": _gemv_config, "gemv_masked": _gemv_masked_config, "gemm": _g
 # Weights of at least this many elements (the Llama-3-8B MLP linears, 5120x17920) switch to
 # compacted rows at a lower sparsity than the smaller ones (q/k/v, o).
 WIDE_MIN_WEIGHT = 1 << 25
+# Weights of at most this many elements (o_proj of Llama-3-8B, its tensor-parallel shards of o
+# and q/k/v) stream 16-row steps, 4 programs an SM, from 40 % (session 17).
+DEEP_MAX_WEIGHT = 1 << 24
 
 
 def _wide_config(path: str, K: int, sizes: tuple[int, ...], sms: int, block_n: int, rows: int, per_sm: int,
@@ -172,7 +175,10 @@ def _gemv_choice(N: int, K: int, sms: int, sparsity_hint: float,
     * N <= 2048 (k/v projections alone): masked loads, one 256-row step per program.
     * below 40 %, and for groups of large weights (gate/up) until they switch: masked loads,
       1024 columns x 8 rows, about 4 programs per SM;
-    * from 40 %: masked loads, 512 columns x 8 rows, about 8 programs per SM;
+    * from 40 %: masked loads, 512 columns x 8 rows, about 8 programs per SM; for weights of
+      at most DEEP_MAX_WEIGHT elements 512 columns x 16 rows, about 4 programs per SM (0.3-0.5 us
+      ahead on o and on the tensor-parallel o and q/k/v shards, 0.3-0.7 behind on the one-GPU
+      q/k/v group: ``kernels_h200_tune_{tp2,r16}_s17.json``);
     * from 60 % (weights of WIDE_MIN_WEIGHT elements or more) or 70 % (smaller ones): compacted
       rows, 1024 columns x 8 rows, about 3 programs per SM.
 
@@ -195,6 +201,8 @@ def _gemv_choice(N: int, K: int, sms: int, sparsity_hint: float,
         return _wide_config("gemv", K, sizes, sms, 1024, 8, 3, reduce)
     if s < 0.4 or (large and len(sizes) > 1):
         return _wide_config("gemv_masked", K, sizes, sms, 1024, 8, 4, reduce)
+    if K * N <= DEEP_MAX_WEIGHT:
+        return _wide_config("gemv_masked", K, sizes, sms, 512, 16, 4, reduce)
     return _wide_config("gemv_masked", K, sizes, sms, 512, 8, 8, reduce)
 
 

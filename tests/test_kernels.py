@@ -525,8 +525,9 @@ def test_dispatch_at_one_token(monkeypatch):
     """_gemv_choice (the H200-measured rule, session 16): small outputs take one-step masked
     programs; every other shape wide tiles (rows summed in the thread, loads prefetched into
     registers, bf16 unpacked from int32 pairs): masked 1024-column tiles below 40 % (and for
-    the gate/up group until it switches), masked 512-column tiles from 40 %, compacted
-    1024-column tiles from 60 % (large weights) or 70 % (smaller ones).  Split-K sums by
+    the gate/up group until it switches), masked 512-column tiles from 40 % (16-row steps at
+    4 programs an SM for weights of at most 2**24 elements, 8-row steps at 8 an SM above),
+    compacted 1024-column tiles from 60 % (large weights) or 70 % (smaller ones).  Split-K sums by
     float32 atomics, or by the last ticket in deterministic mode.  The launcher follows the
     rule for single linears, groups and top-k (whose sparsity is 1 - k / K), with the same
     results."""
@@ -535,18 +536,24 @@ def test_dispatch_at_one_token(monkeypatch):
                                         ((4096, 14336, None), 0.5, 0.65), ((28672, 4096, (14336, 14336)), 0.5, 0.6),
                                         ((4096, 4096, None), 0.65, 0.7), ((6144, 4096, (4096, 1024, 1024)), 0.65, 0.8)]:
         large_group = sizes is not None and N * K >= sl.WIDE_MIN_WEIGHT
-        for s, block_n in [(0.25, 1024), (below, 1024 if large_group else 512)]:
+        deep = N * K <= sl.DEEP_MAX_WEIGHT
+        for s, block_n, rows in [(0.25, 1024, 8), (below, 1024 if large_group else 512, 16 if deep else 8)]:
             path, cfg = sl._gemv_choice(N, K, 132, s, sizes)
-            assert path == "gemv_masked" and cfg["BLOCK_N"] == block_n and cfg["BLOCK_K"] == 8, (N, K, s)
+            assert path == "gemv_masked" and cfg["BLOCK_N"] == block_n and cfg["BLOCK_K"] == rows, (N, K, s)
             assert cfg["REDUCE"] == 2 and cfg["ROW_SUM"] and cfg["UNPACK"] and cfg["STAGES"] == 1, (N, K, s)
             assert cfg["num_warps"] == block_n // 256, (N, K, s)
         path, cfg = sl._gemv_choice(N, K, 132, above, sizes)
         assert path == "gemv" and cfg["ROW_SUM"] and cfg["UNPACK"] and cfg["BLOCK_N"] == 1024, (N, K)
     # about 3 compacted programs per SM, the output tiles counted per linear of a group
     # (7168 = 7 tiles of 1024: 14 tiles, 29 splits); masked 512-column tiles at about 8 per SM
-    # (8 tiles: 132 splits wanted, 128 at most under float32 atomics)
+    # (8 tiles: 132 splits wanted, 128 at most under float32 atomics), or with 16-row steps at
+    # about 4 per SM (8 tiles: 66 splits); the tensor-parallel shards of o and q/k/v take those
     assert sl._gemv_choice(14336, 4096, 132, 0.65, (7168, 7168))[1]["SPLIT_K"] == 29
-    assert sl._gemv_choice(4096, 4096, 132, 0.5)[1]["SPLIT_K"] == 128
+    assert sl._gemv_choice(4096, 14336, 132, 0.5)[1]["SPLIT_K"] == 128
+    assert sl._gemv_choice(4096, 4096, 132, 0.5)[1]["SPLIT_K"] == 66
+    assert sl._gemv_choice(4096, 2048, 132, 0.5)[1]["BLOCK_K"] == 16
+    assert sl._gemv_choice(3072, 4096, 132, 0.5, (2048, 512, 512))[1]["BLOCK_K"] == 16
+    assert sl._gemv_choice(6144, 4096, 132, 0.5, (4096, 1024, 1024))[1]["BLOCK_K"] == 8
     with deterministic():
         assert all(sl._gemv_choice(N, 4096, 132, s)[1]["REDUCE"] == 1
                    for N in (1024, 4096, 17920) for s in (0.25, 0.5, 0.9))
