@@ -67,7 +67,7 @@ def _phases_kernel(x_ptr, wt_ptr, score_ptr, out_ptr, cnt_ptr, t_ptr, N, K, stri
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     col0 = pid_n * BLOCK_N
-    acc = kern._masked_prefetched(x_ptr + m, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, N, 0,
+    acc = kern._masked_prefetched(x_ptr + m * K, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, N, 0,
                                   BLOCK_N, BLOCK_K, UNPACK)
     summed_clk = _clock(tl.sum(acc, axis=1).to(tl.int32, bitcast=True))
     offs_n = col0 + tl.arange(0, BLOCK_N)
