@@ -9,12 +9,14 @@ runs the dispatched masked tiles (``_masked_prefetched`` and ``_finish``, the li
 code) in a kernel that also reads each program's clocks: ``%globaltimer`` when it starts and
 ends (one clock for the whole GPU: the launch ramp and the end spread) and the SM's
 ``%clock64`` at its start, when its column sums are complete (the loop over its weight rows),
-and after its split-K sum is added and its ticket taken (the tail).  (Session 17 probed a
-split-K mode 3 with it, measured and dropped: each program added its partial in 64-bit fixed
-point together with a count, one atomic with a return value per output instead of the
-fence, ticket and exchange; the tail took 2.2x as long, 128 such atomics onto each word.)  It prints, per case and
+and after its split-K sum is added and its ticket taken (the tail).  It prints, per case and
 kept fraction, the kernel's time in the usual harness beside the library kernel's (so the
 probe's own cost shows), and the distribution of each phase over the programs.
+
+Session 17 also probed a split-K mode 3 with it, measured and dropped: each program added
+its partial in 64-bit fixed point together with a count, one atomic with a return value per
+output instead of the fence, ticket and exchange; the tail took 2.2x as long (128 such
+atomics onto each word).
 
 GPU only (inline PTX).  Writes ``gemv_phases_<gpu>.json`` to $OUT (else benchmarks/results/).
 """
