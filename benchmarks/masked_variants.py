@@ -14,7 +14,11 @@ change only where x and the scores come from:
   its time against the library's shows what the harness kernel itself costs;
 * ``scores_l2``: the score loads marked ``evict_last``, so that they stay in L2;
 * ``ahead2``: x and the scores loaded two steps ahead of their keep decision instead of one;
-* ``both``.
+* ``both``;
+* ``bitmask``: the keep decisions of 32 channels at a time, one channel a thread, folded into
+  one int32 that every thread holds, a word (4 steps of 8 rows) ahead of the weight loads that
+  use it; each step then loads only its weight rows and its x (its program's K range rounded
+  to 32 channels, so its split can differ from the dispatch's by a few programs).
 
 Same tiles, split and float32-atomic split-K sum as the dispatch picks (``_gemv_choice``),
 single linears, programmatic dependent launch as dispatched; every output is checked against
@@ -41,6 +45,7 @@ from kernels import reference, sparse_linear as sl, sparse_linear_kernels as ker
 CASES = {"o": (4096, 4096, torch.bfloat16), "down": (14336, 4096, torch.bfloat16),
          "5120x17920": (5120, 17920, torch.float16)}  # (K, N, dtype)
 VARIANTS = {"copy": (False, False), "scores_l2": (True, False), "ahead2": (False, True), "both": (True, True)}
+BITMASK = "bitmask"
 
 
 @triton.jit
@@ -84,9 +89,50 @@ def _variant_loop(x_row, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, co
 
 
 @triton.jit
+def _keep_word(x_row, score_ptr, c0, k_hi, threshold):
+    """The keep decisions of channels c0 .. c0 + 31 as one int32 (bit r: channel c0 + r), the same
+    in every thread; channels from k_hi are dropped."""
+    offs = c0 + tl.arange(0, 32)
+    xf, score = _x_and_scores(x_row, score_ptr, offs, k_hi, False)
+    keep = kern._keep(xf, score, offs < k_hi, threshold, 0)
+    return tl.sum(keep.to(tl.int32) << tl.arange(0, 32), axis=0)
+
+
+@triton.jit
+def _bitmask_loop(x_row, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, n_end, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, UNPACK: tl.constexpr):
+    """_masked_prefetched (threshold rule) with the keep decisions a 32-channel word ahead (see
+    the module docstring); k_hi - k_lo a multiple of 32, BLOCK_K 8 or 16."""
+    STEPS: tl.constexpr = 32 // BLOCK_K
+    acc_a, acc_b = kern._row_sum_accumulators(BLOCK_N, UNPACK)
+    rows = tl.arange(0, BLOCK_K)
+    word = _keep_word(x_row, score_ptr, k_lo, k_hi, threshold)
+    word_next = _keep_word(x_row, score_ptr, k_lo + 32, k_hi, threshold)
+    w = kern._row_tile(wt_ptr, k_lo + rows, ((word >> rows) & 1) != 0, stride_wk, col0, n_end, BLOCK_N, UNPACK)
+    x_cur = tl.load(x_row + k_lo + rows, mask=k_lo + rows < k_hi, other=0.0)
+    for c in range(k_lo, k_hi, 32):
+        for i in tl.static_range(STEPS):
+            if i + 1 < STEPS:
+                bits_next = word >> ((i + 1) * BLOCK_K)
+                offs_next = c + (i + 1) * BLOCK_K + rows
+            else:
+                bits_next = word_next
+                offs_next = c + 32 + rows
+            w_next = kern._row_tile(wt_ptr, offs_next, ((bits_next >> rows) & 1) != 0, stride_wk, col0, n_end,
+                                    BLOCK_N, UNPACK)
+            x_next = tl.load(x_row + offs_next, mask=offs_next < k_hi, other=0.0)
+            keep = ((word >> (i * BLOCK_K + rows)) & 1) != 0
+            acc_a, acc_b = kern._rows_dot(acc_a, acc_b, w, tl.where(keep, x_cur.to(tl.float32), 0.0), UNPACK)
+            w, x_cur = w_next, x_next
+        word = word_next
+        word_next = _keep_word(x_row, score_ptr, c + 64, k_hi, threshold)
+    return kern._in_column_order(acc_a, acc_b, UNPACK)
+
+
+@triton.jit
 def _variant_kernel(x_ptr, wt_ptr, score_ptr, out_ptr, cnt_ptr, N, K, stride_wk, threshold, K_PER_SPLIT,
                     SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr,
-                    EVICT_LAST: tl.constexpr, AHEAD2: tl.constexpr):
+                    EVICT_LAST: tl.constexpr, AHEAD2: tl.constexpr, BITMASK: tl.constexpr):
     """_gemv_masked_kernel's wide path for one linear and one token (PDL, REDUCE 2) around the variant loop."""
     pid_n = tl.program_id(0) + kern._launch_dependents()
     pid_k = tl.program_id(1)
@@ -94,8 +140,12 @@ def _variant_kernel(x_ptr, wt_ptr, score_ptr, out_ptr, cnt_ptr, N, K, stride_wk,
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     col0 = pid_n * BLOCK_N
-    acc = _variant_loop(x_ptr + m * K, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, N, BLOCK_N, BLOCK_K,
-                        UNPACK, EVICT_LAST, AHEAD2)
+    if BITMASK:
+        acc = _bitmask_loop(x_ptr + m * K, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, N, BLOCK_N,
+                            BLOCK_K, UNPACK)
+    else:
+        acc = _variant_loop(x_ptr + m * K, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, N, BLOCK_N,
+                            BLOCK_K, UNPACK, EVICT_LAST, AHEAD2)
     kern._finish(acc, m + tl.arange(0, 1), col0 + tl.arange(0, BLOCK_N), 1, N, out_ptr, N, out_ptr, out_ptr,
                  cnt_ptr, pid_n, tl.num_programs(0), pid_k, SPLIT_K, False, 2, N)
 
@@ -108,7 +158,7 @@ def main() -> None:
     if set(args.cases.split(",")) - set(CASES):
         ap.error(f"unknown cases {sorted(set(args.cases.split(',')) - set(CASES))}; choose from {', '.join(CASES)}")
     bw = bench.copy_bandwidth()
-    header = dict(bench.device_header(bw), variants=list(VARIANTS))
+    header = dict(bench.device_header(bw), variants=[*VARIANTS, BITMASK])
     print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = torch.zeros(sl.workspace_size(17920), dtype=torch.int32, device="cuda")
@@ -129,12 +179,15 @@ def main() -> None:
             ref = reference.threshold_linear(x.double(), ws_t[0].t().double(), None, scores[0], thr)
             fns = {"dispatched": lambda w: sl._sparse_linear(x, w, None, scores[0], threshold=thr, path=path,
                                                              config=cfg, sparsity_hint=sparsity, workspace=ws)}
-            for variant, (evict_last, ahead2) in VARIANTS.items():
-                def fn(w, evict_last=evict_last, ahead2=ahead2):
-                    _variant_kernel[grid](x, w, scores[0], out, ws[:grid[0] + N], N, K, w.stride(0), thr, k_per,
-                                          SPLIT_K=grid[1], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                          UNPACK=dtype == torch.bfloat16, EVICT_LAST=evict_last, AHEAD2=ahead2,
-                                          num_warps=cfg["num_warps"])
+            for variant, (evict_last, ahead2) in [*VARIANTS.items(), (BITMASK, (False, False))]:
+                per = triton.cdiv(k_per, 32) * 32 if variant == BITMASK else k_per
+                launch = (grid[0], triton.cdiv(K, per))
+
+                def fn(w, evict_last=evict_last, ahead2=ahead2, per=per, launch=launch, bitmask=variant == BITMASK):
+                    _variant_kernel[launch](x, w, scores[0], out, ws[:launch[0] + N], N, K, w.stride(0), thr, per,
+                                            SPLIT_K=launch[1], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                            UNPACK=dtype == torch.bfloat16, EVICT_LAST=evict_last, AHEAD2=ahead2,
+                                            BITMASK=bitmask, num_warps=cfg["num_warps"])
                     return out
                 fns[variant] = fn
             rec = dict(case=name, K=K, N=N, dtype=str(dtype), sparsity=sparsity, config=cfg, grid=list(grid), us={},
