@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -205,6 +206,8 @@ def main():
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
                     help="of the weights and x (TEAL's kernel: float16 only)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every candidate this many times, interleaved; record the median and every round")
     ap.add_argument("--final", action="store_true",
                     help="the dispatched kernel only, beside cuBLAS and TEAL: kernels_<gpu>_dispatch.json and .png")
     args = ap.parse_args()
@@ -240,6 +243,7 @@ def main():
                        cublas_flinear_us=dense_f, packed_cublas_us=packed_cublas(x, ws_t, masks, sizes), us={}, err={})
             group = (tuple(sizes), tuple(thr)) if len(sizes) > 1 else None
             score_arg = scores if group else scores[0]
+            fns = {}
             for name in names:
                 path, cfg_fn = CANDIDATES[name]
                 cfg = cfg_fn(K, sizes, s) if cfg_fn else None
@@ -248,6 +252,14 @@ def main():
                     return sl._sparse_linear(x, w, None, score_arg, threshold=thr[0], group=group, path=path,
                                              config=cfg, sparsity_hint=s, workspace=ws)
                 check_and_time(rec, name, fn, ws_t, ref, ws, f"{case} s={s}")
+                fns[name] = fn
+            if args.repeats > 1:  # more rounds, candidates interleaved so that a drifting clock meets them all
+                rounds = {name: [us] for name, us in rec["us"].items()}
+                for _ in range(args.repeats - 1):
+                    for name in rounds:
+                        rounds[name].append(bench.time_us([lambda w=w, fn=fns[name]: fn(w) for w in ws_t]))
+                rec["us_rounds"] = rounds
+                rec["us"] = {name: statistics.median(times) for name, times in rounds.items()}
             if teal is not None and dtype == torch.float16:
                 tthr = [(x.abs().float().quantile(s).item() if s > 0 else -1.0)] * len(sizes)
                 tmask = x.abs()[0] > tthr[0]
