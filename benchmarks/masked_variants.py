@@ -44,8 +44,10 @@ from kernels import reference, sparse_linear as sl, sparse_linear_kernels as ker
 
 CASES = {"o": (4096, 4096, torch.bfloat16), "down": (14336, 4096, torch.bfloat16),
          "5120x17920": (5120, 17920, torch.float16)}  # (K, N, dtype)
-VARIANTS = {"copy": (False, False), "scores_l2": (True, False), "ahead2": (False, True), "both": (True, True)}
-BITMASK = "bitmask"
+VARIANTS = {  # name: (EVICT_LAST, AHEAD2, BITMASK)
+    "copy": (False, False, False), "scores_l2": (True, False, False), "ahead2": (False, True, False),
+    "both": (True, True, False), "bitmask": (False, False, True),
+}
 
 
 @triton.jit
@@ -158,7 +160,7 @@ def main() -> None:
     if set(args.cases.split(",")) - set(CASES):
         ap.error(f"unknown cases {sorted(set(args.cases.split(',')) - set(CASES))}; choose from {', '.join(CASES)}")
     bw = bench.copy_bandwidth()
-    header = dict(bench.device_header(bw), variants=[*VARIANTS, BITMASK])
+    header = dict(bench.device_header(bw), variants=list(VARIANTS))
     print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = torch.zeros(sl.workspace_size(17920), dtype=torch.int32, device="cuda")
@@ -179,11 +181,11 @@ def main() -> None:
             ref = reference.threshold_linear(x.double(), ws_t[0].t().double(), None, scores[0], thr)
             fns = {"dispatched": lambda w: sl._sparse_linear(x, w, None, scores[0], threshold=thr, path=path,
                                                              config=cfg, sparsity_hint=sparsity, workspace=ws)}
-            for variant, (evict_last, ahead2) in [*VARIANTS.items(), (BITMASK, (False, False))]:
-                per = triton.cdiv(k_per, 32) * 32 if variant == BITMASK else k_per
+            for variant, (evict_last, ahead2, bitmask) in VARIANTS.items():
+                per = triton.cdiv(k_per, 32) * 32 if bitmask else k_per
                 launch = (grid[0], triton.cdiv(K, per))
 
-                def fn(w, evict_last=evict_last, ahead2=ahead2, per=per, launch=launch, bitmask=variant == BITMASK):
+                def fn(w, evict_last=evict_last, ahead2=ahead2, bitmask=bitmask, per=per, launch=launch):
                     _variant_kernel[launch](x, w, scores[0], out, ws[:launch[0] + N], N, K, w.stride(0), thr, per,
                                             SPLIT_K=launch[1], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                                             UNPACK=dtype == torch.bfloat16, EVICT_LAST=evict_last, AHEAD2=ahead2,
