@@ -1,12 +1,15 @@
 """A few tokens at once (sequences decoding together): sparse kernels beside cuBLAS.
 
-    python benchmarks/batch_gemv.py [--batches 2,4,8,16] [--cases qkv,gate_up,...]
+    python benchmarks/batch_gemv.py [--batches 2,4,8,16] [--cases qkv,gate_up,...] [--dtype bfloat16]
+                                    [--impls dispatched,x_mask_cublas]
 
 Each token keeps its own channels (threshold rule, importance |x_i| * ||W[:, i]||); a kernel
 can skip only the weight rows no token of the batch keeps.  For the cases of
 ``tune_gemv.py`` at 50 and 65 % sparsity it times, in one process and one harness
-(``benchmarks/kernels.py``: CUDA graphs, rotated weight buffers), cuBLAS on x, the
-dispatched path (x * mask, then cuBLAS), the per-token GEMV (``gemv``: one program column
+(``benchmarks/kernels.py``: CUDA graphs, rotated weight buffers), cuBLAS on x (x @ W^T, the
+layout the sparse linears keep, and ``F.linear`` on W, the dense model's), the dispatched path
+(at 2 tokens the masked GEMV with both tokens in each program, TOKENS 2; from 3 x * mask, then
+cuBLAS), x * mask then cuBLAS (``x_mask_cublas``), the per-token GEMV (``gemv``: one program column
 per token, each reading its own kept rows) and the union GEMV (``gemv_union``: the rows any
 token keeps, read once: tensor-core tilings ``union_*``, and for 2-4 tokens register
 tilings ``uwide_*``), beside the floor of the union's bytes.  Every
@@ -61,6 +64,7 @@ def union_wide(block_n: int, rows: int, warps: int, per_sm: int):
 
 IMPLS = {  # name: (path, tiles or None for the launcher's own)
     "dispatched": (None, None),
+    "x_mask_cublas": ("dense", None),
     "per_token": ("gemv", None),
     "union": ("gemv_union", None),
     "union_n64_r32_2sm": ("gemv_union", union_tiles(64, 32, 2)),
@@ -79,11 +83,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="2,4,8,16")
     ap.add_argument("--cases", default=",".join(tune.DEFAULT_CASES), help=f"of {', '.join(CASES)}")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"of {', '.join(IMPLS)}")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    dtype = getattr(torch, args.dtype)
+    impls = {name: IMPLS[name] for name in args.impls.split(",")}
     bw = bench.copy_bandwidth()
-    header = {**bench.device_header(bw), "dtype": "float16", "rule": "threshold, each token its own mask"}
-    out_path = os.path.join(bench.out_dir(), f"kernels_{bench.gpu_tag()}_batch.json")
+    header = {**bench.device_header(bw), "dtype": args.dtype, "rule": "threshold, each token its own mask"}
+    suffix = "" if dtype == torch.float16 else f"_{args.dtype}"
+    out_path = os.path.join(bench.out_dir(), f"kernels_{bench.gpu_tag()}_batch{suffix}.json")
     print(f"{header['gpu']}  torch {torch.__version__}  triton {triton.__version__}  copy {bw / 1e12:.2f} TB/s")
     ws = torch.zeros(sl.workspace_size(max(sum(s) for _, s in CASES.values()), max(batches)), dtype=torch.int32,
                      device="cuda")
@@ -92,10 +101,13 @@ def main() -> None:
     for case in args.cases.split(","):
         K, sizes = CASES[case]
         N = sum(sizes)
-        ws_t, scores = tune.case_weights(K, sizes, g)
+        ws_t, scores = tune.case_weights(K, sizes, g, dtype)
         for M in batches:
-            x = torch.randn(M, K, device="cuda", generator=g).half()
+            x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
             cublas = bench.time_us([lambda w=w: x @ w for w in ws_t])
+            weights = [w.t().contiguous() for w in ws_t]  # W (N, K), as the dense model holds it
+            cublas_linear = bench.time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in weights])
+            del weights
             for s in SPARSITIES:
                 thr = [reference.importance(x, sc).quantile(s).item() for sc in scores]
                 union = [reference.threshold_mask(x, sc, t).any(dim=0) for sc, t in zip(scores, thr)]
@@ -104,9 +116,10 @@ def main() -> None:
                 ref = reference.threshold_linear_group(x.double(), ws_t[0].t().double(), None, scores, thr, sizes)
                 group = (tuple(sizes), tuple(thr)) if len(sizes) > 1 else None
                 score_arg = scores if group else scores[0]
-                rec = dict(case=case, K=K, sizes=list(sizes), batch=M, sparsity=s, cublas_us=cublas, floor_us=floor,
-                           union_kept=union_bytes / (K * N * 2), us={}, err={})
-                for name, (path, tiles) in IMPLS.items():
+                rec = dict(case=case, K=K, sizes=list(sizes), batch=M, sparsity=s, cublas_us=cublas,
+                           cublas_linear_us=cublas_linear, floor_us=floor, union_kept=union_bytes / (K * N * 2),
+                           us={}, err={})
+                for name, (path, tiles) in impls.items():
                     cfg = tiles(K, sizes, M) if tiles else None
                     if tiles and cfg is None:  # not for this many tokens
                         continue
@@ -116,9 +129,9 @@ def main() -> None:
                                                  config=cfg, sparsity_hint=s, workspace=ws)
                     tune.check_and_time(rec, name, fn, ws_t, ref, ws, f"{case} M={M} s={s}")
                 records.append(rec)
-                print(f"{case:10s} M={M:2d} s={s:.2f} union kept {rec['union_kept']:.3f} cublas {cublas:6.1f} floor "
-                      f"{floor:6.1f} | " + " ".join(f"{k} {cublas / v:4.2f}x" for k, v in rec["us"].items()),
-                      flush=True)
+                print(f"{case:10s} M={M:2d} s={s:.2f} union kept {rec['union_kept']:.3f} cublas {cublas:6.1f} "
+                      f"F.linear {cublas_linear:6.1f} floor {floor:6.1f} | "
+                      + " ".join(f"{k} {v:6.1f} us {cublas / v:4.2f}x" for k, v in rec["us"].items()), flush=True)
                 with open(out_path, "w") as f:
                     json.dump(dict(header=header, records=records), f, indent=1)
         del ws_t
@@ -156,7 +169,7 @@ def plot(records, header, path) -> None:
         ax.tick_params(labelsize=6)
     axes[0][0].set_ylabel("speedup over cuBLAS, 50 %", fontsize=7)
     axes[0][0].legend(fontsize=6)
-    fig.suptitle(f"fp16, {header['gpu']}, torch {header['torch']}, triton {header['triton']}", fontsize=8)
+    fig.suptitle(f"{header['dtype']}, {header['gpu']}, torch {header['torch']}, triton {header['triton']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

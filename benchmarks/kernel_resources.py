@@ -51,7 +51,7 @@ def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int
                      row_sum: bool, dtype: str = "fp16", tokens: int = 1):
     """The compiled kernel; ``dtype`` ("fp16", "bf16", "fp32"): the type of x, W^T, bias and out
     (bf16 wide tiles read as int32 pairs, UNPACK, as the launcher does); ``tokens``: BLOCK_M of
-    ``gemv_union`` (every token in one program)."""
+    ``gemv_union`` (every token in one program), TOKENS of ``gemv_masked`` (1, or 2: a pair)."""
     kernel = KERNELS[path]
     consts = dict(SPLIT_K=split, MODE=0, HAS_BIAS=False, REDUCE=reduce, BLOCK_N=block_n, STAGES=stages, GROUPS=1,
                   ENDS_ALIGNED=False, ROW_SUM=row_sum)
@@ -59,7 +59,7 @@ def compile_for_sm90(path: str, block_n: int, rows: int, warps: int, stages: int
         consts.update(BLOCK_M=tokens, BLOCK_R=rows, BLOCK_KS=512, IEEE=dtype == "fp32")
     else:
         consts.update(EXPERTS=False, PDL=True, UNPACK=row_sum and dtype == "bf16")
-        consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows))
+        consts.update(dict(BLOCK_R=rows, BLOCK_KS=512) if path == "gemv" else dict(BLOCK_K=rows, TOKENS=tokens))
     names = list(inspect.signature(kernel.fn).parameters)
     types = {**TYPES, **{n: f"*{dtype}" for n in DATA}}
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
@@ -111,7 +111,7 @@ DEFAULTS = [  # (path, BLOCK_N, rows, warps, stages, split, REDUCE, ROW_SUM)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--path", choices=list(KERNELS))
-    ap.add_argument("--tokens", type=int, default=1, help="gemv_union: tokens in each program (BLOCK_M)")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens in each program: BLOCK_M of gemv_union, TOKENS of gemv_masked (1 or 2)")
     ap.add_argument("--block-n", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=8, help="BLOCK_K (masked) or BLOCK_R (compacted)")
     ap.add_argument("--warps", type=int, default=8)
@@ -125,10 +125,10 @@ def main() -> None:
                                                    args.split, args.reduce, not args.no_row_sum)]
     for cfg in configs:
         compiled = compile_for_sm90(*cfg, args.dtype, args.tokens)
-        per_thread = cfg[1] * (cfg[2] * args.tokens if cfg[0] == "gemv_union" else cfg[2]) // (32 * cfg[3])
+        per_thread = cfg[1] * cfg[2] // (32 * cfg[3])  # weight elements a thread loads a step
         print(f"{cfg[0]:11s} {cfg[1]:4d} cols x {cfg[2]:3d} rows, {cfg[3]} warps, {cfg[4]} stages, split {cfg[5]}, "
               f"REDUCE {cfg[6]}, ROW_SUM {cfg[7]}, {args.dtype}"
-              f"{f', {args.tokens} tokens' if cfg[0] == 'gemv_union' else ''}: {resource_usage(compiled)} | "
+              f"{f', {args.tokens} tokens' if args.tokens > 1 else ''}: {resource_usage(compiled)} | "
               f"main loop {loop_instructions(compiled) / per_thread:.2f} instructions per weight element",
               flush=True)
 

@@ -60,7 +60,7 @@ from . import sparse_linear_kernels as kern
 # Dispatch by token count, measured on an H100 and an H200 (benchmarks/NOTES.md): with a
 # per-token mask, M = 2..256 tokens ran no faster on any sparse kernel tried than x * mask
 # fused into the producer, then cuBLAS; one GEMV per token wins only at M = 1.
-GEMV_MAX_M = 1      # tokens handled by the sparse GEMV
+GEMV_MAX_M = 2      # tokens handled by the sparse GEMV (two: both in each program, TOKENS 2)
 SPARSE_MAX_M = 1    # up to this many tokens: in-kernel masking (gemm); above: dense fallback
 UNION_MAX_M = 16    # tokens one program of the union kernel holds (never dispatched: slower than cuBLAS)
 TOPK_MAX_K = 32768  # the top-k prep holds a token's row in registers
@@ -204,6 +204,19 @@ def _gemv_choice(N: int, K: int, sms: int, sparsity_hint: float,
     if K * N <= DEEP_MAX_WEIGHT:
         return _wide_config("gemv_masked", K, sizes, sms, 512, 16, 4, reduce)
     return _wide_config("gemv_masked", K, sizes, sms, 512, 8, 8, reduce)
+
+
+def _pair_choice(N: int, K: int, sms: int, sparsity_hint: float,
+                 sizes: tuple[int, ...] | None = None) -> tuple[str, dict]:
+    """(path, config) at two tokens (two sequences decoding together): the masked kernel with
+    both tokens in each program (TOKENS 2), which reads a weight row once when either keeps it.
+    Its tiles are the one-token rule's masked tiles at the sparsity of the union of two
+    independent masks (s**2 of the rows unread), in 8-row steps (16-row steps of two tokens
+    take 241 registers)."""
+    path, tiles = _gemv_choice(N, K, sms, sparsity_hint ** 2, sizes)
+    if path != "gemv_masked" or not tiles.get("ROW_SUM") or tiles["BLOCK_K"] != 8:
+        path, tiles = _wide_config("gemv_masked", K, sizes or (N,), sms, 512, 8, 8, tiles["REDUCE"])
+    return path, {**tiles, "TOKENS": 2}
 
 
 def _traced(x: Tensor) -> bool:
@@ -355,7 +368,7 @@ def _sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, score: Tens
     sms = _num_sms(x.device)
     if path is None and not p.keeps_all and M <= GEMV_MAX_M:
         hint = 1 - p.k / K if p.k is not None else sparsity_hint
-        path, tiles = _gemv_choice(N, K, sms, hint, p.sizes)
+        path, tiles = (_gemv_choice if M == 1 else _pair_choice)(N, K, sms, hint, p.sizes)
         config = {**tiles, **(config or {})}
     path = path or ("dense" if p.keeps_all or M > SPARSE_MAX_M else "gemm")
     if path == "dense":
@@ -411,8 +424,9 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         split = triton.cdiv(K, k_per)
         cfg = {**cfg, "SPLIT_K": split}
         tiles = sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in p.sizes)
-        grid = (tiles, split) if path == "gemv_union" else (tiles, split, M)
-        n_tiles = tiles if path == "gemv_union" else tiles * M
+        rows = triton.cdiv(M, cfg.get("TOKENS", 1))  # program rows: one token each, or a pair (TOKENS 2)
+        grid = (tiles, split) if path == "gemv_union" else (tiles, split, rows)
+        n_tiles = tiles if path == "gemv_union" else tiles * rows
     reduce = cfg["REDUCE"] if split > 1 else 0
     n_cnt = n_tiles if reduce else 0  # one split-K ticket per output tile
     prep_zeroes = p.k is not None and not _traced(x2)  # the top-k prep kernel runs and can zero the tickets
@@ -445,7 +459,11 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
         kernel = kern._gemv_kernel if path == "gemv" else kern._gemv_masked_kernel
         # every argument explicit: torch's mutation analysis of a user kernel fails on a defaulted
         # one, and Inductor then clones every tensor argument (the weight too) around each launch
-        cfg = {"ROW_SUM": False, "UNPACK": False, **cfg}
+        cfg = {"ROW_SUM": False, "UNPACK": False, **({"TOKENS": 1} if path == "gemv_masked" else {}), **cfg}
+        if cfg.get("TOKENS", 1) != 1 and (path != "gemv_masked" or cfg["TOKENS"] != 2 or not cfg["ROW_SUM"]
+                                          or p.expert is not None):
+            raise ValueError("TOKENS=2 (two tokens a program) runs on path 'gemv_masked' with ROW_SUM tiles and "
+                             f"no experts; got path {path!r}, TOKENS={cfg['TOKENS']}, ROW_SUM={cfg['ROW_SUM']}")
         cfg["UNPACK"] = cfg["UNPACK"] and _pairs_fit(p)
         experts = dict(expert_ptr=out, thr_ptr=out, stride_we=0, EXPERTS=False)
         if p.expert is not None:

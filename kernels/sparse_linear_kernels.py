@@ -275,9 +275,9 @@ def _gemv_masked_kernel(
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     END0, END1, THRESHOLD1, THRESHOLD2, GROUPS: tl.constexpr, ENDS_ALIGNED: tl.constexpr,
     expert_ptr, thr_ptr, stride_we, EXPERTS: tl.constexpr, ROW_SUM: tl.constexpr,
-    PDL: tl.constexpr, UNPACK: tl.constexpr,
+    PDL: tl.constexpr, UNPACK: tl.constexpr, TOKENS: tl.constexpr,
 ):
-    """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, M).
+    """Sparse GEMV by masked loads (TEAL's scheme).  Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, TOKENS)).
 
     Program (n, s, m) walks its K range BLOCK_K channels at a time: it loads x and score,
     decides the keep mask and loads the weight rows with that mask, so a dropped row
@@ -303,14 +303,19 @@ def _gemv_masked_kernel(
     EXPERTS: row m of x is routed to expert e = expert[m] of a 3-D weight: wt, score and
     threshold are expert e's (wt + e * stride_we, score + e * K, thr[e]); one launch for
     every routed row of a mixture-of-experts op.
+
+    TOKENS = 2 (ROW_SUM, no EXPERTS): program m multiplies tokens 2m and 2m + 1 (two sequences
+    decoding together); it loads a weight row when either token keeps it, once, and each
+    token multiplies only the channels its own rule keeps.
     """
+    tl.static_assert(TOKENS == 1 or (TOKENS == 2 and ROW_SUM and not EXPERTS))
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     if PDL:  # see the module docstring; every read of x and every store address depends on m
         pid_n += _launch_dependents()
         m += _wait_for_prior()
-    x_row = x_ptr + m * stride_xm
+    x_row = x_ptr + m * TOKENS * stride_xm
     if EXPERTS:  # written out, not called: see _keep on torch's mutation analysis
         e = tl.load(expert_ptr + m).to(tl.int64)
         wt_ptr += e * stride_we
@@ -328,23 +333,29 @@ def _gemv_masked_kernel(
             col0 = tl.multiple_of(col0, 16)
     offs_n = col0 + tl.arange(0, BLOCK_N)
     nmask = offs_n < n_end
-    if ROW_SUM:
-        acc = _masked_prefetched(x_row, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, n_end, MODE,
-                                 BLOCK_N, BLOCK_K, UNPACK)
+    if TOKENS == 2:
+        acc = _masked_prefetched_pair(x_row, stride_xm, m * 2 + 1 < M, score_ptr, wt_ptr, stride_wk, k_lo, k_hi,
+                                      threshold, col0, n_end, MODE, BLOCK_N, BLOCK_K, UNPACK)
     else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
-        for c in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            offs = c + tl.arange(0, BLOCK_K)
-            valid = offs < k_hi
-            xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
-            keep = _keep(xf, tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0), valid, threshold, MODE)
-            w = tl.load(wt_ptr + offs[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & nmask[None, :],
-                        other=0.0, eviction_policy="evict_first")
-            acc += w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None]  # where: no dropped NaN
+        if ROW_SUM:
+            acc = _masked_prefetched(x_row, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0, n_end, MODE,
+                                     BLOCK_N, BLOCK_K, UNPACK)
+        else:
+            acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+            for c in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+                offs = c + tl.arange(0, BLOCK_K)
+                valid = offs < k_hi
+                xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
+                keep = _keep(xf, tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0), valid, threshold,
+                             MODE)
+                w = tl.load(wt_ptr + offs[:, None] * stride_wk + offs_n[None, :],
+                            mask=keep[:, None] & nmask[None, :], other=0.0, eviction_policy="evict_first")
+                acc += w.to(tl.float32) * tl.where(keep, xf, 0.0)[:, None]  # where: no dropped NaN
+        acc = tl.sum(acc, axis=0)[None, :]
     # n_end: a tile ending inside its linear stores nothing into the next one's columns
-    _finish(tl.sum(acc, axis=0)[None, :], m + tl.arange(0, 1), offs_n, M, N, out_ptr, stride_om, bias_ptr,
-            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, M * tl.num_programs(0), pid_k, SPLIT_K, HAS_BIAS,
-            REDUCE, n_end)
+    _finish(acc, m * TOKENS + tl.arange(0, TOKENS), offs_n, M, N, out_ptr, stride_om, bias_ptr,
+            part_ptr, cnt_ptr, m * tl.num_programs(0) + pid_n, tl.num_programs(2) * tl.num_programs(0), pid_k,
+            SPLIT_K, HAS_BIAS, REDUCE, n_end)
 
 
 @triton.jit
@@ -424,6 +435,48 @@ def _masked_prefetched(x_row, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshol
         xf_next = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
         score_next = tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0)
     return _in_column_order(*_rows_dot(acc_a, acc_b, w, xk, UNPACK), UNPACK)
+
+
+@triton.jit
+def _masked_prefetched_pair(x_row, stride_xm, second, score_ptr, wt_ptr, stride_wk, k_lo, k_hi, threshold, col0,
+                            n_end, MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            UNPACK: tl.constexpr):
+    """_masked_prefetched for two tokens, x_row and x_row + stride_xm (read only if ``second``):
+    the (2, BLOCK_N) float32 column sums.  A step loads the weight rows that either token
+    keeps (the union of the two masks), once, into registers a step ahead, and multiplies
+    each token's own kept channels (a channel one token drops is a zero in its x, so a NaN
+    there stays out)."""
+    acc_a, acc_b = _row_sum_accumulators(BLOCK_N, UNPACK)
+    acc2_a, acc2_b = _row_sum_accumulators(BLOCK_N, UNPACK)
+    offs = k_lo + tl.arange(0, BLOCK_K)
+    valid = offs < k_hi
+    xf = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
+    xf2 = tl.load(x_row + stride_xm + offs, mask=valid & second, other=0.0).to(tl.float32)
+    score = tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0)
+    keep = _keep(xf, score, valid, threshold, MODE)
+    keep2 = _keep(xf2, score, valid & second, threshold, MODE)
+    w = _row_tile(wt_ptr, offs, keep | keep2, stride_wk, col0, n_end, BLOCK_N, UNPACK)
+    xk, xk2 = tl.where(keep, xf, 0.0), tl.where(keep2, xf2, 0.0)
+    offs += BLOCK_K
+    valid = offs < k_hi
+    xf_next = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
+    xf2_next = tl.load(x_row + stride_xm + offs, mask=valid & second, other=0.0).to(tl.float32)
+    score_next = tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0)
+    for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+        keep_next = _keep(xf_next, score_next, valid, threshold, MODE)
+        keep2_next = _keep(xf2_next, score_next, valid & second, threshold, MODE)
+        w_next = _row_tile(wt_ptr, offs, keep_next | keep2_next, stride_wk, col0, n_end, BLOCK_N, UNPACK)
+        acc_a, acc_b = _rows_dot(acc_a, acc_b, w, xk, UNPACK)
+        acc2_a, acc2_b = _rows_dot(acc2_a, acc2_b, w, xk2, UNPACK)
+        xk, xk2, w = tl.where(keep_next, xf_next, 0.0), tl.where(keep2_next, xf2_next, 0.0), w_next
+        offs += BLOCK_K
+        valid = offs < k_hi
+        xf_next = tl.load(x_row + offs, mask=valid, other=0.0).to(tl.float32)
+        xf2_next = tl.load(x_row + stride_xm + offs, mask=valid & second, other=0.0).to(tl.float32)
+        score_next = tl.load(score_ptr + offs, mask=valid & (MODE == 0), other=0.0)
+    first = _in_column_order(*_rows_dot(acc_a, acc_b, w, xk, UNPACK), UNPACK)
+    other = _in_column_order(*_rows_dot(acc2_a, acc2_b, w, xk2, UNPACK), UNPACK)
+    return tl.where((tl.arange(0, 2) == 0)[:, None], first, other)
 
 
 @triton.jit

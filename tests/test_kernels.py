@@ -303,6 +303,74 @@ def test_prefetched_wide_tiles(dtype):
         assert rel_err(out, ref_threshold(clean, w, b, scores[0], thr)) < TOL[dtype], (path, cfg)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_two_tokens_in_each_program(dtype):
+    """TOKENS=2: one program multiplies two tokens, loading each weight row once when either
+    keeps it.  Ragged K and N, groups, an odd token count (the last program's second token
+    absent), each split-K reduction, sparsity 0 to 100 %; a NaN in a channel that one token
+    drops and the other keeps (its row is read) stays out of the first token's output."""
+    cfgs = [(path, {**cfg, "TOKENS": 2}) for path, cfg in
+            (prefetched("gemv_masked", 64, 1, 2), prefetched("gemv_masked", 32, 9, 2),
+             prefetched("gemv_masked", 64, 3, 1), prefetched("gemv_masked", 64, 4, 0, rows=16))]
+    for M, K, sizes in [(2, 257, (130,)), (2, 64, (64, 16, 50)), (3, 100, (70,)), (5, 17, (33,))]:
+        x, w, b, scores = make_group(M, K, sizes, dtype, seed=K + M)
+        for sparsity in (0.0, 0.6, 1.0):
+            thr = group_thresholds(x, scores, [sparsity] * len(sizes))
+            ref = ref_group(x, w, b, scores, thr, sizes)
+            group = (sizes, tuple(thr)) if len(sizes) > 1 else None
+            for path, cfg in cfgs:
+                out = torch.full((M, sum(sizes)), float("nan"), dtype=dtype, device=DEVICE)
+                out = sl._sparse_linear(x, w.t().contiguous(), b, scores if group else scores[0], thr[0], path=path,
+                                        config=cfg, group=group, out=out)
+                assert rel_err(out, ref) < TOL[dtype], (M, sizes, sparsity, cfg)
+    x, w, b, scores = make_group(2, 100, (64,), dtype, seed=2)
+    thr = threshold_for(x, scores[0], 0.6)
+    importance = reference.importance(x, scores[0])
+    channel = int(torch.nonzero((importance[0] <= thr) & (importance[1] > thr))[0])
+    clean = x.clone()
+    x[0, channel] = float("nan")  # token 0 drops it (NaN > t is false); token 1 keeps the row
+    for path, cfg in cfgs:
+        out = sl._sparse_linear(x, w.t().contiguous(), b, scores[0], thr, path=path, config=cfg)
+        assert rel_err(out, ref_threshold(clean, w, b, scores[0], thr)) < TOL[dtype], cfg
+    with pytest.raises(ValueError, match="TOKENS=2"):
+        sl._sparse_linear(x, w.t().contiguous(), b, scores[0], thr, path="gemv", config={**cfgs[0][1]})
+    with pytest.raises(ValueError, match="TOKENS=2"):
+        sl._sparse_linear(x, w.t().contiguous(), b, scores[0], thr, path="gemv_masked",
+                          config={**cfgs[0][1], "ROW_SUM": False})
+
+
+def test_dispatch_at_two_tokens(monkeypatch):
+    """Two tokens (two sequences decoding together) take the masked kernel with both in each
+    program, in the one-token rule's masked 8-row tiles at the union's sparsity s**2 (512-column
+    tiles at 8 an SM where that rule would compact, take 16-row steps or narrow tiles); single linears,
+    groups and top-k alike, with the reference's results.  Three tokens or more stay x * mask
+    and cuBLAS."""
+    for N, K, sizes, s, block_n in [(4096, 4096, None, 0.5, 1024), (4096, 4096, None, 0.8, 512),
+                                    (28672, 4096, (14336, 14336), 0.5, 1024), (17920, 5120, None, 0.9, 512),
+                                    (1024, 4096, None, 0.5, 512)]:
+        path, cfg = sl._pair_choice(N, K, 132, s, sizes)
+        assert path == "gemv_masked" and cfg["TOKENS"] == 2 and cfg["ROW_SUM"] and cfg["BLOCK_K"] == 8, (N, s)
+        assert cfg["BLOCK_N"] == block_n and cfg["REDUCE"] == 2, (N, s)
+    launched = []
+    real = sl._launch
+    monkeypatch.setattr(sl, "_launch", lambda kernel, *a, **k: (launched.append((kernel, k.get("TOKENS"))),
+                                                                real(kernel, *a, **k)))
+    sizes, K = (300, 100, 40), 64
+    x, w, b, scores = make_group(2, K, sizes, torch.float32, seed=3)
+    thr = group_thresholds(x, scores, (0.5, 0.6, 0.7))
+    out = sl.threshold_linear_group(x, w.t().contiguous(), b, scores, thr, list(sizes), 0.5)
+    assert rel_err(out, ref_group(x, w, b, scores, thr, sizes)) < TOL[torch.float32]
+    assert launched == [(kern._gemv_masked_kernel, 2)]
+    launched.clear()
+    out = sl.topk_linear(x, w[:300].t().contiguous(), None, scores[0], 20)
+    assert rel_err(out, reference.topk_linear(x.double(), w[:300].double(), None, scores[0], 20)) < 1e-5
+    assert launched[-1] == (kern._gemv_masked_kernel, 2)
+    launched.clear()
+    x3 = torch.cat([x, x[:1]])
+    sl.threshold_linear(x3, w[:300].t().contiguous(), b[:300], scores[0], thr[0], 0.5)
+    assert all(kernel is not kern._gemv_masked_kernel for kernel, _ in launched)
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(K=st.integers(1, 300), sizes=st.lists(st.integers(1, 160), min_size=1, max_size=3),
        dtype=st.sampled_from(DTYPES), path=st.sampled_from(["gemv_masked", "gemv"]),
@@ -588,8 +656,8 @@ cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA and comp
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (1, 14336, 4096), (1, 5120, 17920), (5, 4096, 14336),
-                                   (64, 4096, 4096), (300, 4096, 1000)])
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (1, 14336, 4096), (1, 5120, 17920), (2, 4096, 4096),
+                                   (2, 14336, 4096), (5, 4096, 14336), (64, 4096, 4096), (300, 4096, 1000)])
 def test_cuda_large(M, K, N, dtype):
     x, w, b, score = make(M, K, N, dtype, device="cuda")
     wt = w.t().contiguous()
@@ -623,7 +691,8 @@ def test_cuda_bf16_weight_views_at_any_offset(offset):
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M,K,sizes", [(1, 4096, (4096, 1024, 1024)), (1, 4096, (14336, 14336)),
-                                       (1, 576, (576, 192, 192)), (1, 640, (1024, 256, 256)), (7, 4096, (4096, 1024))])
+                                       (1, 576, (576, 192, 192)), (1, 640, (1024, 256, 256)), (2, 4096, (14336, 14336)),
+                                       (2, 4096, (4096, 1024, 1024)), (7, 4096, (4096, 1024))])
 def test_cuda_group_large(M, K, sizes, dtype):
     x, w, b, scores = make_group(M, K, sizes, dtype, device="cuda")
     wt = w.t().contiguous()
