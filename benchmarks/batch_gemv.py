@@ -62,6 +62,17 @@ def union_wide(block_n: int, rows: int, warps: int, per_sm: int):
     return cfg
 
 
+def pair_tiles(block_n: int, rows: int, per_sm: int):
+    """The masked GEMV with two tokens in each program (TOKENS 2) in the one-token wide tiles
+    (``_wide_config``): block_n columns, `rows` rows a step, about per_sm programs per SM."""
+    def cfg(K, sizes, M):
+        if M != 2:
+            return None
+        _, tiles = sl._wide_config("gemv_masked", K, sizes, bench.num_sms(), block_n, rows, per_sm, 2)
+        return {**tiles, "TOKENS": 2}
+    return cfg
+
+
 IMPLS = {  # name: (path, tiles or None for the launcher's own)
     "dispatched": (None, None),
     "x_mask_cublas": ("dense", None),
@@ -76,6 +87,9 @@ IMPLS = {  # name: (path, tiles or None for the launcher's own)
     "uwide_n2048_r8_1sm": ("gemv_union", union_wide(2048, 8, 8, 1)),
     "uwide_n1024_r8_2sm": ("gemv_union", union_wide(1024, 8, 4, 2)),
     "uwide_n512_r16_3sm": ("gemv_union", union_wide(512, 16, 2, 3)),
+    # session 18: two tokens in each masked program (127 registers at 8 rows: 8 programs of 2 warps an SM)
+    **{f"pair_n{n}_r8_{p}sm": ("gemv_masked", pair_tiles(n, 8, p))
+       for n, p in ((256, 16), (512, 4), (512, 8), (1024, 2), (1024, 4), (2048, 2))},
 }
 
 

@@ -341,34 +341,39 @@ def test_two_tokens_in_each_program(dtype):
 
 def test_dispatch_at_two_tokens(monkeypatch):
     """Two tokens (two sequences decoding together) take the masked kernel with both in each
-    program, in the one-token rule's masked 8-row tiles at the union's sparsity s**2 (512-column
-    tiles at 8 an SM where that rule would compact, take 16-row steps or narrow tiles); single linears,
-    groups and top-k alike, with the reference's results.  Three tokens or more stay x * mask
-    and cuBLAS."""
-    for N, K, sizes, s, block_n in [(4096, 4096, None, 0.5, 1024), (4096, 4096, None, 0.8, 512),
-                                    (28672, 4096, (14336, 14336), 0.5, 1024), (17920, 5120, None, 0.9, 512),
-                                    (1024, 4096, None, 0.5, 512)]:
-        path, cfg = sl._pair_choice(N, K, 132, s, sizes)
-        assert path == "gemv_masked" and cfg["TOKENS"] == 2 and cfg["ROW_SUM"] and cfg["BLOCK_K"] == 8, (N, s)
-        assert cfg["BLOCK_N"] == block_n and cfg["REDUCE"] == 2, (N, s)
+    program, 512-column x 8-row tiles at about 8 programs an SM (4 for groups of large
+    weights), every sparsity; single linears, groups and top-k alike, with the reference's
+    results.  Outputs of at most 2048 columns, and three tokens or more, stay x * mask and
+    cuBLAS."""
+    for N, K, sizes, per_sm in [(4096, 4096, None, 8), (28672, 4096, (14336, 14336), 4), (17920, 5120, None, 8),
+                                (6144, 4096, (4096, 1024, 1024), 8)]:
+        path, cfg = sl._pair_choice(N, K, 132, sizes)
+        tiles = sum(triton.cdiv(n, 512) for n in (sizes or (N,)))
+        assert path == "gemv_masked" and cfg["TOKENS"] == 2 and cfg["ROW_SUM"] and cfg["REDUCE"] == 2, N
+        assert cfg["BLOCK_N"] == 512 and cfg["BLOCK_K"] == 8, N
+        assert cfg["SPLIT_K"] == min(triton.cdiv(per_sm * 132, tiles), K // 16, 128), N
+    assert sl._pair_choice(2048, 4096, 132) is None and sl._pair_choice(1024, 4096, 132) is None
+    with deterministic():
+        assert sl._pair_choice(4096, 4096, 132)[1]["REDUCE"] == 1
     launched = []
     real = sl._launch
     monkeypatch.setattr(sl, "_launch", lambda kernel, *a, **k: (launched.append((kernel, k.get("TOKENS"))),
                                                                 real(kernel, *a, **k)))
-    sizes, K = (300, 100, 40), 64
+    sizes, K = (1500, 700, 100), 64
     x, w, b, scores = make_group(2, K, sizes, torch.float32, seed=3)
     thr = group_thresholds(x, scores, (0.5, 0.6, 0.7))
     out = sl.threshold_linear_group(x, w.t().contiguous(), b, scores, thr, list(sizes), 0.5)
     assert rel_err(out, ref_group(x, w, b, scores, thr, sizes)) < TOL[torch.float32]
     assert launched == [(kern._gemv_masked_kernel, 2)]
     launched.clear()
-    out = sl.topk_linear(x, w[:300].t().contiguous(), None, scores[0], 20)
-    assert rel_err(out, reference.topk_linear(x.double(), w[:300].double(), None, scores[0], 20)) < 1e-5
+    out = sl.topk_linear(x, w[:2200].t().contiguous(), None, scores[0], 20)
+    assert rel_err(out, reference.topk_linear(x.double(), w[:2200].double(), None, scores[0], 20)) < 1e-5
     assert launched[-1] == (kern._gemv_masked_kernel, 2)
-    launched.clear()
-    x3 = torch.cat([x, x[:1]])
-    sl.threshold_linear(x3, w[:300].t().contiguous(), b[:300], scores[0], thr[0], 0.5)
-    assert all(kernel is not kern._gemv_masked_kernel for kernel, _ in launched)
+    for rows, n_out in [(x, 300), (torch.cat([x, x[:1]]), 2200)]:  # a narrow output; three tokens
+        launched.clear()
+        out = sl.threshold_linear(rows, w[:n_out].t().contiguous(), b[:n_out], scores[0], thr[0], 0.5)
+        assert rel_err(out, ref_threshold(rows, w[:n_out], b[:n_out], scores[0], thr[0])) < TOL[torch.float32]
+        assert all(kernel is not kern._gemv_masked_kernel for kernel, _ in launched), (len(rows), n_out)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
