@@ -21,6 +21,10 @@ can be captured in CUDA graphs):
   ``torch.use_deterministic_algorithms(True)``, in a fixed order through self-resetting
   tickets) in a workspace allocated once per device (``wina_fx.ops`` passes it), so one
   launch per linear.
+* M = 2 (two sequences decoding together): ``_pair_choice``, ``gemv_masked`` with both
+  tokens in each program (TOKENS 2): a weight row is read once when either token keeps it
+  and each token multiplies its own kept channels; outputs of at most 2048 columns stay on
+  ``dense`` below, where cuBLAS was ahead.
 * ``gemm``: ``_gemm_masked_kernel`` masks x in-kernel and reads all of the weight (a
   measured alternative for M >= 2; never dispatched).
 * ``gemv_union`` (M <= 16): ``_gemv_union_kernel`` reads once the weight rows that any
@@ -30,7 +34,7 @@ can be captured in CUDA graphs):
   (``benchmarks/batch_union.py``).  Never dispatched: on the H200 its tensor-core tiles
   reached 0.10-0.70x cuBLAS, its register tiles (ROW_SUM) 0.27-1.00x at 2-4 tokens
   (``kernels_h200_batch.json``, ``kernels_h200_batch_session13.json``).
-* ``dense`` (M >= 2): x * mask, then cuBLAS.  The mask is ``_prep_kernel`` eagerly and
+* ``dense`` (M >= 3, and narrow outputs at M = 2): x * mask, then cuBLAS.  The mask is ``_prep_kernel`` eagerly and
   plain torch ops when torch.compile traces the op, so that Inductor fuses it into the
   kernel producing x.
 
@@ -58,8 +62,9 @@ from . import reference
 from . import sparse_linear_kernels as kern
 
 # Dispatch by token count, measured on an H100 and an H200 (benchmarks/NOTES.md): with a
-# per-token mask, M = 2..256 tokens ran no faster on any sparse kernel tried than x * mask
-# fused into the producer, then cuBLAS; one GEMV per token wins only at M = 1.
+# per-token mask, M = 3..256 tokens ran no faster on any sparse kernel tried than x * mask
+# fused into the producer, then cuBLAS.  At M = 2 the masked GEMV with both tokens in each
+# program reads the union of their rows (75 % at 50 % sparsity) and beat cuBLAS (session 18).
 GEMV_MAX_M = 2      # tokens handled by the sparse GEMV (two: both in each program, TOKENS 2)
 SPARSE_MAX_M = 1    # up to this many tokens: in-kernel masking (gemm); above: dense fallback
 UNION_MAX_M = 16    # tokens one program of the union kernel holds (never dispatched: slower than cuBLAS)
