@@ -34,9 +34,9 @@ can be captured in CUDA graphs):
   (``benchmarks/batch_union.py``).  Never dispatched: on the H200 its tensor-core tiles
   reached 0.10-0.70x cuBLAS, its register tiles (ROW_SUM) 0.27-1.00x at 2-4 tokens
   (``kernels_h200_batch.json``, ``kernels_h200_batch_session13.json``).
-* ``dense`` (M >= 3, and narrow outputs at M = 2): x * mask, then cuBLAS.  The mask is ``_prep_kernel`` eagerly and
-  plain torch ops when torch.compile traces the op, so that Inductor fuses it into the
-  kernel producing x.
+* ``dense`` (M >= 3, and narrow outputs at M = 2): x * mask, then cuBLAS.  The mask is
+  ``_prep_kernel`` eagerly and plain torch ops when torch.compile traces the op, so that
+  Inductor fuses it into the kernel producing x.
 
 ``topk_linear`` first writes x * mask (eagerly ``_prep_kernel``: exact per-token top-k by
 bisection on the float bits; traced, torch ops), then the same paths keep the channels
