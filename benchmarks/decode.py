@@ -462,16 +462,19 @@ def plot(records, header, path):
     ax.legend(fontsize=7)
     if batched:
         ax = axes[0][1]
-        for sparsity in sorted({r["sparsity"] for r in batched}):
-            rows = [r for r in batched if r["sparsity"] == sparsity]
-            ax.plot([r["batch"] for r in rows], [r["speedup_vs_dense"] for r in rows], "o-", label=f"wina {sparsity:.0%}")
+        names = [os.path.splitext(n)[0].split("_")[-1] for n in header.get("merged_from", [])]
+        for run, sparsity in sorted({(r.get("run", 0), r["sparsity"]) for r in batched}):
+            rows = [r for r in batched if r["sparsity"] == sparsity and r.get("run", 0) == run]
+            label = f"wina {sparsity:.0%}" + (f", run {names[run]}" if names else "")
+            ax.plot([r["batch"] for r in rows], [r["speedup_vs_dense"] for r in rows], "o-", label=label)
         ax.axhline(0.97, color="r", ls=":", lw=0.8, label="issue floor 0.97")
         ax.axhline(1.0, color="k", ls="--", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequences decoding together")
         ax.set_ylabel("tokens/s vs dense at that batch")
-        ax.set_ylim(0.9, 1.1)
-        ax.legend(fontsize=7)
+        ax.set_ylim(min(0.9, min(r["speedup_vs_dense"] for r in batched) - 0.02),
+                    max(1.1, max(r["speedup_vs_dense"] for r in batched) + 0.02))
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
