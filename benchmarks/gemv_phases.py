@@ -117,8 +117,7 @@ def main() -> None:
         path, cfg = sl._gemv_choice(N, K, bench.num_sms(), args.hint)
         if path != "gemv_masked":
             raise SystemExit(f"{name}: the dispatch picks {path} at {args.hint}; the probe covers the masked tiles")
-        k_per = triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), 16) * 16
-        split = triton.cdiv(K, k_per)
+        k_per, split = sl.k_ranges(path, K, cfg)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
         unpack = dtype == torch.bfloat16
         for kept in [float(v) for v in args.kept.split(",")]:

@@ -175,8 +175,8 @@ def main() -> None:
                 print(f"{name} at {sparsity}: the dispatch picks {path}; skipped (the variants are masked tiles)")
                 continue
             thr = reference.importance(x, scores[0]).float().quantile(sparsity).item()
-            k_per = triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), max(cfg["BLOCK_K"], 16)) * max(cfg["BLOCK_K"], 16)
-            grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, k_per))
+            k_per, split = sl.k_ranges(path, K, cfg)
+            grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
             out = torch.empty(1, N, device="cuda", dtype=dtype)
             ref = reference.threshold_linear(x.double(), ws_t[0].t().double(), None, scores[0], thr)
             fns = {"dispatched": lambda w: sl._sparse_linear(x, w, None, scores[0], threshold=thr, path=path,

@@ -415,6 +415,19 @@ def _dense(p: _Problem, out: Tensor) -> Tensor:
     return torch.mm(xms[0], p.weight_t, out=out)
 
 
+def k_ranges(path: str, K: int, cfg: dict) -> tuple[int, int]:
+    """(channels per program, split) of a GEMV launch asking for cfg["SPLIT_K"] splits of K.
+
+    Each program's K range is a multiple of 16 channels (of BLOCK_K for the masked kernel's
+    larger steps), so that Triton specializes K_PER_SPLIT as divisible by 16 and loads x and
+    the scores in 16-byte vectors: with 8-row steps and an odd number of them the masked
+    kernel took 1.3-1.8x longer (H200, session 12); the split is then what it takes to cover
+    K, so that no program is left without rows."""
+    step = max(cfg["BLOCK_K"], 16) if path == "gemv_masked" else 16
+    k_per = triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), step) * step
+    return k_per, triton.cdiv(K, k_per)
+
+
 def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | None) -> None:
     """One launch of the GEMV (``gemv``, ``gemv_masked``, ``gemv_union``) or masked GEMM (``gemm``) kernel into
     ``out``, its split-K partial sums met as ``cfg["REDUCE"]`` says (0: a second launch)."""
@@ -426,13 +439,7 @@ def _kernel(p: _Problem, path: str, cfg: dict, out: Tensor, workspace: Tensor | 
     else:  # the GEMVs: one token a program, or (gemv_union) every token in each program
         if path == "gemv_union" and M > cfg["BLOCK_M"]:
             raise ValueError(f"path 'gemv_union' with BLOCK_M={cfg['BLOCK_M']} takes at most that many tokens, got {M}")
-        # each program's K range a multiple of 16 channels, so that Triton specializes K_PER_SPLIT
-        # as divisible by 16 and loads x and the scores in 16-byte vectors: with 8-row steps and an
-        # odd number of them the masked kernel took 1.3-1.8x longer (H200, session 12); the split
-        # is then what it takes to cover K, so that no program is left without rows
-        step = max(cfg["BLOCK_K"], 16) if path == "gemv_masked" else 16
-        k_per = triton.cdiv(triton.cdiv(K, split), step) * step
-        split = triton.cdiv(K, k_per)
+        k_per, split = k_ranges(path, K, cfg)
         cfg = {**cfg, "SPLIT_K": split}
         tiles = sum(triton.cdiv(size, cfg["BLOCK_N"]) for size in p.sizes)
         rows = triton.cdiv(M, cfg.get("TOKENS", 1))  # program rows: one token each, or a pair (TOKENS 2)
