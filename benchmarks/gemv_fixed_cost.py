@@ -87,7 +87,6 @@ def main() -> None:
         K, sizes, dtype = CASES[name]
         N = sum(sizes)
         ws_t, scores = tune.case_weights(K, sizes, g, dtype)
-        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
         x = torch.randn(1, K, device="cuda", generator=g).to(dtype)
         group = len(sizes) > 1
         path, cfg = sl._gemv_choice(N, K, bench.num_sms(), args.hint, tuple(sizes) if group else None)
@@ -111,11 +110,7 @@ def main() -> None:
                 assert err < 2e-2, (name, variant, kept, err)
                 point["us"][variant] = bench.time_us([lambda w=w: fn(w) for w in ws_t])
             if kept > 0:  # cuBLAS on the kept rows packed contiguous, one launch per linear
-                idx = [m.nonzero().squeeze(1) for m in masks]
-                packed = [[w[i, e - n:e].contiguous() for i, e, n in zip(idx, ends, sizes)] for w in ws_t]
-                xs = [x[:, i].contiguous() for i in idx]
-                point["us"]["cublas_packed"] = bench.time_us([lambda p=p: [a @ b for a, b in zip(xs, p)] for p in packed])
-                del packed
+                point["us"]["cublas_packed"] = tune.packed_cublas(x, ws_t, masks, sizes)
             rec["points"].append(point)
             print(f"{name:10s} kept {kept:4.2f} {kept_bytes / 1e6:6.1f} MB floor {point['floor_us']:5.1f} | " +
                   " ".join(f"{k} {v:6.1f}" for k, v in point["us"].items()), flush=True)
