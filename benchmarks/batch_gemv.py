@@ -116,12 +116,11 @@ def main() -> None:
         K, sizes = CASES[case]
         N = sum(sizes)
         ws_t, scores = tune.case_weights(K, sizes, g, dtype)
+        weights = [w.t().contiguous() for w in ws_t]  # W (N, K), as the dense model holds it
         for M in batches:
             x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
             cublas = bench.time_us([lambda w=w: x @ w for w in ws_t])
-            weights = [w.t().contiguous() for w in ws_t]  # W (N, K), as the dense model holds it
             cublas_linear = bench.time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in weights])
-            del weights
             for s in SPARSITIES:
                 thr = [reference.importance(x, sc).quantile(s).item() for sc in scores]
                 union = [reference.threshold_mask(x, sc, t).any(dim=0) for sc, t in zip(scores, thr)]
@@ -148,7 +147,7 @@ def main() -> None:
                       + " ".join(f"{k} {v:6.1f} us {cublas / v:4.2f}x" for k, v in rec["us"].items()), flush=True)
                 with open(out_path, "w") as f:
                     json.dump(dict(header=header, records=records), f, indent=1)
-        del ws_t
+        del ws_t, weights
         torch.cuda.empty_cache()
     plot(records, header, out_path.replace(".json", ".png"))
     print(f"done in {time.time() - t0:.0f} s -> {out_path}")
