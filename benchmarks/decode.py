@@ -9,6 +9,8 @@ prompts, so the measured sparsity is reported beside each result.
 
     python benchmarks/decode.py                      # on a CUDA machine
     python benchmarks/decode.py --tiny --tokens 8    # CPU smoke test of the plumbing
+    python benchmarks/decode.py --model llama3-8b-rank-of-2   # what one of 2 tensor-parallel
+                                                              # ranks computes, without the all-reduces
 
 Writes decode_<gpu>.json and decode_<gpu>.png to $OUT if set, else benchmarks/results/.
 """
@@ -43,8 +45,16 @@ MIXTRAL_8L = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8
                   num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192, rope_theta=1e6,
                   num_local_experts=8, num_experts_per_tok=2)
 TINY_MOE = dict(TINY, num_local_experts=4, num_experts_per_tok=2)
+# what one of 2 tensor-parallel ranks holds of Llama-3-8B (half the heads, the MLP's width and the
+# vocabulary), run alone: a rank's compute without the all-reduces (examples/tensor_parallel.py)
+LLAMA3_8B_RANK_OF_2 = dict(LLAMA3_8B, intermediate_size=7168, num_attention_heads=16, num_key_value_heads=4,
+                           head_dim=128, vocab_size=64128)
+TINY_RANK_OF_2 = dict(TINY, intermediate_size=192, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                      vocab_size=256)
 MODELS = {  # --model: (GPU shape, --tiny shape, config and model classes, description)
     "llama3-8b": (LLAMA3_8B, TINY, "LlamaConfig", "LlamaForCausalLM", "Llama-3-8B shape"),
+    "llama3-8b-rank-of-2": (LLAMA3_8B_RANK_OF_2, TINY_RANK_OF_2, "LlamaConfig", "LlamaForCausalLM",
+                            "one rank's shards of Llama-3-8B over 2 GPUs, no all-reduces"),
     "mixtral-8l": (MIXTRAL_8L, TINY_MOE, "MixtralConfig", "MixtralForCausalLM", "Mixtral-8x7B shape, 8 of 32 layers"),
 }
 
