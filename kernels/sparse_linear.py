@@ -172,6 +172,12 @@ def _wide_config(path: str, K: int, sizes: tuple[int, ...], sms: int, block_n: i
                   "STAGES": 1, "REDUCE": reduce, "num_warps": block_n // 256, "ROW_SUM": True, "UNPACK": True}
 
 
+def _split_k_reduce() -> int:
+    """How the dispatched GEMVs' split-K partial sums meet: float32 atomics (REDUCE 2), or under
+    ``torch.use_deterministic_algorithms(True)`` a fixed order by the last program's ticket (1)."""
+    return 1 if torch.are_deterministic_algorithms_enabled() else 2
+
+
 def _gemv_choice(N: int, K: int, sms: int, sparsity_hint: float,
                  sizes: tuple[int, ...] | None = None) -> tuple[str, dict]:
     """(path, config) at one token, from the shape and the calibrated sparsity, as measured
@@ -197,7 +203,7 @@ def _gemv_choice(N: int, K: int, sms: int, sparsity_hint: float,
     """
     sizes = sizes or (N,)
     large = K * N >= WIDE_MIN_WEIGHT
-    reduce = 1 if torch.are_deterministic_algorithms_enabled() else 2
+    reduce = _split_k_reduce()
     s = sparsity_hint
     if N <= 2048:
         return "gemv_masked", dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=triton.cdiv(K, 256), STAGES=1, REDUCE=reduce,
@@ -222,7 +228,7 @@ def _pair_choice(N: int, K: int, sms: int, sizes: tuple[int, ...] | None = None)
     sizes = sizes or (N,)
     if N <= 2048:
         return None
-    reduce = 1 if torch.are_deterministic_algorithms_enabled() else 2
+    reduce = _split_k_reduce()
     per_sm = 4 if len(sizes) > 1 and K * N >= WIDE_MIN_WEIGHT else 8
     path, tiles = _wide_config("gemv_masked", K, sizes, sms, 512, 8, per_sm, reduce)
     return path, {**tiles, "TOKENS": 2}
